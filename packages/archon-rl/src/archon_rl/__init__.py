@@ -1,1 +1,61 @@
-"""archon-rl."""
+"""archon-rl: PPO/GRPO losses, advantages, rollout batches, micro-batching and DP redistribution.
+
+Everything works on padding-free packed tokens (flat [T] tensors + ``cu_seqlens`` [N+1]).
+"""
+
+from archon_rl.advantages import (
+    compute_advantages,
+    gae_advantages,
+    group_normalized_advantages,
+    masked_whiten,
+    overlong_penalty,
+    place_sequence_rewards,
+    rloo_advantages,
+)
+from archon_rl.balance import BALANCE_METHODS, attention_cost, partition_balanced, token_cost
+from archon_rl.batch import SAMPLE_FIELDS, TOKEN_FIELDS, RolloutBatch
+from archon_rl.config import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    AdvantageConfig,
+    KLConfig,
+    OverlongConfig,
+    PPOLossConfig,
+    ValueLossConfig,
+)
+from archon_rl.kl import kl_estimate, kl_penalized_rewards
+from archon_rl.losses import (
+    PPOPolicyLoss,
+    ValueLoss,
+    loss_normaliser,
+    ppo_policy_loss,
+    token_loss_weights,
+    value_loss,
+)
+from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
+from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
+from archon_rl.segments import (
+    from_padded,
+    group_index,
+    masked_mean,
+    segment_mean,
+    segment_sum,
+    seq_ids,
+    seq_lens,
+    to_padded,
+    token_positions,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS", "BALANCE_METHODS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "SAMPLE_FIELDS",
+    "TOKEN_FIELDS",
+    "AdvantageConfig", "KLConfig", "MicroBatch", "OverlongConfig", "PPOLossConfig", "PPOPolicyLoss",
+    "Redistributed", "RolloutBatch", "ValueLoss", "ValueLossConfig",
+    "attention_cost", "compute_advantages", "from_padded", "gae_advantages", "group_index",
+    "group_normalized_advantages", "kl_estimate", "kl_penalized_rewards", "loss_normaliser", "masked_mean",
+    "masked_whiten", "overlong_penalty", "partition_balanced", "place_sequence_rewards", "plan_micro_batches",
+    "plan_redistribution", "ppo_policy_loss", "redistribute", "rloo_advantages", "segment_mean", "segment_sum",
+    "seq_ids", "seq_lens", "split_micro_batches", "sync_num_micro_batches", "to_padded", "token_cost",
+    "token_loss_weights", "token_positions", "value_loss",
+]
