@@ -1,1 +1,29 @@
-"""archon-attn."""
+"""archon-attn: attention backends for packed documents (sdpa, varlen, flex) behind one interface."""
+
+from archon_attn.backend import AttentionBackend, check_qkv, get_attention_backend, register_attention_backend
+from archon_attn.flex import FlexBackend, document_causal_block_mask
+from archon_attn.meta import AttnMeta, build_attn_meta, doc_ids_from_cu_seqlens, positions_from_cu_seqlens
+from archon_attn.reference import reference_attention
+from archon_attn.sdpa import SdpaBackend, dense_mask_attention, padded_sdpa_attention, repeat_kv
+from archon_attn.varlen import VarlenBackend, flash_varlen_attention, has_public_varlen_attn
+
+__all__ = [
+    "AttentionBackend",
+    "AttnMeta",
+    "FlexBackend",
+    "SdpaBackend",
+    "VarlenBackend",
+    "build_attn_meta",
+    "check_qkv",
+    "dense_mask_attention",
+    "doc_ids_from_cu_seqlens",
+    "document_causal_block_mask",
+    "flash_varlen_attention",
+    "get_attention_backend",
+    "has_public_varlen_attn",
+    "padded_sdpa_attention",
+    "positions_from_cu_seqlens",
+    "reference_attention",
+    "register_attention_backend",
+    "repeat_kv",
+]

@@ -1,0 +1,155 @@
+"""Packed-document ("varlen") attention: FlashAttention varlen on CUDA, a dense-mask path on CPU.
+
+CUDA kernels, picked by feature detection (never by version string):
+1. `torch.nn.attention.varlen.varlen_attn` (public, torch >= 2.10). Its keyword set changed across
+   releases (`is_causal` -> `window_size`, later `scale`, `enable_gqa`), so we read its signature.
+2. Fallback: the ATen flash varlen ops wrapped as a `torch.library.custom_op` with a registered
+   autograd, so torch.compile traces it as one opaque op.
+Other inputs (CPU, fp32) take the dense block-diagonal SDPA path (`dense_mask_attention`).
+
+Legend: T packed tokens, H query heads, G key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+
+import torch
+
+from archon_attn.backend import AttentionBackend, check_qkv, register_attention_backend
+from archon_attn.meta import AttnMeta
+from archon_attn.sdpa import dense_mask_attention, repeat_kv
+
+__all__ = ["VarlenBackend", "flash_varlen_attention", "has_public_varlen_attn"]
+
+log = logging.getLogger(__name__)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _public_varlen_attn
+
+    _PUBLIC_PARAMS = frozenset(inspect.signature(_public_varlen_attn).parameters)
+except ImportError:  # torch without the public varlen API: use the ATen custom op below
+    _public_varlen_attn = None
+    _PUBLIC_PARAMS = frozenset()
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def has_public_varlen_attn() -> bool:
+    """Whether this torch has `torch.nn.attention.varlen.varlen_attn` with a causal switch."""
+    return _public_varlen_attn is not None and bool({"window_size", "is_causal"} & _PUBLIC_PARAMS)
+
+
+def _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale):
+    H, D = q_THD.shape[1], q_THD.shape[2]
+    kwargs: dict = {}
+    # torch 2.10 spelled causal as is_causal=True; later releases as window_size=(-1, 0).
+    if "window_size" in _PUBLIC_PARAMS:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in _PUBLIC_PARAMS:
+        kwargs["scale"] = scale
+    elif scale != 1.0 / math.sqrt(D):
+        q_THD = q_THD * (scale * math.sqrt(D))
+    if k_TGD.shape[1] != H:
+        if "enable_gqa" in _PUBLIC_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:
+            k_TGD, v_TGD = repeat_kv(k_TGD, H), repeat_kv(v_TGD, H)
+    return _public_varlen_attn(q_THD, k_TGD, v_TGD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+# --- ATen fallback. Private ops: aten::_flash_attention_forward/backward (schemas as of torch 2.11-2.15);
+# only used where the public varlen_attn is missing. GQA is native in the flash kernel (H % G == 0).
+@torch.library.custom_op("archon_attn::flash_varlen_fwd", mutates_args=())
+def _aten_flash_fwd(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, cu_seqlens: torch.Tensor,
+                    max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    o_THD, lse_HT, _rng, _unused, _debug = torch.ops.aten._flash_attention_forward(
+        q_THD, k_TGD, v_TGD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+    return o_THD, lse_HT
+
+
+@_aten_flash_fwd.register_fake
+def _(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale):
+    T, H, _ = q_THD.shape
+    return torch.empty_like(q_THD), q_THD.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("archon_attn::flash_varlen_bwd", mutates_args=())
+def _aten_flash_bwd(do_THD: torch.Tensor, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
+                    o_THD: torch.Tensor, lse_HT: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q_THD.device)  # dropout is 0: never read
+    unused = torch.empty(0, device=q_THD.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        do_THD.contiguous(), q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        0.0, True, rng_state, unused, scale=scale)
+    return dq, dk, dv
+
+
+@_aten_flash_bwd.register_fake
+def _(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(q_THD), torch.empty_like(k_TGD), torch.empty_like(v_TGD)
+
+
+def _setup_context(ctx, inputs, output):
+    q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale = inputs
+    o_THD, lse_HT = output
+    ctx.save_for_backward(q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _backward(ctx, do_THD, _dlse):
+    q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _aten_flash_bwd(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_aten_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, meta: AttnMeta, *,
+                           scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """FlashAttention varlen (CUDA, fp16/bf16). impl: "auto" (public API if present) | "public" | "aten"."""
+    scale = 1.0 / math.sqrt(q_THD.shape[-1]) if scale is None else scale
+    cu_seqlens = meta.cu_seqlens.to(device=q_THD.device, dtype=torch.int32)
+    if impl == "auto":
+        impl = "public" if has_public_varlen_attn() else "aten"
+    if impl == "public":
+        if not has_public_varlen_attn():
+            raise ValueError("torch.nn.attention.varlen.varlen_attn is not available in this torch; use impl='aten'")
+        return _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, meta.max_seqlen, scale)
+    if impl == "aten":
+        return _aten_flash_fwd(q_THD.contiguous(), k_TGD.contiguous(), v_TGD.contiguous(), cu_seqlens,
+                               meta.max_seqlen, scale)[0]
+    raise ValueError(f"flash varlen impl must be 'auto', 'public' or 'aten', got {impl!r}")
+
+
+class VarlenBackend(AttentionBackend):
+    """Packed documents via cu_seqlens. CUDA fp16/bf16: FlashAttention varlen; otherwise (CPU, fp32)
+    the dense block-diagonal SDPA reference path, with a one-time log line saying so."""
+
+    name = "varlen"
+
+    def __init__(self, impl: str = "auto") -> None:
+        if impl not in ("auto", "public", "aten"):
+            raise ValueError(f"VarlenBackend impl must be 'auto', 'public' or 'aten', got {impl!r}")
+        self.impl = impl
+        self._logged_fallback = False
+
+    def __call__(self, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, meta: AttnMeta, *,
+                 scale: float | None = None) -> torch.Tensor:
+        check_qkv(q_THD, k_TGD, v_TGD, meta)
+        if q_THD.is_cuda and q_THD.dtype in _FLASH_DTYPES:
+            return flash_varlen_attention(q_THD, k_TGD, v_TGD, meta, scale=scale, impl=self.impl)
+        if not self._logged_fallback:
+            log.info("varlen attention: no flash kernel for %s/%s, using the dense-mask SDPA path",
+                     q_THD.device.type, q_THD.dtype)
+            self._logged_fallback = True
+        return dense_mask_attention(q_THD, k_TGD, v_TGD, meta, scale=scale)
+
+
+register_attention_backend("varlen", VarlenBackend)
