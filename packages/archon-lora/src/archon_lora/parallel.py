@@ -1,0 +1,107 @@
+"""Tensor-parallel placements for LoRA pairs, and a cross-rank trainable-set check.
+
+A colwise base (W [O, I] sharded on O) keeps ``B`` [O, R] sharded on dim 0 like W and ``A`` [R, I]
+replicated: ``x @ A^T`` is then full on every rank and ``@ B^T`` yields the local output columns. A
+rowwise base (W sharded on I) shards ``A`` on dim 1 like W and replicates ``B``: ``x_shard @ A_shard^T``
+is a partial sum that DTensor reduces together with the base output. No extra collective is needed
+in either case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from archon_lora.layers import LoRALinear
+
+__all__ = ["lora_tp_plan", "distribute_lora", "LoRATensorParallel", "check_same_trainable"]
+
+TPStyle = Literal["colwise", "rowwise"]
+
+
+def _style_name(style: TPStyle | ParallelStyle) -> TPStyle:
+    if isinstance(style, ColwiseParallel) or style == "colwise":
+        return "colwise"
+    if isinstance(style, RowwiseParallel) or style == "rowwise":
+        return "rowwise"
+    raise ValueError(f"LoRA TP placement is defined for colwise/rowwise bases, got {style!r}")
+
+
+def lora_tp_plan(style: TPStyle | ParallelStyle) -> dict[str, tuple[Placement, ...]]:
+    """DTensor placements (on a 1-D TP mesh) of ``lora_A`` and ``lora_B`` for a colwise/rowwise base."""
+    if _style_name(style) == "colwise":
+        return {"lora_A": (Replicate(),), "lora_B": (Shard(0),)}
+    return {"lora_A": (Shard(1),), "lora_B": (Replicate(),)}
+
+
+def _place(param: torch.Tensor, mesh: DeviceMesh, placements: tuple[Placement, ...]) -> nn.Parameter:
+    if isinstance(param, DTensor):
+        if tuple(param.placements) == placements and param.device_mesh == mesh:
+            return param if isinstance(param, nn.Parameter) else nn.Parameter(param)
+        if param.is_meta:
+            full = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        else:
+            full = param.full_tensor()
+    else:
+        full = param.detach()
+    out = nn.Parameter(distribute_tensor(full, mesh, list(placements)), requires_grad=param.requires_grad)
+    return out
+
+
+def distribute_lora(module: LoRALinear, mesh: DeviceMesh, style: TPStyle | ParallelStyle) -> None:
+    """Turn ``module.lora_A`` / ``lora_B`` into DTensors placed for a colwise/rowwise base on ``mesh``.
+
+    Accepts plain tensors or DTensors placed otherwise (e.g. by ColwiseParallel, which shards every
+    parameter of an nn.Linear on dim 0). Values come from rank 0, like ``distribute_tensor``.
+    """
+    if not isinstance(module, LoRALinear):
+        raise TypeError(f"distribute_lora needs a LoRALinear, got {type(module).__name__}")
+    for name, placements in lora_tp_plan(style).items():
+        module.register_parameter(name, _place(getattr(module, name), mesh, placements))
+
+
+class LoRATensorParallel(ParallelStyle):
+    """Wrap a ColwiseParallel/RowwiseParallel style so LoRALinear's A/B get the matching placements.
+
+    Use it in a TP plan in place of the base style: ``{"wq": LoRATensorParallel(ColwiseParallel())}``;
+    on a plain nn.Linear it behaves exactly like the wrapped style.
+    """
+
+    def __init__(self, base_style: ColwiseParallel | RowwiseParallel) -> None:
+        super().__init__()
+        _style_name(base_style)
+        self.base_style = base_style
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = self.base_style._apply(module, device_mesh)
+        if isinstance(module, LoRALinear):
+            distribute_lora(module, device_mesh, self.base_style)
+        return module
+
+
+def check_same_trainable(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ValueError unless every rank has the same trainable parameter names and shapes.
+
+    FSDP2 reduce-scatters and TP collectives run per trainable parameter; a rank with a different set
+    would wait forever, so call this once after injection and parallelization.
+    """
+    if not dist.is_initialized():
+        return
+    desc = "\n".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad)
+    digest = hashlib.sha256(desc.encode()).hexdigest()
+    world = dist.get_world_size(group)
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) != 1:
+        ranks = {d: [r for r in range(world) if digests[r] == d] for d in set(digests)}
+        raise ValueError(
+            f"ranks disagree on the trainable parameters (groups of ranks: {list(ranks.values())}); "
+            "inject LoRA with the same config on every rank before parallelizing"
+        )
