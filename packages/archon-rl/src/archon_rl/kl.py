@@ -37,5 +37,7 @@ def kl_penalized_rewards(token_rewards_T: torch.Tensor, logp_T: torch.Tensor, re
                          mask_T: torch.Tensor, config: KLConfig) -> torch.Tensor:
     """``token_rewards - coef * kl`` on masked tokens (KL in reward; no gradient)."""
     config.validate()
-    kl_T = kl_estimate(logp_T.detach(), ref_logp_T.detach(), config.estimator, config.clamp)
-    return token_rewards_T - config.coef * kl_T * mask_T.to(kl_T.dtype)
+    mask_T = mask_T.bool()
+    ref_T = ref_logp_T.detach()
+    kl_T = kl_estimate(torch.where(mask_T, logp_T.detach(), ref_T), ref_T, config.estimator, config.clamp)
+    return token_rewards_T - config.coef * kl_T.to(token_rewards_T.dtype)

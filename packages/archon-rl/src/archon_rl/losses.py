@@ -134,7 +134,9 @@ def ppo_policy_loss(logp_T: torch.Tensor, behav_logp_T: torch.Tensor, adv_T: tor
     if config.kl.coef > 0 and not config.kl.in_reward:
         if ref_logp_T is None:
             raise ValueError("a KL penalty in the loss needs batch.ref_logprobs (reference-policy logprobs [T])")
-        kl_T = kl_estimate(logp_T, ref_logp_T.detach().to(logp_T.dtype), config.kl.estimator, config.kl.clamp)
+        ref_T = ref_logp_T.detach().to(logp_T.dtype)
+        # Off the mask, evaluate at logp = ref (KL 0) so garbage there cannot give inf * 0 = NaN.
+        kl_T = kl_estimate(torch.where(mask_T, logp_T, ref_T), ref_T, config.kl.estimator, config.kl.clamp)
         loss_T = loss_T + config.kl.coef * kl_T
         stats["kl"] = masked_mean(kl_T, mask_T).detach()
 
