@@ -1,0 +1,92 @@
+"""The configuration schema: `archon train` / `archon rl` read YAML into these dataclasses.
+
+Key names follow AReaL where users already have configs: top-level `allocation_mode`, `actor.path`,
+`actor.gradient_checkpointing`, `actor.archon.{enable_compile, ac_mode, ac_memory_budget, ac_debug,
+pp_schedule, offload_params}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archon.config.fields import doc
+
+
+@dataclass
+class ArchonEngineConfig:
+    enable_compile: bool | None = doc(None, "torch.compile each decoder block; None = on for CUDA, off on CPU")
+    ac_mode: str = doc("none", "activation checkpointing: none | full | selective | memory_budget")
+    ac_selective_every: int = doc(1, "selective AC: checkpoint every N-th block (1 = op-level SAC on every block)")
+    ac_memory_budget: float = doc(0.5, "activation memory budget in (0, 1] for ac_mode=memory_budget (needs compile)")
+    ac_debug: bool = doc(False, "run activation checkpointing in debug mode (determinism checks, op logs)")
+    pp_schedule: str = doc("1F1B", "pipeline schedule: 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble")
+    pp_stages_per_rank: int = doc(1, "virtual pipeline stages per pp rank (2+ for interleaved schedules)")
+    pp_microbatches: int | None = doc(None, "pipeline micro-batches per step; None = 2 x pp stages")
+    offload_params: bool = doc(False, "FSDP2 CPU offload of parameters, grads and optimizer state")
+    attn_impl: str = doc("auto", "attention backend: auto | sdpa | varlen | flex (auto = varlen on CUDA, sdpa on CPU)")
+    cp_impl: str = doc("ulysses", "context-parallel attention: ulysses | ring")
+    reshard_after_forward: str = doc("default", "FSDP2 reshard after forward: default | always | never")
+    pad_to_maximum: bool | None = doc(None, "pad micro-batches to the token budget (static shapes); None = on with compile")
+    logprob_chunk_size: int = doc(4096, "tokens per chunk when computing logprobs/entropy from the LM head")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = doc(1e-5, "peak learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay (not applied to norms and biases)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.999, "AdamW beta2")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    gradient_clipping: float = doc(1.0, "max global grad norm; 0 disables clipping (the norm is still reported)")
+    lr_scheduler_type: str = doc("constant", "constant | linear | cosine (after warmup)")
+    warmup_steps_proportion: float = doc(0.0, "fraction of total steps used for linear warmup")
+    min_lr_ratio: float = doc(0.0, "final lr as a fraction of lr, for linear and cosine")
+
+
+@dataclass
+class ActorConfig:
+    path: str = doc("", "HF model directory (config.json + safetensors), or a config.json to start from random init")
+    init_from_scratch: bool = doc(False, "random-init from the config at `path` even if weights are present")
+    dtype: str = doc("bfloat16", "compute dtype: bfloat16 (fp32 master weights) or float32")
+    gradient_checkpointing: bool = doc(False, "AReaL alias: true = archon.ac_mode 'full' unless ac_mode is set")
+    mb_max_tokens: int = doc(8192, "token budget of one micro-batch (per rank)")
+    optimizer: OptimizerConfig = doc(factory=OptimizerConfig, help="optimizer")
+    archon: ArchonEngineConfig = doc(factory=ArchonEngineConfig, help="engine knobs")
+    seed: int = doc(1, "random seed for init and dropout")
+
+
+@dataclass
+class DataConfig:
+    task: str = doc("reverse", "built-in synthetic task: copy | reverse | sort; or 'jsonl' to read `path`")
+    path: str = doc("", "for task=jsonl: a file of {\"input_ids\": [...], \"loss_mask\": [...]} lines")
+    num_digits: int = doc(6, "synthetic tasks: digits per example")
+    batch_size: int = doc(32, "sequences per optimizer step (global, across data-parallel ranks)")
+    seed: int = doc(0, "data seed")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = doc("", "checkpoint root; empty = no checkpoints")
+    every_n_steps: int = doc(0, "save every N steps (0 = only at the end when dir is set)")
+    keep_last_n: int = doc(2, "checkpoints to keep")
+    resume: str = doc("none", "none | auto (resume from `latest` if present) | a step number")
+    async_save: bool = doc(False, "save asynchronously")
+
+
+@dataclass
+class LogConfig:
+    dir: str = doc("runs/archon", "run directory: metrics.jsonl and exported weights go here")
+    progress_bar: bool = doc(True, "show a progress bar")
+
+
+@dataclass
+class TrainConfig:
+    """`archon train`: supervised / language-model training."""
+
+    allocation_mode: str = doc("archon:d1", "parallel layout, e.g. archon:d2t2 (see docs/allocation.md)")
+    total_train_steps: int = doc(100, "optimizer steps")
+    device: str = doc("auto", "auto | cpu | cuda")
+    actor: ActorConfig = doc(factory=ActorConfig, help="the trained model")
+    data: DataConfig = doc(factory=DataConfig, help="training data")
+    checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="training checkpoints")
+    log: LogConfig = doc(factory=LogConfig, help="logging")

@@ -1,0 +1,49 @@
+"""AdamW (fused where the device has it) and warmup + constant / linear / cosine LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if device_type == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type {kind!r} is not one of {SCHEDULES}")
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return 1.0 - (1.0 - min_lr_ratio) * progress
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.warmup_steps_proportion * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler_type, total_steps, warmup,
+                                                            cfg.min_lr_ratio))

@@ -1,0 +1,1 @@
+"""Model definitions: one shared decoder (common/) and per-model argument readers."""

@@ -1,0 +1,41 @@
+"""Grouped-query self-attention over packed tokens. T: packed tokens, D: model dim, H: heads, G: kv heads,
+Dh: head dim. Under tensor parallelism H and G are the local head counts; reshapes use -1 for that reason."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from archon.models.common.args import ModelArgs
+from archon.models.common.layers import RMSNorm
+from archon.models.common.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.scale = args.head_dim**-0.5
+        self.backend = None  # AttentionBackend, set by the owning Decoder
+
+    def forward(self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta, kv_hook=None
+                ) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_THD = self.wq(x_TD).view(T, -1, self.head_dim)
+        k_TGD = self.wk(x_TD).view(T, -1, self.head_dim)
+        v_TGD = self.wv(x_TD).view(T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
+        cos_TD, sin_TD = rope
+        q_THD, k_TGD = apply_rope(q_THD, cos_TD, sin_TD), apply_rope(k_TGD, cos_TD, sin_TD)
+        if kv_hook is not None:  # KV-cache users (sampler, prefix reuse) take over the attention call
+            o_THD = kv_hook(self, q_THD, k_TGD, v_TGD)
+        else:
+            o_THD = self.backend(q_THD, k_TGD, v_TGD, meta, scale=self.scale)
+        return self.wo(o_THD.reshape(T, -1))

@@ -1,0 +1,163 @@
+"""The decoder shared by every Qwen-family model.
+
+Activations are packed: one flat token dim T holding all documents of a micro-batch back to back, with
+`cu_seqlens` [N+1] marking document boundaries; attention never crosses a document. A padded [B, S]
+input is accepted too and is packed as B documents of length S.
+
+T: packed tokens, D: model dim, V: vocab, B: batch, S: sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from archon.models.common.args import ModelArgs
+from archon.models.common.attention import Attention
+from archon.models.common.layers import FeedForward, RMSNorm
+from archon.models.common.packing import PackedInput, pack_inputs
+from archon.models.common.rope import rope_cos_sin, rope_inv_freq
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe_enabled = args.is_moe_layer(layer_id)
+        if self.moe_enabled:
+            from archon_moe import MoE
+
+            self.moe = MoE(moe_args_from(args))
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, h_TD: torch.Tensor, rope, meta, kv_hook=None) -> torch.Tensor:
+        h_TD = h_TD + self.attention(self.attention_norm(h_TD), rope, meta, kv_hook)
+        ffn = self.moe if self.moe_enabled else self.feed_forward
+        return h_TD + ffn(self.ffn_norm(h_TD))
+
+
+def moe_args_from(args: ModelArgs):
+    from archon_moe import MoEArgs
+
+    return MoEArgs(dim=args.dim, moe_inter_dim=args.moe_inter_dim, num_experts=args.num_experts,
+                   top_k=args.top_k, score_func="softmax", norm_topk_prob=args.norm_topk_prob,
+                   aux_loss_coef=args.router_aux_loss_coef)
+
+
+class Decoder(nn.Module):
+    """Qwen-family decoder with a language-model head (`head="lm"`) or a scalar value head (`head="value"`).
+
+    Layers live in a ModuleDict keyed by the layer index so a pipeline stage can drop the ones it does not
+    own and keep checkpoint names stable; `tok_embeddings`, `norm` and the head may be None on such stages.
+    """
+
+    def __init__(self, args: ModelArgs, head: str = "lm") -> None:
+        super().__init__()
+        if head not in ("lm", "value"):
+            raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
+        self.args = args
+        self.head_kind = head
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = None
+        self.score: nn.Linear | None = None
+        if head == "lm":
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            if args.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+        else:
+            self.score = nn.Linear(args.dim, 1, bias=True)
+        inv_freq, self.rope_attn_factor = rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.hf_config: dict[str, Any] | None = None  # the HF config this model came from, for export
+        self.set_attention_backend("sdpa")
+
+    # ----------------------------------------------------------------------------------------------
+    def set_attention_backend(self, backend: Any) -> None:
+        """Use an `archon_attn.AttentionBackend` (or its name) in every layer."""
+        if isinstance(backend, str):
+            from archon_attn import get_attention_backend
+
+            backend = get_attention_backend(backend)
+        self.attn_backend = backend
+        for block in self.layers.values():
+            block.attention.backend = backend
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding when the config ties them (again after `to_empty`)."""
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True):  # materialising breaks parameter sharing: re-tie
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init (HF style: normal(0, initializer_range), zero bias, unit norms) and RoPE buffers."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.args.initializer_range
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                _normal_(mod.weight, std, gen)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, RMSNorm):
+                mod.reset_parameters()
+            elif hasattr(mod, "init_weights") and mod is not self:
+                mod.init_weights(std)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        inv_freq, _ = rope_inv_freq(self.args.rope, self.args.head_dim, self.args.max_position_embeddings)
+        self.rope_inv_freq = inv_freq.to(self.rope_inv_freq.device)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None,
+                return_hidden: bool = False, kv_hook=None) -> torch.Tensor:
+        """Logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for packed input.
+
+        `return_hidden=True` returns the final-normed hidden states instead of logits (the engine
+        applies the head in chunks so full-vocab logits are never materialised for the whole batch).
+        For a value head the output is [.., 1]-squeezed values.
+        """
+        if packed is None:
+            packed = pack_inputs(input_ids, position_ids, cu_seqlens)
+        h_TD = self.tok_embeddings(packed.tokens) if self.tok_embeddings is not None else packed.tokens
+        rope = rope_cos_sin(self.rope_inv_freq, packed.position_ids, self.rope_attn_factor, h_TD.dtype)
+        for block in self.layers.values():
+            h_TD = block(h_TD, rope, packed.meta, kv_hook)
+        if self.norm is None:
+            return h_TD
+        h_TD = self.norm(h_TD)
+        if return_hidden:
+            return packed.unflatten(h_TD)
+        if self.output is not None:
+            return packed.unflatten(self.output(h_TD))
+        if self.score is not None:
+            return packed.unflatten(self.score(h_TD).squeeze(-1))
+        return packed.unflatten(h_TD)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary load-balancing losses of the MoE layers from the last forward."""
+        losses = [b.moe.aux_loss for b in self.layers.values() if getattr(b, "moe_enabled", False)]
+        return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+
+def _normal_(w: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+    if gen is None or w.device.type != "cpu" or type(w) is not torch.Tensor and not isinstance(w, nn.Parameter):
+        nn.init.normal_(w, 0.0, std)
+    else:
+        w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).mul_(std).to(w.dtype))

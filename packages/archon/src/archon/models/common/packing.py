@@ -1,0 +1,77 @@
+"""Normalise model inputs to the packed form: flat tokens [T], positions [T], document boundaries.
+
+T: packed tokens, B: batch, S: sequence, N: documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedInput:
+    tokens: torch.Tensor  # [T] token ids (or [T, D] hidden states on a pipeline stage)
+    position_ids: torch.Tensor  # [T]
+    cu_seqlens: torch.Tensor  # int32 [N+1]
+    meta: object  # archon_attn.AttnMeta
+    out_shape: tuple[int, ...]  # leading shape of the caller's input ([B, S], [1, T] or [T])
+
+    def unflatten(self, x_T: torch.Tensor) -> torch.Tensor:
+        return x_T.reshape(*self.out_shape, *x_T.shape[1:])
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.detach().cpu()
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+    if cu[-1].item() != total:
+        raise ValueError(f"cu_seqlens ends at {cu[-1].item()} but there are {total} tokens; "
+                         "the last entry must equal the number of packed tokens")
+    if (cu[1:] < cu[:-1]).any():
+        raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, *, validate: bool = True) -> PackedInput:
+    """Accept [B, S] (B documents of length S), [1, T] or [T] with cu_seqlens, and return the packed form."""
+    from archon_attn import build_attn_meta, positions_from_cu_seqlens
+
+    if input_ids.numel() == 0:
+        raise ValueError("empty batch: input_ids has no tokens")
+    if input_ids.is_floating_point():  # hidden states on a pipeline stage: [T, D]
+        out_shape: tuple[int, ...] = (input_ids.shape[0],)
+        tokens = input_ids
+    elif cu_seqlens is None:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S] or [T], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        out_shape = (B, S)
+        tokens = input_ids.reshape(-1)
+        cu_seqlens = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).repeat(B)
+    else:
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(
+                f"packed input with cu_seqlens must be [T] or [1, T], got shape {tuple(input_ids.shape)}; "
+                "pack documents into one row"
+            )
+        out_shape = tuple(input_ids.shape)
+        tokens = input_ids.reshape(-1)
+    T = tokens.shape[0]
+    if validate:
+        validate_cu_seqlens(cu_seqlens, T)
+    cu_seqlens = cu_seqlens.to(device=tokens.device, dtype=torch.int32)
+    if position_ids is None:
+        position_ids = positions_from_cu_seqlens(cu_seqlens)
+    else:
+        position_ids = position_ids.reshape(-1)
+        if position_ids.shape[0] != T:
+            raise ValueError(f"position_ids has {position_ids.shape[0]} entries for {T} tokens")
+    return PackedInput(tokens, position_ids, cu_seqlens, build_attn_meta(cu_seqlens), out_shape)

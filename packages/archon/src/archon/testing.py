@@ -1,0 +1,37 @@
+"""Tiny random Hugging Face models used as independent references in tests and examples."""
+
+import torch
+
+
+def tiny_hf_config(model_type: str = "qwen3", **kw):
+    """A tiny random HF config of the given family."""
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if model_type in ("qwen3", "qwen3_moe"):
+        base["head_dim"] = 24
+    if model_type == "qwen3_moe":
+        base.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[], norm_topk_prob=True)
+    base.update(kw)
+    cfg = AutoConfig.for_model(model_type, **base)
+    cfg._attn_implementation = "eager"
+    if model_type == "qwen3_moe":
+        cfg._experts_implementation = "eager"
+    return cfg
+
+
+def hf_model(cfg, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms so a mixed-up norm weight cannot pass
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.05)
+    return m.eval()
