@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-
 from archon_attn import (
     AttentionBackend,
     FlexBackend,
@@ -49,10 +48,10 @@ def test_forward_backward_match_reference(cu, heads, scale):
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     for backend in backends():
         out = backend(q, k, v, meta, scale=scale)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m, b=backend: f"{b}: {m}")
         grads = torch.autograd.grad(out, (q, k, v), do)
         for name, g, rg in zip("qkv", grads, ref_grads):
-            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend} d{name}: {m}")
+            torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5, msg=lambda m, b=backend, n=name: f"{b} d{n}: {m}")
 
 
 @pytest.mark.parametrize("cu", CU_SEQLENS)
@@ -69,10 +68,9 @@ def test_flex_cpu_forward_runs_real_flex(cu, block_size):
 
 
 def test_flex_block_mask_matches_dense_mask():
-    from torch.nn.attention.flex_attention import create_mask
-
     from archon_attn import document_causal_block_mask
     from archon_attn.sdpa import _dense_mask
+    from torch.nn.attention.flex_attention import create_mask
 
     meta = build_attn_meta(torch.tensor([0, 1, 2, 17, 18, 50, 51, 64, 100], dtype=torch.int32))
     bm = document_causal_block_mask(meta, torch.device("cpu"), block_size=16)
@@ -101,10 +99,10 @@ def test_flex_cpu_grad_raise_and_fallback_log(caplog):
 def test_masks_cached_per_meta():
     meta = build_attn_meta(torch.tensor([0, 3, 8], dtype=torch.int32))
     q, k, v = make_qkv(8, 2, 2)
-    SdpaBackend()(q, k, v, meta)
-    mask = meta.cache[("sdpa_padded_mask", q.device)]
-    SdpaBackend()(q, k, v, meta)
-    assert meta.cache[("sdpa_padded_mask", q.device)] is mask
+    SdpaBackend(mode="dense")(q, k, v, meta)
+    mask = meta.cache[("dense_doc_causal_mask", q.device)]
+    SdpaBackend(mode="dense")(q, k, v, meta)
+    assert meta.cache[("dense_doc_causal_mask", q.device)] is mask and meta.doc_ids() is meta.doc_ids()
 
 
 def test_registry_and_errors():

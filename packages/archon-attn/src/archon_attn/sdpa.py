@@ -20,26 +20,15 @@ def repeat_kv(k_TGD: torch.Tensor, num_heads: int) -> torch.Tensor:
     return k_TGD if G == num_heads else k_TGD.repeat_interleave(num_heads // G, dim=1)
 
 
-def _padded_mask(meta: AttnMeta, device: torch.device) -> torch.Tensor:
-    """bool [N, 1, S, S]: causal and key inside the document (cached on the meta)."""
-    key = ("sdpa_padded_mask", device)
-    if key not in meta.cache:
-        S = meta.max_seqlen
-        lengths_N = (meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).to(device)
-        arange_S = torch.arange(S, device=device)
-        key_valid_NS = arange_S[None, :] < lengths_N[:, None]
-        causal_SS = arange_S[:, None] >= arange_S[None, :]
-        mask_NSS = causal_SS[None] & key_valid_NS[:, None, :]
-        # Query rows of padding would see no key and give NaN (and NaN grads): let them see key 0.
-        # Those rows are dropped on unpack, so this never changes a real token's output.
-        mask_NSS[:, :, 0] = True
-        meta.cache[key] = mask_NSS[:, None]
-    return meta.cache[key]
-
-
 def padded_sdpa_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, meta: AttnMeta, *,
                           scale: float | None = None) -> torch.Tensor:
-    """Pack -> pad to [N, S] -> causal SDPA with key-padding mask -> unpack. Memory O(N * S^2)."""
+    """Pack -> pad each document to [S] -> causal SDPA over [N, H, S, D] -> unpack.
+
+    No key-padding mask is needed: padding sits at the end of each row, so under the causal mask a
+    real query (position < length) never sees it; padded query rows are dropped on unpack (their
+    output grad is zero, so they add nothing to real k/v grads). Without a mask SDPA can use its
+    flash kernel on CUDA.
+    """
     T, H, D = q_THD.shape
     N, S = meta.num_docs, meta.max_seqlen
     doc_T, pos_T = meta.doc_ids(), meta.positions()
@@ -51,8 +40,7 @@ def padded_sdpa_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch
         return x_NSHD.transpose(1, 2)
 
     q_NHSD, k_NHSD, v_NHSD = pad(q_THD), pad(repeat_kv(k_TGD, H)), pad(repeat_kv(v_TGD, H))
-    o_NHSD = F.scaled_dot_product_attention(q_NHSD, k_NHSD, v_NHSD, attn_mask=_padded_mask(meta, q_THD.device),
-                                            scale=scale)
+    o_NHSD = F.scaled_dot_product_attention(q_NHSD, k_NHSD, v_NHSD, is_causal=True, scale=scale)
     return o_NHSD.transpose(1, 2)[doc_T, pos_T]
 
 
