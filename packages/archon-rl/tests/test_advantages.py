@@ -5,7 +5,6 @@ import statistics
 
 import pytest
 import torch
-
 from archon_rl import (
     AdvantageConfig,
     KLConfig,

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from archon_rl import KLConfig, PPOLossConfig, RolloutBatch, ValueLossConfig, kl_estimate
 from archon_rl.segments import from_padded, segment_mean, to_padded
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from archon_rl import (
     KLConfig,
     PPOLossConfig,
