@@ -59,7 +59,8 @@ class ExpertLoRA(nn.Module):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.merged, self.lora_enabled = False, True
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A float, not an nn.Dropout submodule: TP's distribute_module runs its partition fn on every submodule.
+        self.lora_dropout = float(dropout)
         for name in _EXPERT_PARAMS:
             getattr(self, name).requires_grad_(False)
         for name in self.lora_targets:
@@ -100,7 +101,9 @@ class ExpertLoRA(nn.Module):
         if name not in self.lora_targets or self.merged or not self.lora_enabled:
             return y_TO
         a_ERIn, b_EOR = self.lora_pair(name)
-        h_TR = grouped_linear(self.lora_dropout(x_TIn), a_ERIn, counts_E)
+        if self.lora_dropout > 0:
+            x_TIn = F.dropout(x_TIn, self.lora_dropout, self.training)
+        h_TR = grouped_linear(x_TIn, a_ERIn, counts_E)
         return y_TO + grouped_linear(h_TR, b_EOR, counts_E) * self.scaling
 
     def forward(self, x_TD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ class LoRALinear(nn.Linear):
         kw = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A float, not an nn.Dropout submodule: TP's distribute_module runs its partition fn on every submodule.
+        self.lora_dropout = float(dropout)
         self.merged = False
         self.lora_enabled = True
         self.reset_lora_parameters()
@@ -88,7 +89,9 @@ class LoRALinear(nn.Linear):
         y_NO = F.linear(x_NI, self.weight, self.bias)
         if self.merged or not self.lora_enabled:
             return y_NO
-        h_NR = F.linear(self.lora_dropout(x_NI), self.lora_A)
+        if self.lora_dropout > 0:
+            x_NI = F.dropout(x_NI, self.lora_dropout, self.training)
+        h_NR = F.linear(x_NI, self.lora_A)
         return y_NO + F.linear(h_NR, self.lora_B) * self.scaling
 
     @torch.no_grad()

@@ -48,11 +48,12 @@ def _place(param: torch.Tensor, mesh: DeviceMesh, placements: tuple[Placement, .
         if param.is_meta:
             full = torch.empty(param.shape, dtype=param.dtype, device="meta")
         else:
-            full = param.full_tensor()
+            full = param.full_tensor().detach()
     else:
         full = param.detach()
-    out = nn.Parameter(distribute_tensor(full, mesh, list(placements)), requires_grad=param.requires_grad)
-    return out
+    with torch.no_grad():
+        placed = distribute_tensor(full, mesh, list(placements))
+    return nn.Parameter(placed, requires_grad=param.requires_grad)
 
 
 def distribute_lora(module: LoRALinear, mesh: DeviceMesh, style: TPStyle | ParallelStyle) -> None:
