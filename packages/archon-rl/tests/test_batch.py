@@ -132,3 +132,17 @@ def test_padded_roundtrip_and_segment_mean(make_batch):
     for i in range(b.num_seqs):
         sel = [float(x[t]) for t in range(cu[i], cu[i + 1]) if b.loss_mask[t]]
         assert m[i].item() == pytest.approx(sum(sel) / len(sel) if sel else 0.0)
+
+
+def test_empty_batch_edge_cases():
+    from archon_rl import AdvantageConfig, PPOPolicyLoss, compute_advantages, split_micro_batches
+
+    b = RolloutBatch(input_ids=torch.zeros(0, dtype=torch.long), cu_seqlens=torch.zeros(1, dtype=torch.int32),
+                     loss_mask=torch.zeros(0, dtype=torch.bool), logprobs=torch.zeros(0), values=torch.zeros(0),
+                     rewards=torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long))
+    assert RolloutBatch.concat([b, b.select([])]).num_seqs == 0
+    assert compute_advantages(b, AdvantageConfig(estimator="gae")).advantages.numel() == 0
+    assert compute_advantages(b, AdvantageConfig()).advantages.numel() == 0
+    loss, stats = PPOPolicyLoss()({"logprobs": torch.zeros(0)}, b.replace(advantages=torch.zeros(0)))
+    assert loss.item() == 0.0 and all(torch.isfinite(v) for v in stats.values())
+    assert [mb.sample_indices for mb in split_micro_batches(b, 8, num_micro_batches=2)] == [[], []]

@@ -40,6 +40,10 @@ def _worker(rank, world_size):
         res = redistribute(local, method=method, cost_fn=attention_cost(0.05) if cost else None, keep_groups=keep)
         out.append((res.global_indices, res.assignment, {n: getattr(res.batch, n) for n in
                     ["input_ids", "cu_seqlens", "loss_mask"] + res.batch.present_fields()}))
+    # Everything starts on rank 0; rank 1 holds an empty batch.
+    start = _global_batch() if rank == 0 else _global_batch().select([])
+    res = redistribute(start, method="kk")
+    out.append((res.global_indices, res.assignment, {"input_ids": res.batch.input_ids}))
     whitened = masked_whiten(local.values, local.loss_mask, group=dist.group.WORLD)
     n_mb = sync_num_micro_batches(3 + rank)
     return out, whitened, n_mb
@@ -66,6 +70,10 @@ def test_redistribute_two_ranks():
             owner = {i: r for r in range(2) for i in expect[r]}
             for gid in set(g.group_ids.tolist()):
                 assert len({owner[i] for i in range(g.num_seqs) if g.group_ids[i] == gid}) == 1
+    held = [results[r][0][len(CASES)][0] for r in range(2)]
+    assert sorted(held[0] + held[1]) == list(range(g.num_seqs)) and held[0] and held[1]
+    for r in range(2):
+        assert torch.equal(results[r][0][len(CASES)][2]["input_ids"], g.select(held[r]).input_ids)
     # Whitening across ranks equals whitening of the concatenated batch in one process.
     full = masked_whiten(g.values, g.loss_mask)
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), full, atol=1e-5, rtol=1e-5)

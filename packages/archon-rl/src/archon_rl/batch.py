@@ -123,8 +123,10 @@ class RolloutBatch:
         if self.group_ids is None:
             raise ValueError("group_ids is required for group-based advantages; set it per sample")
         _, counts_G = torch.unique(self.group_ids, return_counts=True)
+        if counts_G.numel() == 0:
+            return
         expected = int(counts_G[0]) if group_size is None else group_size
-        if counts_G.numel() and bool((counts_G != expected).any()):
+        if bool((counts_G != expected).any()):
             raise ValueError(
                 f"group sizes must all equal {expected}, got sizes {sorted(set(counts_G.tolist()))}; "
                 "keep every sample of a prompt group in the batch")
