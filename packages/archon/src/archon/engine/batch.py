@@ -96,26 +96,3 @@ class PackedBatch:
         if key in self.token_extras:
             return self.token_extras[key]
         return self.seq_extras[key]
-
-
-def split_by_token_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most `budget` tokens (first-fit decreasing).
-
-    A sequence longer than the budget gets a micro-batch of its own. Order inside a group is ascending.
-    """
-    if budget <= 0:
-        raise ValueError(f"token budget must be positive, got {budget}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    loads: list[int] = []
-    for i in order:
-        n = lengths[i]
-        for b, load in enumerate(loads):
-            if load + n <= budget:
-                bins[b].append(i)
-                loads[b] += n
-                break
-        else:
-            bins.append([i])
-            loads.append(n)
-    return [sorted(b) for b in bins]

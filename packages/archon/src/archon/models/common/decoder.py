@@ -50,6 +50,29 @@ def moe_args_from(args: ModelArgs):
                    aux_loss_coef=args.router_aux_loss_coef)
 
 
+class LMHead(nn.Linear):
+    """The vocab projection. Called with labels it returns per-token (logprobs, entropy) of those labels,
+    chunked so full-vocab fp32 logits never exist for all tokens at once. Doing this inside the head's
+    own forward keeps it correct when the head is an FSDP2 unit (its weight is unsharded only here).
+    """
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__(dim, vocab_size, bias=False)
+        self.vocab_parallel = None  # set by tensor parallelism: (local logits, labels) -> (logprobs, entropy)
+
+    def forward(self, h_TD: torch.Tensor, labels_T: torch.Tensor | None = None, *, chunk_size: int = 4096,
+                want_entropy: bool = False):
+        if labels_T is None:
+            return super().forward(h_TD)
+        from archon.engine.logprobs import head_logprobs
+
+        w = self.weight
+        if hasattr(w, "to_local"):
+            w = w.to_local()
+        return head_logprobs(h_TD, w, labels_T, chunk_size=chunk_size, want_entropy=want_entropy,
+                             vocab_parallel=self.vocab_parallel)
+
+
 class Decoder(nn.Module):
     """Qwen-family decoder with a language-model head (`head="lm"`) or a scalar value head (`head="value"`).
 
@@ -66,10 +89,10 @@ class Decoder(nn.Module):
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
-        self.output: nn.Linear | None = None
+        self.output: LMHead | None = None
         self.score: nn.Linear | None = None
         if head == "lm":
-            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.output = LMHead(args.dim, args.vocab_size)
             if args.tie_embeddings:
                 self.output.weight = self.tok_embeddings.weight
         else:
@@ -126,12 +149,14 @@ class Decoder(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None,
-                return_hidden: bool = False, kv_hook=None) -> torch.Tensor:
+                return_hidden: bool = False, labels: torch.Tensor | None = None, want_entropy: bool = False,
+                logprob_chunk_size: int = 4096, kv_hook=None) -> Any:
         """Logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for packed input.
 
         `return_hidden=True` returns the final-normed hidden states instead of logits (the engine
         applies the head in chunks so full-vocab logits are never materialised for the whole batch).
-        For a value head the output is [.., 1]-squeezed values.
+        For a value head the output is [.., 1]-squeezed values. With `labels` (packed [T]) an LM head
+        returns (logprobs [T], entropy [T]) of those labels, computed chunk-wise inside the head.
         """
         if packed is None:
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
@@ -145,6 +170,9 @@ class Decoder(nn.Module):
         if return_hidden:
             return packed.unflatten(h_TD)
         if self.output is not None:
+            if labels is not None:
+                return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
+                                   want_entropy=want_entropy)
             return packed.unflatten(self.output(h_TD))
         if self.score is not None:
             return packed.unflatten(self.score(h_TD).squeeze(-1))

@@ -1,0 +1,58 @@
+"""Reject incompatible feature combinations up front, each with the rule named."""
+
+from __future__ import annotations
+
+import torch
+
+AC_MODES = ("none", "full", "selective", "memory_budget")
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "GPipe")
+ATTN_IMPLS = ("auto", "sdpa", "varlen", "flex")
+CP_IMPLS = ("ulysses", "ring")
+
+
+def validate_engine(cfg, dims, device: torch.device) -> None:
+    """Check an ActorConfig against the parallel dims and device; raise ValueError naming the rule."""
+    a = cfg.archon
+    if a.ac_mode not in AC_MODES:
+        raise ValueError(f"actor.archon.ac_mode {a.ac_mode!r} is not one of {AC_MODES}")
+    compile_on = a.enable_compile if a.enable_compile is not None else device.type == "cuda"
+    if a.ac_mode == "memory_budget":
+        if not compile_on:
+            raise ValueError("rule ac-memory-budget-needs-compile: actor.archon.ac_mode=memory_budget works through "
+                             "torch.compile's min-cut partitioner; set actor.archon.enable_compile=true or use "
+                             "ac_mode=selective/full")
+        if not 0.0 < a.ac_memory_budget <= 1.0:
+            raise ValueError(f"actor.archon.ac_memory_budget must be in (0, 1], got {a.ac_memory_budget}")
+    if a.ac_selective_every < 1:
+        raise ValueError(f"actor.archon.ac_selective_every must be >= 1, got {a.ac_selective_every}")
+    if a.pp_schedule not in PP_SCHEDULES:
+        raise ValueError(f"actor.archon.pp_schedule {a.pp_schedule!r} is not one of {PP_SCHEDULES}")
+    if a.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"actor.archon.attn_impl {a.attn_impl!r} is not one of {ATTN_IMPLS}")
+    if a.cp_impl not in CP_IMPLS:
+        raise ValueError(f"actor.archon.cp_impl {a.cp_impl!r} is not one of {CP_IMPLS}")
+    if a.attn_impl == "varlen" and device.type != "cuda":
+        pass  # the varlen backend has a CPU reference path
+    if a.offload_params and dims.pp > 1:
+        raise ValueError("rule offload-with-pp: actor.archon.offload_params cannot be combined with pipeline "
+                         "parallelism (p>1 in allocation_mode); drop one of them")
+    if a.offload_params and not dims.fsdp_enabled:
+        raise ValueError("rule offload-needs-fsdp: actor.archon.offload_params uses FSDP2's CPUOffloadPolicy; "
+                         "it needs data-parallel sharding (d>1 in allocation_mode)")
+    if dims.pp > 1 and cfg.path:
+        from archon.hf import load_hf_config
+
+        if getattr(load_hf_config(cfg.path), "tie_word_embeddings", False):
+            raise ValueError("rule pp-tied-embeddings: pipeline parallelism (p>1) cannot split a model whose "
+                             "embedding and LM head are tied (tie_word_embeddings=true); use p1 or an untied model")
+    if cfg.mb_max_tokens <= 0:
+        raise ValueError(f"actor.mb_max_tokens must be positive, got {cfg.mb_max_tokens}")
+    if cfg.optimizer.gradient_clipping < 0:
+        raise ValueError(f"actor.optimizer.gradient_clipping must be >= 0, got {cfg.optimizer.gradient_clipping}")
+    if dims.tp > 1 and cfg.path:
+        from archon_parallel.tensor_parallel import validate_tp
+
+        from archon.hf import load_hf_config
+
+        c = load_hf_config(cfg.path)
+        validate_tp(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.tp)

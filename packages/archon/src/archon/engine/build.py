@@ -1,0 +1,74 @@
+"""Build the model an engine trains: meta build -> parallelize -> materialise -> load or init weights."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from torch import nn
+
+from archon.hf import build_model, load_hf_config, load_hf_weights
+
+
+def _has_weights(path: str) -> bool:
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    return bool(glob.glob(os.path.join(d, "*.safetensors")))
+
+
+def resolve_attn_impl(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "varlen" if device.type == "cuda" else "sdpa"
+    return name
+
+
+def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm") -> nn.Module:
+    from archon_parallel.fsdp import FSDPConfig
+    from archon_parallel.parallelize import parallelize
+
+    from archon.spec import get_model_spec
+
+    if not cfg.path:
+        raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
+    hf_cfg = load_hf_config(cfg.path)
+    model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
+    model.set_attention_backend(resolve_attn_impl(cfg.archon.attn_impl, device))
+    spec = get_model_spec(hf_cfg.model_type)
+    plan = spec.parallel_plan(model.args)
+    ac = cfg.archon.ac_mode
+    if cfg.gradient_checkpointing and ac == "none":
+        ac = "full"
+    if ac == "selective" and cfg.archon.ac_selective_every > 1:
+        ac = f"selective:{cfg.archon.ac_selective_every}"
+    compile_on = cfg.archon.enable_compile if cfg.archon.enable_compile is not None else device.type == "cuda"
+    param_dtype = "bfloat16" if cfg.dtype in ("bfloat16", "bf16") else "float32"
+    fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
+                      reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
+    parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
+    model.to_empty(device="cpu" if cfg.archon.offload_params else device)
+    model.init_buffers()
+    if _has_weights(cfg.path) and not cfg.init_from_scratch:
+        load_hf_weights(model, cfg.path)
+    else:
+        init_like_single_process(model, hf_cfg, head, cfg.seed)
+    return model
+
+
+@torch.no_grad()
+def init_like_single_process(model: nn.Module, hf_cfg, head: str, seed: int) -> None:
+    """Random init that gives the same weights on every layout: init a full CPU copy, then keep each shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
+    full.to_empty(device="cpu")
+    full.init_weights(seed=seed)
+    src = full.state_dict()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        value = src[key]
+        if isinstance(t, DTensor):
+            local = distribute_tensor(value.to(t.device_mesh.device_type, t.dtype), t.device_mesh, t.placements,
+                                      src_data_rank=None).to_local()
+            t.to_local().copy_(local)
+        else:
+            t.copy_(value.to(t.device, t.dtype))

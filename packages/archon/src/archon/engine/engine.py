@@ -1,0 +1,285 @@
+"""The training engine: builds a parallelized model from config and runs forward/train steps.
+
+One engine serves a single device and any `torchrun` layout: the parallel layout comes from the allocation
+mode, and the engine never branches on it beyond building meshes and applying `archon_parallel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from archon.config.schema import ActorConfig
+from archon.engine.batch import PackedBatch
+from archon.engine.logprobs import next_token_labels, shift_to_tokens
+from archon.engine.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("archon")
+
+LossFn = Callable[[dict[str, torch.Tensor], PackedBatch], "torch.Tensor | tuple[torch.Tensor, dict]"]
+WeightFn = Callable[[PackedBatch], "float | torch.Tensor"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(device)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise the default process group when launched by torchrun; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ArchonEngine:
+    """Model + optimizer + schedule for one role (actor with an LM head, or critic with a value head)."""
+
+    def __init__(self, cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total_steps: int = 1,
+                 device: str = "auto", head: str = "lm") -> None:
+        from archon.config.validate import validate_engine
+
+        self.cfg = cfg
+        self.allocation_mode = allocation_mode
+        self.total_steps = total_steps
+        self.head = head
+        self.device = resolve_device(device)
+        self.dtype = _DTYPES.get(cfg.dtype)
+        if self.dtype is None:
+            raise ValueError(f"actor.dtype {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        self.rank, self.world_size = init_distributed(self.device)
+        from archon_parallel.dims import ParallelDims
+
+        self.dims = ParallelDims.from_allocation(allocation_mode, self.world_size)
+        validate_engine(cfg, self.dims, self.device)
+        self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
+        self.version = 0
+        self.model: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self._offloaded = False
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def initialize(self) -> ArchonEngine:
+        from archon.engine.build import build_parallel_model
+
+        t0 = time.perf_counter()
+        self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
+        if self.rank == 0:
+            log.info("archon engine: %s | model %s (%s head) built in %.1fs on %s", describe_dims(self.dims),
+                     self.model.args.model_type, self.head, time.perf_counter() - t0, self.device)
+        return self
+
+    @property
+    def dp_group(self):
+        """Ranks that see different data (and whose loss weights are summed): dp x cp."""
+        return self.meshes.group("dp_cp") if self.meshes is not None else None
+
+    def dp_rank_world(self) -> tuple[int, int]:
+        """This rank's data-parallel index and the number of data-parallel replicas (ranks that differ in data)."""
+        if self.meshes is None or self.meshes["dp"] is None:
+            return 0, 1
+        mesh = self.meshes["dp"]
+        return mesh.get_local_rank(), mesh.size()
+
+    def _loss_scale_world(self) -> int:
+        # FSDP2 averages gradients over the data-parallel (x cp) ranks; the global-token normalisation
+        # wants their sum, so each rank's loss is multiplied by that size.
+        return self.dims.dp_cp if self.meshes is not None else 1
+
+    def _autocast(self):
+        fsdp_mp = self.meshes is not None and self.dims.fsdp_enabled
+        if self.dtype == torch.float32 or fsdp_mp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def _micro_batches(self, batch: PackedBatch) -> list[list[int]]:
+        from archon_rl import plan_micro_batches, sync_num_micro_batches
+
+        plan = plan_micro_batches(batch.lengths.tolist(), self.cfg.mb_max_tokens)
+        if self.dp_group is not None:  # every rank must run the same number of forward/backward passes
+            n = sync_num_micro_batches(len(plan), self.dp_group, device=self.device if self.device.type == "cuda" else "cpu")
+            plan = plan_micro_batches(batch.lengths.tolist(), self.cfg.mb_max_tokens, num_micro_batches=n)
+        return plan
+
+    def _run_model(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
+        ids, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)
+        with self._autocast():
+            if self.head == "value":
+                values = self.model(ids, cu_seqlens=cu)
+                return {"values": values.float().reshape(-1)}
+            lp, ent = self.model(ids, cu_seqlens=cu, labels=next_token_labels(ids), want_entropy=want_entropy,
+                                 logprob_chunk_size=self.cfg.archon.logprob_chunk_size)
+        out = {"logprobs": shift_to_tokens(lp, cu)}
+        if want_entropy:
+            out["entropy"] = shift_to_tokens(ent, cu)
+        return out
+
+    @torch.no_grad()
+    def forward_batch(self, batch: PackedBatch, *, want_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Token-aligned logprobs (and entropy) for an LM head, or values for a value head; on CPU, [T]."""
+        self._ensure_onloaded()
+        self.model.eval()
+        outs: dict[str, torch.Tensor] = {}
+        order: list[int] = []
+        for idx in self._micro_batches(batch):
+            mb = batch.select(idx) if idx else _dummy_batch(batch)
+            res = self._run_model(mb, want_entropy)
+            if not idx:
+                continue
+            order.extend(idx)
+            for k, v in res.items():
+                outs.setdefault(k, []).append(v.detach().float().cpu())
+        cat = {k: torch.cat(v) for k, v in outs.items()}
+        inv = _token_permutation(batch, order)  # back to the caller's sequence order
+        return {k: torch.empty_like(v).index_copy_(0, inv, v) for k, v in cat.items()}
+
+    # -- train ----------------------------------------------------------------------------------------
+    def train_batch(self, batch: PackedBatch, loss_fn: LossFn, loss_weight_fn: WeightFn) -> dict[str, float]:
+        """One optimizer step over `batch`, split into micro-batches by the token budget.
+
+        `loss_fn(outputs, mb)` returns the mean loss over the micro-batch's weighted tokens (and optionally a
+        stats dict); `loss_weight_fn(mb)` returns that weight (e.g. the number of loss tokens). Each
+        micro-batch loss is scaled by weight / global weight, the global weight summed over micro-batches
+        and data-parallel ranks, so the result equals one big batch regardless of how it was split.
+        """
+        t0 = time.perf_counter()
+        stats = self.accumulate_grads(batch, loss_fn, loss_weight_fn)
+        grad_norm = self._clip_grad_norm()
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if finite:
+            self.version += 1
+            self._after_optimizer_step()
+        stats.update(grad_norm=grad_norm, lr=lr, update_skipped=float(not finite), tokens=float(batch.num_tokens),
+                     step_time=time.perf_counter() - t0)
+        return stats
+
+    def accumulate_grads(self, batch: PackedBatch, loss_fn: LossFn, loss_weight_fn: WeightFn) -> dict[str, float]:
+        """Forward + backward of every micro-batch of `batch` into `.grad` (no optimizer step)."""
+        self._ensure_onloaded()
+        self.model.train()
+        plan = self._micro_batches(batch)
+        mbs = [batch.select(idx) if idx else None for idx in plan]
+        weights = [float(loss_weight_fn(mb)) if mb is not None else 0.0 for mb in mbs]
+        total = torch.tensor(sum(weights), dtype=torch.float64)
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+        total_w = float(total)
+        if total_w <= 0:
+            raise ValueError("loss_weight_fn gave a total weight of 0 over the batch: no token to train on")
+        scale_world = self._loss_scale_world()
+        loss_sum, stats_acc = 0.0, {}
+        for mb, w in zip(mbs, weights):
+            real = mb is not None
+            mb = mb if real else _dummy_batch(batch)
+            want_entropy = True
+            out = self._run_model(mb, want_entropy)
+            res = loss_fn(out, mb)
+            loss, stats = (res if isinstance(res, tuple) else (res, {}))
+            scale = (w / total_w) * scale_world if real else 0.0
+            aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
+            total_loss = loss * scale
+            if aux is not None:
+                total_loss = total_loss + aux * (scale if real else 0.0)
+            total_loss.backward()
+            if real:
+                loss_sum += float(loss.detach()) * w
+                for k, v in stats.items():
+                    stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * w
+        local_w = max(sum(weights), 1e-12)
+        out_stats = {k: v / local_w for k, v in stats_acc.items()}
+        out_stats["loss"] = loss_sum / local_w
+        return out_stats
+
+    def _clip_grad_norm(self) -> float:
+        from archon_parallel.grad import clip_grad_norm_
+
+        max_norm = self.cfg.optimizer.gradient_clipping
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
+                               pp_group=self.meshes.group("pp") if self.meshes is not None and self.dims.pp > 1 else None)
+        return float(norm)
+
+    def _after_optimizer_step(self) -> None:
+        try:
+            from archon_moe import update_aux_free_bias
+        except ImportError:  # pragma: no cover - archon-moe always ships it
+            return
+        update_aux_free_bias(self.model, group=self.dp_group)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def offload(self) -> None:
+        """Move parameters, gradients and optimizer state to host memory (e.g. for a colocated sampler)."""
+        from archon.engine.offload import offload_engine
+
+        offload_engine(self)
+
+    def onload(self) -> None:
+        from archon.engine.offload import onload_engine
+
+        onload_engine(self)
+
+    def _ensure_onloaded(self) -> None:
+        if self._offloaded:
+            raise RuntimeError("the engine is offloaded; call engine.onload() before forward/train")
+
+    def export_weights(self, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Write HF safetensors (config.json last) and a ready file carrying the weight version."""
+        from archon.engine.export import export_hf_weights
+
+        export_hf_weights(self, out_dir, dtype=dtype)
+
+    def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) native state dict in memory, for an embedded sampler."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
+                for k, v in self.model.state_dict().items()}
+
+
+def describe_dims(dims) -> str:
+    """One line with every parallel degree, logged at start-up."""
+    return (f"pp={dims.pp}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, tp={dims.tp}, "
+            f"cp={dims.cp}, ep={dims.ep}, etp={dims.etp}, world_size={dims.world_size}")
+
+
+def _dummy_batch(like: PackedBatch) -> PackedBatch:
+    """A 2-token batch for ranks with no real micro-batch left (all ranks must run the same passes)."""
+    ids = like.input_ids[:1].repeat(2)
+    return PackedBatch(ids, torch.tensor([0, 2], dtype=torch.int32), torch.zeros(2),
+                       {k: v[:1].repeat(2) for k, v in like.token_extras.items()},
+                       {k: v[:1] for k, v in like.seq_extras.items()})
+
+
+def _token_permutation(batch: PackedBatch, order: list[int]) -> torch.Tensor:
+    """For tokens laid out in sequence order `order`, the index of each in the original batch."""
+    idx = torch.as_tensor(order, dtype=torch.long)
+    starts, lengths = batch.cu_seqlens[:-1].long()[idx], batch.lengths[idx]
+    base = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - base, lengths)

@@ -1,0 +1,53 @@
+"""Per-step metrics to the console (a progress bar) and to a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except Exception:  # pragma: no cover
+        return 0.0
+
+
+class MetricsLogger:
+    """Writes one JSON object per step to `run_dir/metrics.jsonl` (rank 0 only) and updates a tqdm bar."""
+
+    def __init__(self, run_dir: str, total_steps: int, *, enabled: bool = True, progress_bar: bool = True,
+                 start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.bar = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            if progress_bar:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="archon", dynamic_ncols=True)
+        self._t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            keys = ("loss", "reward", "grad_norm", "lr", "tokens_per_s")
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in keys if k in row})
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

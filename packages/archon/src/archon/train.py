@@ -1,0 +1,74 @@
+"""`archon train`: language-model / SFT training driven by a TrainConfig."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from archon.config.schema import TrainConfig
+from archon.engine.batch import PackedBatch
+from archon.engine.engine import ArchonEngine
+from archon.engine.metrics import MetricsLogger, peak_memory_gb
+
+log = logging.getLogger("archon")
+
+
+def sft_loss(outputs: dict[str, torch.Tensor], mb: PackedBatch) -> tuple[torch.Tensor, dict]:
+    """Mean negative log-likelihood over the micro-batch's target tokens."""
+    mask = mb.loss_mask.to(outputs["logprobs"].device)
+    n = mask.sum().clamp(min=1)
+    nll = -(outputs["logprobs"] * mask).sum() / n
+    stats = {"entropy": (outputs["entropy"] * mask).sum().detach() / n} if "entropy" in outputs else {}
+    return nll, stats
+
+
+def target_tokens(mb: PackedBatch) -> float:
+    return float(mb.loss_mask.sum())
+
+
+def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
+    from archon.data import jsonl_batches, synthetic_batches
+
+    dp_rank, dp_world = engine.dp_rank_world()
+    if cfg.data.task == "jsonl":
+        return jsonl_batches(cfg.data.path, cfg.data.batch_size, rank=dp_rank, world=dp_world, start_step=start_step)
+    return synthetic_batches(cfg.data.task, cfg.data.batch_size, cfg.data.num_digits, cfg.data.seed,
+                             rank=dp_rank, world=dp_world, start_step=start_step)
+
+
+def run_train(cfg: TrainConfig) -> list[dict]:
+    engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
+                          device=cfg.device)
+    engine.initialize()
+    ckpt = None
+    start = 0
+    if cfg.checkpoint.dir:
+        from archon.engine.checkpoint import EngineCheckpointer
+
+        ckpt = EngineCheckpointer(engine, cfg.checkpoint)
+        start = ckpt.maybe_resume()
+    metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
+                            progress_bar=cfg.log.progress_bar, start_step=start)
+    data = _data(cfg, engine, start)
+    history = []
+    for step in range(start, cfg.total_train_steps):
+        batch = next(data)
+        t0 = time.perf_counter()
+        stats = engine.train_batch(batch, sft_loss, target_tokens)
+        dt = time.perf_counter() - t0
+        stats.update(tokens_per_s=batch.num_tokens * engine.dims.dp_cp / max(dt, 1e-9),
+                     peak_mem_gb=peak_memory_gb(engine.device))
+        metrics.log(step + 1, stats)
+        history.append(stats)
+        if ckpt is not None and cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
+            ckpt.save(step + 1)
+    if ckpt is not None:
+        ckpt.save(cfg.total_train_steps)
+        ckpt.close()
+    metrics.close()
+    if engine.rank == 0:
+        log.info("done: %d steps, metrics in %s", cfg.total_train_steps, os.path.join(cfg.log.dir, "metrics.jsonl"))
+    return history

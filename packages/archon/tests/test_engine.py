@@ -1,0 +1,110 @@
+"""Engine: micro-batching equals one big batch; non-finite grads skip the step; logprobs equal HF."""
+
+import math
+
+import pytest
+import torch
+
+from archon.config.schema import ActorConfig
+from archon.engine.batch import PackedBatch
+from archon.engine.engine import ArchonEngine
+from archon.engine.optim import lr_lambda
+from archon.testing import hf_model, tiny_hf_config
+from archon.train import sft_loss, target_tokens
+
+
+def _engine(tmp_path, mb_max_tokens=4096, **kw):
+    cfg = tiny_hf_config("qwen3", vocab_size=50)
+    hf_model(cfg).save_pretrained(tmp_path / "m")
+    actor = ActorConfig(path=str(tmp_path / "m"), dtype="float32", mb_max_tokens=mb_max_tokens, **kw)
+    actor.optimizer.lr = 1e-2
+    return ArchonEngine(actor, device="cpu").initialize()
+
+
+def _batch(seed=0, n=7):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 40, (n,), generator=g).tolist()
+    seqs = [torch.randint(0, 50, (L,), generator=g).tolist() for L in lengths]
+    masks = [(torch.rand(L, generator=g) > 0.3).float().tolist() for L in lengths]
+    return PackedBatch.from_sequences(seqs, masks)
+
+
+def _grads(engine, batch):
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.accumulate_grads(batch, sft_loss, target_tokens)
+    return {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+
+def test_micro_batching_equals_one_big_batch(tmp_path):
+    batch = _batch()
+    big = _grads(_engine(tmp_path / "a", mb_max_tokens=10_000), batch)
+    eng = _engine(tmp_path / "b", mb_max_tokens=45)
+    assert len(eng._micro_batches(batch)) >= 3
+    small = _grads(eng, batch)
+    for n in big:
+        rel = (big[n] - small[n]).norm() / big[n].norm().clamp(min=1e-30)
+        assert rel <= 1e-6, f"{n}: rel diff {rel:.2e}"
+
+
+def test_forward_batch_logprobs_equal_hf(tmp_path):
+    cfg = tiny_hf_config("qwen3", vocab_size=50)
+    ref = hf_model(cfg)
+    ref.save_pretrained(tmp_path / "m")
+    actor = ActorConfig(path=str(tmp_path / "m"), dtype="float32", mb_max_tokens=50)
+    actor.archon.logprob_chunk_size = 7  # several chunks per micro-batch
+    eng = ArchonEngine(actor, device="cpu").initialize()
+    batch = _batch(1)
+    out = eng.forward_batch(batch, want_entropy=True)
+    cu = batch.cu_seqlens.tolist()
+    for i in range(batch.num_seqs):
+        ids = batch.input_ids[cu[i]:cu[i + 1]]
+        with torch.no_grad():
+            logits = ref(input_ids=ids[None]).logits[0].float()
+        logp = logits.log_softmax(-1)
+        want_lp = torch.cat([torch.zeros(1), logp[:-1].gather(-1, ids[1:, None]).squeeze(-1)])
+        want_ent = torch.cat([torch.zeros(1), -(logp.exp() * logp).sum(-1)[:-1]])
+        assert torch.allclose(out["logprobs"][cu[i]:cu[i + 1]], want_lp, atol=1e-5), i
+        assert torch.allclose(out["entropy"][cu[i]:cu[i + 1]], want_ent, atol=1e-5), i
+
+
+def test_non_finite_grad_skips_the_step(tmp_path):
+    eng = _engine(tmp_path)
+    before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
+
+    def nan_loss(out, mb):
+        return out["logprobs"].sum() * float("nan")
+
+    stats = eng.train_batch(_batch(), nan_loss, target_tokens)
+    assert stats["update_skipped"] == 1.0 and not math.isfinite(stats["grad_norm"])
+    for n, p in eng.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert eng.version == 0
+    stats = eng.train_batch(_batch(), sft_loss, target_tokens)
+    assert stats["update_skipped"] == 0.0 and eng.version == 1
+
+
+def test_grad_clipping_bounds_the_update(tmp_path):
+    eng = _engine(tmp_path)
+    eng.cfg.optimizer.gradient_clipping = 1e-3
+    eng.optimizer.zero_grad()
+    eng.accumulate_grads(_batch(), sft_loss, target_tokens)
+    norm = eng._clip_grad_norm()
+    after = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in eng.model.parameters()))
+    assert norm > 1e-3 and after == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_lr_schedules(kind):
+    f = lr_lambda(kind, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    end = {"constant": 1.0, "linear": 0.1, "cosine": 0.1}[kind]
+    assert f(10) == pytest.approx(end)
+    if kind == "cosine":
+        assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_bad_batches():
+    with pytest.raises(ValueError, match="empty batch"):
+        PackedBatch.from_sequences([])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        PackedBatch(torch.arange(5), torch.tensor([0, 3], dtype=torch.int32), torch.ones(5))
