@@ -1,7 +1,7 @@
 """archon-lora: LoRA layers that compose with FSDP2/TP, injection by module name, PEFT-format adapter I/O."""
 
 from archon_lora.config import LoRAConfig, lora_scaling
-from archon_lora.experts import ExpertLoRA, add_expert_lora, grouped_linear, is_grouped_experts
+from archon_lora.experts import ExpertLoRA, add_expert_lora, is_grouped_experts
 from archon_lora.inject import init_lora_weights, inject_lora, lora_modules
 from archon_lora.layers import LoRALinear
 from archon_lora.merge import (
@@ -21,7 +21,6 @@ __all__ = [
     "LoRALinear",
     "ExpertLoRA",
     "add_expert_lora",
-    "grouped_linear",
     "is_grouped_experts",
     "inject_lora",
     "init_lora_weights",

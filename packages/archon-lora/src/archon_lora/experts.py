@@ -2,7 +2,7 @@
 
 A grouped-expert module holds ``w1`` [E, I, D] (gate), ``w3`` [E, I, D] (up), ``w2`` [E, D, I] (down) and
 runs ``w2 @ (silu(w1 @ x) * (w3 @ x))`` on tokens already permuted so that each expert's tokens are
-contiguous (``num_tokens_per_expert`` [E]). For a weight ``w`` [E, O, In] we add ``lora_A_w`` [E, R, In]
+contiguous (``counts_E`` [E]). For a weight ``w`` [E, O, In] we add ``lora_A_w`` [E, R, In]
 and ``lora_B_w`` [E, O, R]; the update for expert e is ``scaling * B[e] @ A[e]``, computed with the same
 grouped GEMM and the same token order as the base weight, so it composes with any dispatcher.
 
@@ -22,24 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archon_moe import GroupedExperts, grouped_mm, local_tensor
+
 from archon_lora.config import lora_scaling
 
-__all__ = ["ExpertLoRA", "add_expert_lora", "is_grouped_experts", "grouped_linear"]
+__all__ = ["ExpertLoRA", "add_expert_lora", "is_grouped_experts"]
 
 _EXPERT_PARAMS = ("w1", "w2", "w3")
 
 
 def is_grouped_experts(module: nn.Module) -> bool:
-    """True for modules with 3-D ``w1``/``w2``/``w3`` expert weights (archon_moe.GroupedExperts layout)."""
+    """True for ``archon_moe.GroupedExperts`` and any module with its 3-D ``w1``/``w2``/``w3`` layout."""
+    if isinstance(module, GroupedExperts):
+        return True
     ws = [getattr(module, n, None) for n in _EXPERT_PARAMS]
     return all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in ws)
-
-
-def grouped_linear(x_TIn: torch.Tensor, w_EOIn: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """``out[t] = x[t] @ w[e(t)]^T`` for tokens grouped by expert; returns [T, O]."""
-    counts = num_tokens_per_expert_E.tolist()
-    outs = [F.linear(x_tIn, w_EOIn[e]) for e, x_tIn in enumerate(torch.split(x_TIn, counts, dim=0))]
-    return torch.cat(outs, dim=0)
 
 
 class ExpertLoRA(nn.Module):
@@ -97,18 +94,24 @@ class ExpertLoRA(nn.Module):
         return torch.bmm(b_EOR, a_ERIn) * self.scaling
 
     def _proj(self, name: str, x_TIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        y_TO = grouped_linear(x_TIn, getattr(self, name), counts_E)
+        # Local shards, like GroupedExperts.forward: under EP the LoRA pairs are sharded on the expert
+        # dim together with the base weights, so counts_E covers the same local experts.
+        y_TO = grouped_mm(x_TIn, local_tensor(getattr(self, name)), counts_E)
         if name not in self.lora_targets or self.merged or not self.lora_enabled:
             return y_TO
-        a_ERIn, b_EOR = self.lora_pair(name)
+        a_ERIn, b_EOR = (local_tensor(t) for t in self.lora_pair(name))
         if self.lora_dropout > 0:
             x_TIn = F.dropout(x_TIn, self.lora_dropout, self.training)
-        h_TR = grouped_linear(x_TIn, a_ERIn, counts_E)
-        return y_TO + grouped_linear(h_TR, b_EOR, counts_E) * self.scaling
+        h_TR = grouped_mm(x_TIn, a_ERIn, counts_E)
+        return y_TO + grouped_mm(h_TR, b_EOR, counts_E) * self.scaling
 
-    def forward(self, x_TD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h_TI = F.silu(self._proj("w1", x_TD, num_tokens_per_expert_E)) * self._proj("w3", x_TD, num_tokens_per_expert_E)
-        return self._proj("w2", h_TI, num_tokens_per_expert_E)
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert [T, D] and rows per (local) expert [E] -> [T, D], as GroupedExperts."""
+        if counts_E.shape[0] != local_tensor(self.w1).shape[0]:
+            raise ValueError(f"got counts for {counts_E.shape[0]} experts but {local_tensor(self.w1).shape[0]} "
+                             "local experts")
+        h_TI = F.silu(self._proj("w1", x_TD, counts_E)) * self._proj("w3", x_TD, counts_E)
+        return self._proj("w2", h_TI, counts_E)
 
     @torch.no_grad()
     def merge(self) -> None:

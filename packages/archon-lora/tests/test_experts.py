@@ -1,0 +1,137 @@
+"""Expert LoRA on archon_moe.GroupedExperts against a naive per-expert loop; MoE layer; adapter round trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from archon_moe import GroupedExperts, MoE, MoEArgs
+from torch import nn
+
+from archon_lora import (
+    ExpertLoRA,
+    LoRAConfig,
+    inject_lora,
+    load_peft_adapter,
+    lora_modules,
+    lora_state_dict,
+    merge_lora,
+    merged_state_dict,
+    save_peft_adapter,
+)
+
+E, D, I, R = 4, 16, 24, 3
+
+
+def randomize_b(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            for w in getattr(m, "lora_targets", ()):
+                b = m.lora_pair(w)[1]
+                b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+
+
+def naive_experts(x_TD, counts, w, lora, scale):
+    """Loop over experts and their tokens with plain matmuls."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        x = x_TD[start:start + n]
+        start += n
+
+        def proj(name, inp):
+            y = inp @ w[name][e].T
+            if name in lora:
+                a, b = lora[name]
+                y = y + scale * (inp @ a[e].T) @ b[e].T
+            return y
+
+        outs.append(proj("w2", F.silu(proj("w1", x)) * proj("w3", x)))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("targets", [["w1", "w2", "w3"], ["w2"]])
+def test_expert_lora_matches_naive_loop(targets):
+    torch.manual_seed(0)
+    experts = GroupedExperts(E, D, I)
+    holder = nn.Module()
+    holder.experts = experts
+    inject_lora(holder, LoRAConfig(r=R, alpha=5, use_rslora=True, target_modules=["experts"], expert_params=targets))
+    assert isinstance(holder.experts, ExpertLoRA) and holder.experts is experts  # same object, params kept
+    randomize_b(holder)
+    counts = torch.tensor([3, 0, 5, 2])  # expert 1 gets no tokens
+    x = torch.randn(10, D, requires_grad=True)
+    y = experts(x, counts)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    w = {n: getattr(experts, n).detach() for n in ("w1", "w2", "w3")}
+    lora = {n: tuple(t.detach().clone().requires_grad_() for t in experts.lora_pair(n)) for n in targets}
+    xr = x.detach().clone().requires_grad_()
+    yr = naive_experts(xr, counts.tolist(), w, lora, experts.scaling)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    for n in targets:
+        a, b = experts.lora_pair(n)
+        torch.testing.assert_close(a.grad, lora[n][0].grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.grad, lora[n][1].grad, rtol=1e-5, atol=1e-5)
+        assert a.grad[1].abs().max() == 0 and b.grad[1].abs().max() == 0  # zero, not None: no FSDP skew
+    assert all(getattr(experts, n).grad is None for n in ("w1", "w2", "w3"))
+
+
+def tiny_moe() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.moe = MoE(MoEArgs(dim=D, moe_inter_dim=I, num_experts=E, top_k=2, num_shared_experts=1))
+    return model
+
+
+def test_moe_layer_and_merge_match_updated_weights(tmp_path):
+    base = tiny_moe()
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(r=R, alpha=7, target_modules=["experts", "shared_experts.w2"]))
+    randomize_b(model)
+    with torch.no_grad():
+        model.moe.shared_experts.w2.lora_B.normal_()
+    x = torch.randn(9, D)
+
+    # Reference: the plain MoE with W + scale * B[e] @ A[e] written into its weights by hand.
+    ref_model = copy.deepcopy(base)
+    ex = model.moe.experts
+    sw2 = model.moe.shared_experts.w2
+    with torch.no_grad():
+        for n in ("w1", "w2", "w3"):
+            a, b = ex.lora_pair(n)
+            delta = torch.stack([b[e] @ a[e] for e in range(E)]) * ex.scaling
+            getattr(ref_model.moe.experts, n).add_(delta)
+        ref_model.moe.shared_experts.w2.weight.add_(sw2.scaling * sw2.lora_B @ sw2.lora_A)
+        ref = ref_model.moe(x)
+        torch.testing.assert_close(model.moe(x), ref, rtol=1e-5, atol=1e-5)
+        merged = merged_state_dict(model)
+        for k, v in ref_model.state_dict().items():
+            torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        merge_lora(model)
+        torch.testing.assert_close(model.moe(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_adapter_round_trip(tmp_path):
+    cfg = LoRAConfig(r=R, alpha=6, target_modules=["experts"])
+    src = inject_lora(tiny_moe(), cfg)
+    randomize_b(src)
+    to_hf = lambda n: n.replace("moe.experts.", "mlp.experts.")
+    from_hf = lambda n: n.replace("mlp.experts.", "moe.experts.")
+    save_peft_adapter(src, str(tmp_path), cfg, to_hf_name=to_hf)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["archon_expert_lora"] == ["mlp.experts.w1", "mlp.experts.w2", "mlp.experts.w3"]
+    dst = inject_lora(tiny_moe(), LoRAConfig(r=R, alpha=1, target_modules=["experts"]))
+    load_peft_adapter(dst, str(tmp_path), from_hf_name=from_hf)
+    want, got = lora_state_dict(src), lora_state_dict(dst)
+    assert set(got) == set(want) and "moe.experts.lora_A_w1" in got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert dst.moe.experts.scaling == src.moe.experts.scaling
+
+    bad = inject_lora(tiny_moe(), LoRAConfig(r=R + 1, alpha=6, target_modules=["experts"]))
+    with pytest.raises(ValueError, match=r"rank mismatch for 'base_model\.model\.mlp\.experts\.w\d\.lora_A\.weight'"):
+        load_peft_adapter(bad, str(tmp_path), from_hf_name=from_hf)
