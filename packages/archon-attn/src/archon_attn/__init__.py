@@ -5,6 +5,23 @@ from archon_attn.flex import FlexBackend, document_causal_block_mask
 from archon_attn.meta import AttnMeta, build_attn_meta, doc_ids_from_cu_seqlens, positions_from_cu_seqlens
 from archon_attn.reference import reference_attention
 from archon_attn.sdpa import SdpaBackend, dense_mask_attention, padded_sdpa_attention, repeat_kv
+from archon_attn.tree import (
+    PackedTree,
+    TreeAttention,
+    TreeAttnMeta,
+    TreeBalance,
+    TreeCostModel,
+    TreeLabels,
+    TreeStats,
+    balance_tree_segments,
+    build_tree,
+    gather_tree_logprobs,
+    pack_tree_microbatches,
+    tree_attention,
+    tree_label_index,
+    tree_model_inputs,
+    tree_stats,
+)
 from archon_attn.varlen import VarlenBackend, flash_varlen_attention, has_public_varlen_attn
 
 __all__ = [
