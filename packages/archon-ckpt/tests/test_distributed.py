@@ -1,0 +1,105 @@
+"""Multi-rank (CPU gloo) checkpoints: exact FSDP2 resume in new processes, and resharding
+FSDP2(2) -> FSDP2(4) / single process, TP2 -> FSDP2(2), against a single-process reference run."""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from archon_ckpt import Checkpointer
+from archon_ckpt.testing import full_params, make_model, make_optim, make_state, train_steps
+from archon_parallel.testing import run_ranks
+
+DROP = 0.2
+
+
+def _fsdp(model, world):
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _tp(model, world):
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.layers:
+        parallelize_module(layer, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    return model
+
+
+def _setup(model):
+    opt, sched = make_optim(model)
+    train = {"step": 0}
+    return model, opt, sched, train, make_state(model, opt, sched, train)
+
+
+def _phase1(rank, world, root):
+    out = {}
+    model, opt, sched, train, _ = _setup(_fsdp(make_model(0, DROP), world))
+    out["straight"] = train_steps(model, opt, sched, train, 6, rank, world)
+    out["straight_params"] = full_params(model)
+
+    model, opt, sched, train, state = _setup(_fsdp(make_model(0, DROP), world))
+    out["first"] = train_steps(model, opt, sched, train, 3, rank, world)
+    Checkpointer(f"{root}/drop").save(3, state)
+
+    model, opt, sched, train, state = _setup(_fsdp(make_model(0), world))
+    train_steps(model, opt, sched, train, 3, rank, world)
+    with Checkpointer(f"{root}/fsdp", async_save=True) as ckpt:
+        ckpt.save(3, state)
+    out["fsdp_cont"] = train_steps(model, opt, sched, train, 3, rank, world)
+
+    model, opt, sched, train, state = _setup(_tp(make_model(0), world))
+    train_steps(model, opt, sched, train, 3)
+    Checkpointer(f"{root}/tp").save(3, state)
+    out["tp_cont"] = train_steps(model, opt, sched, train, 3)
+    return out
+
+
+def _resume(rank, world, root, name, dropout):
+    model, opt, sched, train, state = _setup(_fsdp(make_model(1, dropout), world))
+    torch.manual_seed(99 + rank)  # the RNG restore must undo this
+    assert Checkpointer(f"{root}/{name}").load(state) == 3 and train["step"] == 3
+    return train_steps(model, opt, sched, train, 3, rank, world), full_params(model)
+
+
+def _phase2(rank, world, root):
+    return {"drop": _resume(rank, world, root, "drop", DROP), "tp_to_dp": _resume(rank, world, root, "tp", 0.0)}
+
+
+def _phase3(rank, world, root):
+    return _resume(rank, world, root, "fsdp", 0.0)
+
+
+def _close(a, b, rel=1e-6):
+    assert a == pytest.approx(b, rel=rel, abs=0), (a, b)
+
+
+def test_fsdp_exact_resume_and_resharding(tmp_path):
+    root = str(tmp_path)
+    p1 = run_ranks(_phase1, 2, root, timeout=240)
+    p2 = run_ranks(_phase2, 2, root, timeout=240)  # new processes
+    # exact resume: 3 + save + (new processes) load + 3 == 6 straight, bitwise
+    for r in range(2):
+        assert p1[r]["first"] + p2[r]["drop"][0] == p1[r]["straight"]
+        for k, v in p1[r]["straight_params"].items():
+            assert torch.equal(p2[r]["drop"][1][k], v), k
+
+    # independent reference: plain single-process training, no parallelism, no checkpoint
+    model, opt, sched, train, _ = _setup(make_model(0))
+    ref = train_steps(model, opt, sched, train, 6)[3:]
+    _close(p1[0]["fsdp_cont"], ref)
+    _close(p1[0]["tp_cont"], ref)
+    _close(p2[0]["tp_to_dp"][0], ref)  # TP2 checkpoint -> FSDP2 on 2 ranks
+
+    p3 = run_ranks(_phase3, 4, root, timeout=240)  # FSDP2(2) checkpoint -> FSDP2(4)
+    _close(p3[0][0], ref)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(p3[0][1][k], v, rtol=1e-5, atol=1e-6)
+
+    # FSDP2(2) checkpoint -> one process without a process group
+    model, opt, sched, train, state = _setup(make_model(1))
+    assert Checkpointer(f"{root}/fsdp").load(state) == 3
+    _close(train_steps(model, opt, sched, train, 3), ref)
