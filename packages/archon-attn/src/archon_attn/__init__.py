@@ -1,6 +1,7 @@
 """archon-attn: attention backends for packed documents (sdpa, varlen, flex) behind one interface."""
 
 from archon_attn.backend import AttentionBackend, check_qkv, get_attention_backend, register_attention_backend
+from archon_attn.blockwise import block_attention_backward, block_attention_forward, merge_partial_attention
 from archon_attn.flex import FlexBackend, document_causal_block_mask
 from archon_attn.meta import AttnMeta, build_attn_meta, doc_ids_from_cu_seqlens, positions_from_cu_seqlens
 from archon_attn.reference import reference_attention
@@ -30,6 +31,8 @@ __all__ = [
     "FlexBackend",
     "SdpaBackend",
     "VarlenBackend",
+    "block_attention_backward",
+    "block_attention_forward",
     "build_attn_meta",
     "check_qkv",
     "dense_mask_attention",
@@ -37,6 +40,7 @@ __all__ = [
     "document_causal_block_mask",
     "flash_varlen_attention",
     "get_attention_backend",
+    "merge_partial_attention",
     "has_public_varlen_attn",
     "padded_sdpa_attention",
     "positions_from_cu_seqlens",
