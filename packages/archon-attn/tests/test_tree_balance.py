@@ -4,9 +4,6 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from archon_attn.tree import (
     SegmentStats,
     TreeCostModel,
@@ -16,6 +13,8 @@ from archon_attn.tree import (
     tree_stats,
 )
 from archon_attn.tree.testing import grpo_batch, mixed_batch, multiturn_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 COST = TreeCostModel(token_cost=1.0, pair_cost=0.01)
 
@@ -35,7 +34,9 @@ def _brute_force_best(seqs, num_ranks, cost_fn) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, len(seqs)), num_ranks - 1):
         bounds = (0, *cuts, len(seqs))
-        worst = max(cost_fn(_ref_stats([seqs[order[i]] for i in range(a, b)])) for a, b in zip(bounds, bounds[1:]))
+        worst = max(
+            cost_fn(_ref_stats([seqs[order[i]] for i in range(a, b)])) for a, b in zip(bounds, bounds[1:])
+        )
         best = min(best, worst)
     return best
 

@@ -5,7 +5,6 @@ Legend: N: tree tokens, H: query heads, G: kv heads, D: head dim.
 
 import pytest
 import torch
-
 from archon_attn.tree import TreeAttnMeta, build_tree, tree_attention
 from archon_attn.tree.testing import grpo_batch, multiturn_batch
 

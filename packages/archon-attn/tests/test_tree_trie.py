@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from archon_attn.tree import (
     PackedTree,
     build_tree,
@@ -14,6 +11,8 @@ from archon_attn.tree import (
     trie_nodes,
 )
 from archon_attn.tree.testing import grpo_batch, mixed_batch, multiturn_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _distinct_prefixes(seqs) -> set[tuple[int, ...]]:

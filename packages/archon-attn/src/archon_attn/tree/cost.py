@@ -39,8 +39,9 @@ class TreeCostModel:
     pair_cost: float = 1.0 / (6 * 2048)
 
     @classmethod
-    def for_model(cls, dim: int, ffn_dim: int, num_heads: int, head_dim: int, num_kv_heads: int
-                  ) -> TreeCostModel:
+    def for_model(
+        cls, dim: int, ffn_dim: int, num_heads: int, head_dim: int, num_kv_heads: int
+    ) -> TreeCostModel:
         """Cost in units of one token's per-layer matmul FLOPs (q, kv, o projections and a gated MLP)."""
         token_flops = 2 * dim * (num_heads * head_dim * 2 + num_kv_heads * head_dim * 2) + 6 * dim * ffn_dim
         pair_flops = 4 * num_heads * head_dim

@@ -57,8 +57,9 @@ def tree_label_index(tree: PackedTree, ignore_index: int = -100) -> TreeLabels:
     next_T = tree.seq_index_T.roll(-1)  # tree index of the next flat token (garbage at last tokens)
     flat_pair_T = torch.where(is_last_T, -1, pair_of_N[next_T])
     flat_labels_T = torch.where(is_last_T, ignore_index, tree.tokens_N[next_T])
-    return TreeLabels(tree.parent_N[target_P], tree.tokens_N[target_P], flat_pair_T, flat_labels_T,
-                      tree.cu_seqlens)
+    return TreeLabels(
+        tree.parent_N[target_P], tree.tokens_N[target_P], flat_pair_T, flat_labels_T, tree.cu_seqlens
+    )
 
 
 def gather_tree_logprobs(

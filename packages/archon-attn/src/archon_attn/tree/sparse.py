@@ -80,8 +80,13 @@ def tree_block_mask(tree: PackedTree, block_size: int = 128) -> BlockMask:
     kv_num, kv_idx = _blocks_to_indices(partial_QK)
     full_num, full_idx = _blocks_to_indices(full_QK)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-        mask_mod=tree_mask_mod(tree, block_size), seq_lengths=(N, N),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=tree_mask_mod(tree, block_size),
+        seq_lengths=(N, N),
     )
 
 
@@ -110,8 +115,9 @@ class TreeAttnMeta:
     """Required for impl="dense"; see :func:`tree_mask_dense`."""
 
     @classmethod
-    def build(cls, tree: PackedTree, impl: Literal["flex", "dense"] = "flex", block_size: int = 128
-              ) -> TreeAttnMeta:
+    def build(
+        cls, tree: PackedTree, impl: Literal["flex", "dense"] = "flex", block_size: int = 128
+    ) -> TreeAttnMeta:
         if impl == "flex":
             return cls(tree, block_mask=tree_block_mask(tree, block_size))
         if impl == "dense":
@@ -142,8 +148,10 @@ def tree_attention(
         )
     q_1HND, k_1GND, v_1GND = (x.transpose(0, 1).unsqueeze(0) for x in (q_NHD, k_NGD, v_NGD))
     if impl == "flex":
-        if q_NHD.device.type == "cpu" and torch.is_grad_enabled() and any(
-            x.requires_grad for x in (q_NHD, k_NGD, v_NGD)
+        if (
+            q_NHD.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and any(x.requires_grad for x in (q_NHD, k_NGD, v_NGD))
         ):
             raise ValueError('flex_attention has no backward on CPU; use impl="dense" for CPU training')
         block_mask = meta.block_mask if meta.block_mask is not None else tree_block_mask(meta.tree)
@@ -151,7 +159,11 @@ def tree_attention(
     elif impl == "dense":
         mask_NN = meta.dense_mask if meta.dense_mask is not None else tree_mask_dense(meta.tree)
         o_1HND = F.scaled_dot_product_attention(
-            q_1HND, k_1GND, v_1GND, attn_mask=mask_NN, scale=scale,
+            q_1HND,
+            k_1GND,
+            v_1GND,
+            attn_mask=mask_NN,
+            scale=scale,
             enable_gqa=q_NHD.shape[1] != k_NGD.shape[1],
         )
     else:

@@ -11,8 +11,9 @@ def _rand(g: torch.Generator, n: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=g)
 
 
-def grpo_batch(g: torch.Generator, num_groups: int, group_size: int, prompt_len: int, max_resp: int,
-               vocab: int = 50) -> list[torch.Tensor]:
+def grpo_batch(
+    g: torch.Generator, num_groups: int, group_size: int, prompt_len: int, max_resp: int, vocab: int = 50
+) -> list[torch.Tensor]:
     """GRPO groups: one prompt per group followed by different responses."""
     out = []
     for _ in range(num_groups):
@@ -23,8 +24,9 @@ def grpo_batch(g: torch.Generator, num_groups: int, group_size: int, prompt_len:
     return out
 
 
-def multiturn_batch(g: torch.Generator, num_chains: int, num_turns: int, turn_len: int,
-                    vocab: int = 50) -> list[torch.Tensor]:
+def multiturn_batch(
+    g: torch.Generator, num_chains: int, num_turns: int, turn_len: int, vocab: int = 50
+) -> list[torch.Tensor]:
     """Multi-turn trajectories: every turn's sequence extends the previous turn's full history."""
     out = []
     for _ in range(num_chains):

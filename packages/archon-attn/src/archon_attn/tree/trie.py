@@ -153,9 +153,7 @@ def build_tree(sequences: TokenSequences, *, device: torch.device | str | None =
     # Every tree token lies on the path of the sequences through it; its subtree ends right after the
     # last token of the last such sequence (sequences' last tokens are the deepest on their paths).
     last_S = tree_idx_T[sb.starts_S + sb.lens_S - 1]
-    subtree_end_N = torch.zeros_like(tokens_N).scatter_reduce_(
-        0, tree_idx_T, last_S[sb.seq_of_T] + 1, "amax"
-    )
+    subtree_end_N = torch.zeros_like(tokens_N).scatter_reduce_(0, tree_idx_T, last_S[sb.seq_of_T] + 1, "amax")
 
     rank_S = torch.empty_like(sb.order)
     rank_S[sb.order] = torch.arange(sb.order.numel())
