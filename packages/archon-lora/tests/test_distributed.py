@@ -2,10 +2,9 @@
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from archon_lora import LoRAConfig, LoRATensorParallel, check_same_trainable, inject_lora, lora_modules
 from archon_parallel.testing import run_ranks
+from torch import nn
 
 STEPS = 3
 

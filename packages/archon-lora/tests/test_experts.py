@@ -6,9 +6,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from archon_moe import GroupedExperts, MoE, MoEArgs
-from torch import nn
-
 from archon_lora import (
     ExpertLoRA,
     LoRAConfig,
@@ -20,8 +17,10 @@ from archon_lora import (
     merged_state_dict,
     save_peft_adapter,
 )
+from archon_moe import GroupedExperts, MoE, MoEArgs
+from torch import nn
 
-E, D, I, R = 4, 16, 24, 3
+E, D, INTER, R = 4, 16, 24, 3
 
 
 def randomize_b(model: nn.Module, seed: int = 1) -> None:
@@ -40,7 +39,7 @@ def naive_experts(x_TD, counts, w, lora, scale):
         x = x_TD[start:start + n]
         start += n
 
-        def proj(name, inp):
+        def proj(name, inp, e=e):
             y = inp @ w[name][e].T
             if name in lora:
                 a, b = lora[name]
@@ -54,7 +53,7 @@ def naive_experts(x_TD, counts, w, lora, scale):
 @pytest.mark.parametrize("targets", [["w1", "w2", "w3"], ["w2"]])
 def test_expert_lora_matches_naive_loop(targets):
     torch.manual_seed(0)
-    experts = GroupedExperts(E, D, I)
+    experts = GroupedExperts(E, D, INTER)
     holder = nn.Module()
     holder.experts = experts
     inject_lora(holder, LoRAConfig(r=R, alpha=5, use_rslora=True, target_modules=["experts"], expert_params=targets))
@@ -84,7 +83,7 @@ def test_expert_lora_matches_naive_loop(targets):
 def tiny_moe() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Module()
-    model.moe = MoE(MoEArgs(dim=D, moe_inter_dim=I, num_experts=E, top_k=2, num_shared_experts=1))
+    model.moe = MoE(MoEArgs(dim=D, moe_inter_dim=INTER, num_experts=E, top_k=2, num_shared_experts=1))
     return model
 
 

@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from archon_lora import (
     LoRAConfig,
     LoRALinear,
@@ -15,6 +13,7 @@ from archon_lora import (
     lora_state_dict,
     trainable_parameters,
 )
+from torch import nn
 
 
 def naive(x, w, b, a, bb, scale):

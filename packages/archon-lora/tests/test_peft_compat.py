@@ -4,9 +4,6 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Qwen3Config, Qwen3ForCausalLM
-
 from archon_lora import (
     LoRAConfig,
     inject_lora,
@@ -17,6 +14,8 @@ from archon_lora import (
     save_peft_adapter,
     unmerge_lora,
 )
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 identity = lambda name: name

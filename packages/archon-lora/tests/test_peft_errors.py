@@ -5,10 +5,16 @@ import os
 
 import pytest
 import torch
+from archon_lora import (
+    LoRAConfig,
+    inject_lora,
+    load_peft_adapter,
+    lora_modules,
+    lora_state_dict,
+    save_peft_adapter,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from archon_lora import LoRAConfig, inject_lora, load_peft_adapter, lora_modules, lora_state_dict, save_peft_adapter
 
 # Native names "layers.0.wq.weight" <-> HF names "model.layers.0.self_attn.q_proj.weight".
 _TO_HF = {"wq": "self_attn.q_proj", "wo": "self_attn.o_proj"}

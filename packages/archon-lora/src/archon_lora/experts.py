@@ -20,9 +20,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from archon_moe import GroupedExperts, grouped_mm, local_tensor, uses_grouped_kernel
 from torch import nn
-
-from archon_moe import GroupedExperts, grouped_mm, local_tensor
 
 from archon_lora.config import lora_scaling
 
@@ -100,6 +99,8 @@ class ExpertLoRA(nn.Module):
         if name not in self.lora_targets or self.merged or not self.lora_enabled:
             return y_TO
         a_ERIn, b_EOR = (local_tensor(t) for t in self.lora_pair(name))
+        if uses_grouped_kernel(x_TIn):
+            a_ERIn, b_EOR = _pad_rank(a_ERIn, b_EOR)
         if self.lora_dropout > 0:
             x_TIn = F.dropout(x_TIn, self.lora_dropout, self.training)
         h_TR = grouped_mm(x_TIn, a_ERIn, counts_E)
@@ -128,6 +129,16 @@ class ExpertLoRA(nn.Module):
                 w = getattr(self, name)
                 w.sub_(self.delta_weight(name).to(w.dtype))
             self.merged = False
+
+
+def _pad_rank(a_ERIn: torch.Tensor, b_EOR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the rank dim to a 16-byte multiple: the CUDA grouped GEMM needs 16-byte aligned strides
+    (r=4 in bf16 is 8 bytes). Zero rows of A and zero columns of B leave the product unchanged."""
+    per_16b = 16 // a_ERIn.element_size()
+    pad = -a_ERIn.shape[1] % per_16b
+    if pad == 0:
+        return a_ERIn, b_EOR
+    return F.pad(a_ERIn, (0, 0, 0, pad)), F.pad(b_EOR, (0, pad))
 
 
 _LORA_CLASSES: dict[type, type] = {}
