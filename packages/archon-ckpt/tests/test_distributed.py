@@ -7,8 +7,18 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from archon_ckpt import Checkpointer
-from archon_ckpt.testing import full_params, make_model, make_optim, make_state, train_steps
+from safetensors.torch import load_file, save_file
+
+from archon_ckpt import Checkpointer, SafetensorsReader, load_into_module, save_safetensors_sharded
+from archon_ckpt.testing import (
+    full_params,
+    hf_reference,
+    make_model,
+    make_optim,
+    make_state,
+    native_to_hf,
+    train_steps,
+)
 from archon_parallel.testing import run_ranks
 
 DROP = 0.2
@@ -65,8 +75,21 @@ def _resume(rank, world, root, name, dropout):
     return train_steps(model, opt, sched, train, 3, rank, world), full_params(model)
 
 
+def _hf_io(rank, world, root):
+    """HF safetensors into FSDP2- and TP-sharded models; sharded export from DTensors."""
+    out = {}
+    for name, parallelize in (("fsdp", _fsdp), ("tp", _tp)):
+        model = parallelize(make_model(5), world)
+        load_into_module(model, SafetensorsReader(f"{root}/hf.safetensors"), native_to_hf=native_to_hf)
+        out[name] = full_params(model)
+    named = ((native_to_hf(k), v) for k, v in model.state_dict().items())
+    out["files"] = save_safetensors_sharded(named, f"{root}/export", max_shard_size=8000)
+    return out
+
+
 def _phase2(rank, world, root):
-    return {"drop": _resume(rank, world, root, "drop", DROP), "tp_to_dp": _resume(rank, world, root, "tp", 0.0)}
+    return {"drop": _resume(rank, world, root, "drop", DROP), "tp_to_dp": _resume(rank, world, root, "tp", 0.0),
+            "hf": _hf_io(rank, world, root)}
 
 
 def _phase3(rank, world, root):
@@ -80,7 +103,22 @@ def _close(a, b, rel=1e-6):
 def test_fsdp_exact_resume_and_resharding(tmp_path):
     root = str(tmp_path)
     p1 = run_ranks(_phase1, 2, root, timeout=240)
+    hf_ref = make_model(3)
+    save_file(hf_reference(hf_ref), f"{root}/hf.safetensors")
     p2 = run_ranks(_phase2, 2, root, timeout=240)  # new processes
+    # HF weights into DTensor-sharded models, and a gathered sharded export (rank 0 writes)
+    for r in range(2):
+        for layout in ("fsdp", "tp"):
+            for k, v in hf_ref.state_dict().items():
+                assert torch.equal(p2[r]["hf"][layout][k], v), (layout, k)
+    assert len(p2[0]["hf"]["files"]) > 1 and p2[1]["hf"]["files"] == []
+    exported = {}
+    for f in p2[0]["hf"]["files"]:
+        exported.update(load_file(str(f)))
+    expected = hf_reference(hf_ref)
+    assert exported.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(exported[k], v), k
     # exact resume: 3 + save + (new processes) load + 3 == 6 straight, bitwise
     for r in range(2):
         assert p1[r]["first"] + p2[r]["drop"][0] == p1[r]["straight"]

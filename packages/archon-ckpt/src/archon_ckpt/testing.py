@@ -102,3 +102,13 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 def make_state(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train: dict) -> dict[str, Any]:
     return {"model": ModelState(model), "optim": OptimizerState(model, opt),
             "sched": SchedulerState(sched), "rng": RNGState(), "train": train}
+
+
+def native_to_hf(name: str) -> str:
+    """A renaming like a real adapter's: ``layers.0.fc1.weight`` -> ``model.layers.0.mlp.up.weight``."""
+    return "model." + name.replace("fc1", "mlp.up").replace("fc2", "mlp.down")
+
+
+def hf_reference(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under HF-style names (plain copies), to be written by safetensors."""
+    return {native_to_hf(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()}
