@@ -1,0 +1,202 @@
+"""Batched autoregressive generation with a KV cache, for embedded rollouts.
+
+The sampler is model-agnostic: it drives a ``forward_fn`` that runs the policy on a [B, S] block of
+tokens and calls a ``kv_hook(attn_module, q_THD, k_TGD, v_TGD) -> o_THD`` in every attention layer
+after RoPE (the archon Decoder's hook). The hook stores K/V in a per-layer cache and computes the
+attention itself, so the model never sees the cache:
+
+- prefill: the prompts, right-padded to [B, P]; causal SDPA per row (a right-padded real query never
+  sees padding under the causal mask), K/V written to cache positions [0, P);
+- decode: one token per row at its own position ``pos_B`` (prompt length + step); K/V written at
+  ``pos_B`` and the query attends to cache positions ``<= pos_B``. One forward per step for the whole
+  batch; finished rows keep running (their outputs are masked), so there is no loop over sequences.
+
+Behaviour logprobs are those of the model's own distribution (``log_softmax`` of the raw logits, no
+temperature or truncation), i.e. what the trainer's ``forward_batch`` computes for the same tokens.
+
+B: batch, P: longest prompt, S: cache length (P + max new tokens), L: new tokens, V: vocab,
+T: tokens of one forward (B * P or B), H: query heads, G: kv heads, D: head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SamplingConfig", "KVCache", "Generation", "ForwardFn", "sample_tokens", "generate"]
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, Callable, torch.Tensor], torch.Tensor]
+"""``(input_ids [B, S], position_ids [B, S], kv_hook, last_B [B]) -> logits [B, V]`` at column ``last_B[b]``."""
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token."""
+
+    max_new_tokens: int = 16
+    """Generation stops after this many tokens (stop token included)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """A sequence ends after emitting one of these (the stop token is part of the response)."""
+    pad_token_id: int = 0
+    """Filler for prompts and finished rows; never part of a response."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    """Responses of one ``generate`` call (rows in prompt order)."""
+
+    tokens_BL: torch.Tensor
+    """[B, L] int64 response tokens, ``pad_token_id`` after each row's end."""
+    logprobs_BL: torch.Tensor
+    """[B, L] fp32 behaviour logprobs of the response tokens, 0 after each row's end."""
+    lengths_B: torch.Tensor
+    """[B] int64 response lengths."""
+    stopped_B: torch.Tensor
+    """[B] bool: the row ended on a stop token (False: cut at max_new_tokens)."""
+
+    def responses(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens_BL.cpu(), self.lengths_B.tolist())]
+
+    def response_logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.logprobs_BL.cpu(), self.lengths_B.tolist())]
+
+
+class KVCache:
+    """Per-layer K/V buffers [B, G, S, D] (keyed by the attention module) and the ``kv_hook``."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def _buffers(self, attn: object, like_BGD: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(attn)
+        if key not in self.k:
+            shape = (batch, like_BGD.shape[-2], self.max_len, like_BGD.shape[-1])
+            self.k[key] = like_BGD.new_zeros(shape)
+            self.v[key] = like_BGD.new_zeros(shape)
+        return self.k[key], self.v[key]
+
+    def prefill_hook(self, batch: int) -> Callable:
+        """Hook for a right-padded [B, P] prompt block at positions 0..P-1."""
+
+        def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
+            T, H, D = q_THD.shape
+            P = T // batch
+            k_BGPD = k_TGD.view(batch, P, -1, D).transpose(1, 2)
+            v_BGPD = v_TGD.view(batch, P, -1, D).transpose(1, 2)
+            cache_k, cache_v = self._buffers(attn, k_TGD[0], batch)
+            cache_k[:, :, :P] = k_BGPD
+            cache_v[:, :, :P] = v_BGPD
+            q_BHPD = q_THD.view(batch, P, H, D).transpose(1, 2)
+            o_BHPD = F.scaled_dot_product_attention(q_BHPD, k_BGPD, v_BGPD, is_causal=True,
+                                                    scale=getattr(attn, "scale", None),
+                                                    enable_gqa=H != k_BGPD.shape[1])
+            return o_BHPD.transpose(1, 2).reshape(T, H, D)
+
+        return hook
+
+    def decode_hook(self, pos_B: torch.Tensor) -> Callable:
+        """Hook for one new token per row at position ``pos_B`` [B]."""
+        batch = pos_B.numel()
+        rows_B = torch.arange(batch, device=pos_B.device)
+        mask_B11S = (torch.arange(self.max_len, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+
+        def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
+            cache_k, cache_v = self._buffers(attn, k_TGD[0], batch)
+            cache_k[rows_B, :, pos_B] = k_TGD
+            cache_v[rows_B, :, pos_B] = v_TGD
+            H = q_THD.shape[1]
+            o_BH1D = F.scaled_dot_product_attention(q_THD[:, :, None, :], cache_k, cache_v, attn_mask=mask_B11S,
+                                                    scale=getattr(attn, "scale", None),
+                                                    enable_gqa=H != cache_k.shape[1])
+            return o_BH1D.squeeze(2)
+
+        return hook
+
+
+def sample_tokens(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] and their logprobs [B] under the model's (untempered, untruncated) distribution."""
+    logits_BV = logits_BV.float()
+    logp_BV = logits_BV.log_softmax(-1)
+    if config.temperature == 0:
+        tok_B = logits_BV.argmax(-1)
+    else:
+        scaled_BV = logits_BV / config.temperature
+        V = scaled_BV.shape[-1]
+        if 0 < config.top_k < V:
+            kth_B1 = scaled_BV.topk(config.top_k, dim=-1).values[:, -1:]
+            scaled_BV = scaled_BV.masked_fill(scaled_BV < kth_B1, float("-inf"))
+        if config.top_p < 1:
+            sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
+            probs_BV = sorted_BV.softmax(-1)
+            # Drop a token when the tokens before it already reach top_p (the first always stays).
+            drop_BV = probs_BV.cumsum(-1) - probs_BV >= config.top_p
+            sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+            scaled_BV = torch.empty_like(scaled_BV).scatter_(-1, order_BV, sorted_BV)
+        tok_B = torch.multinomial(scaled_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+    return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(forward_fn: ForwardFn, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
+             device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Generation:
+    """Generate up to ``config.max_new_tokens`` tokens for every prompt with one forward per step.
+
+    ``generator`` (on ``device``) makes sampling reproducible without touching the global RNG.
+    """
+    config.validate()
+    if len(prompts) == 0:
+        raise ValueError("generate needs at least one prompt")
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError("every prompt needs at least one token")
+    B, P, L = len(prompts), max(lens), config.max_new_tokens
+    pad = config.pad_token_id
+    ids_BP = torch.full((B, P), pad, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids_BP[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    ids_BP = ids_BP.to(device)
+    prompt_len_B = torch.tensor(lens, dtype=torch.long, device=device)
+    stop_ids = torch.tensor(list(config.stop_token_ids), dtype=torch.long, device=device)
+
+    cache = KVCache(P + L)
+    pos_BP = torch.arange(P, device=device).expand(B, P)
+    logits_BV = forward_fn(ids_BP, pos_BP, cache.prefill_hook(B), prompt_len_B - 1)
+    tokens_BL = torch.full((B, L), pad, dtype=torch.long, device=device)
+    logprobs_BL = torch.zeros(B, L, dtype=torch.float32, device=device)
+    lengths_B = torch.zeros(B, dtype=torch.long, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    pos_B = prompt_len_B.clone()
+    zeros_B = torch.zeros(B, dtype=torch.long, device=device)
+    for i in range(L):
+        tok_B, lp_B = sample_tokens(logits_BV, config, generator)
+        tokens_BL[:, i] = tok_B.masked_fill(done_B, pad)
+        logprobs_BL[:, i] = lp_B.masked_fill(done_B, 0.0)
+        lengths_B += (~done_B).long()
+        done_B = done_B | torch.isin(tok_B, stop_ids)
+        if i == L - 1 or bool(done_B.all()):
+            break
+        logits_BV = forward_fn(tok_B[:, None], pos_B[:, None], cache.decode_hook(pos_B), zeros_B)
+        pos_B = pos_B + 1
+    return Generation(tokens_BL, logprobs_BL, lengths_B, done_B)
