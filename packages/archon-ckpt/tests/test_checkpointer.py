@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-
 from archon_ckpt import Checkpointer, CheckpointError, ModelState, iter_dcp_tensors, step_dir_name
 from archon_ckpt.testing import full_params, make_model, make_optim, make_state, train_steps
 

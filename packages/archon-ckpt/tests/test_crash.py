@@ -8,10 +8,9 @@ import sys
 import textwrap
 import time
 
+import archon_ckpt.checkpointer as checkpointer_mod
 import pytest
 import torch
-
-import archon_ckpt.checkpointer as checkpointer_mod
 from archon_ckpt import Checkpointer, step_dir_name
 
 CHILD = textwrap.dedent("""

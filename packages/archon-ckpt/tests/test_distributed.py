@@ -3,12 +3,6 @@ FSDP2(2) -> FSDP2(4) / single process, TP2 -> FSDP2(2), against a single-process
 
 import pytest
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-from safetensors.torch import load_file, save_file
-
 from archon_ckpt import Checkpointer, SafetensorsReader, load_into_module, save_safetensors_sharded
 from archon_ckpt.testing import (
     full_params,
@@ -20,6 +14,10 @@ from archon_ckpt.testing import (
     train_steps,
 )
 from archon_parallel.testing import run_ranks
+from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 DROP = 0.2
 

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from archon_ckpt import HFSource, SafetensorsReader, load_into_module
 from archon_ckpt.testing import hf_reference, native_to_hf
+from safetensors.torch import save_file
 
 
 class Fused(torch.nn.Module):

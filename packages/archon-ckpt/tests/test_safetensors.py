@@ -5,8 +5,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from archon_ckpt import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -15,6 +13,7 @@ from archon_ckpt import (
     parse_size,
     save_safetensors_sharded,
 )
+from safetensors.torch import load_file, save_file
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -93,7 +93,7 @@ def collect_failure(exc: CheckpointException, path: Path) -> str:
     from archon_ckpt.checkpointer import CheckpointError
 
     msgs: list[str] = []
-    for rank, wrapped in sorted(exc.failures.items()):
+    for _rank, wrapped in sorted(exc.failures.items()):
         err = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exception", wrapped)
         text = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {err}"
         if text not in msgs:
