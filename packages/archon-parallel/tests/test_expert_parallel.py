@@ -86,13 +86,10 @@ def _ep_rank(rank: int, world: int, layouts: list[tuple[int, int, bool]]):
 
     results = []
     for ep, tp, etp in layouts:
-        if tp == 1:
-            mesh = init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
-            ep_mesh, tp_mesh, ep_coord, tp_coord = mesh, None, mesh.get_local_rank(), 0
-        else:
-            mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("ep", "tp"))
-            ep_mesh, tp_mesh = mesh["ep"], mesh["tp"]
-            ep_coord, tp_coord = mesh.get_local_rank("ep"), mesh.get_local_rank("tp")
+        # A [rep, ep, tp] mesh: rep > 1 runs independent replicas of the layout (ep2 on 4 ranks).
+        mesh = init_device_mesh("cpu", (world // (ep * tp), ep, tp), mesh_dim_names=("rep", "ep", "tp"))
+        ep_mesh, tp_mesh = mesh["ep"], mesh["tp"]
+        ep_coord, tp_coord = mesh.get_local_rank("ep"), mesh.get_local_rank("tp")
         net = _build()
         for moe in net.moes:
             apply_expert_parallel(moe, ep_mesh, tp_mesh if etp else None)
@@ -104,8 +101,24 @@ def _ep_rank(rank: int, world: int, layouts: list[tuple[int, int, bool]]):
         def reduce_dense(t: torch.Tensor) -> None:
             dist.all_reduce(t, group=dp_group)
 
-        results.append({"ep_coord": ep_coord, "tp_coord": tp_coord, "history": _train(net, x_TD, labels_T, total, reduce_dense)})
-    return results
+        history = _train(net, x_TD, labels_T, total, reduce_dense)
+        results.append({"ep_coord": ep_coord, "tp_coord": tp_coord, "history": history})
+    return results, _error_and_a2a_checks(rank, world)
+
+
+def _error_and_a2a_checks(rank: int, world: int):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    moe = MoE(MoEArgs(dim=8, moe_inter_dim=8, num_experts=6, top_k=1))
+    msg = ""
+    try:
+        apply_expert_parallel(moe, mesh)
+    except ValueError as e:
+        msg = str(e)
+    # Uneven all-to-all with autograd: rank r sends r + 1 rows to every peer.
+    x = torch.full((world * (rank + 1), 1), float(rank), requires_grad=True)
+    y = all_to_all_autograd(x, [r + 1 for r in range(world)], [rank + 1] * world, mesh.get_group())
+    (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1)).sum().backward()
+    return msg, y.detach(), x.grad
 
 
 def _expert_slice(name: str, ref: torch.Tensor, ep: int, tp: int, etp: bool, ep_coord: int, tp_coord: int):
@@ -136,34 +149,16 @@ def _check(layouts, results_per_rank):
         assert saw_zero_split, "the skewed input should leave some experts without tokens on some ranks"
 
 
-def test_ep2():
-    layouts = [(2, 1, False)]
-    _check(layouts, run_ranks(_ep_rank, 2, layouts, timeout=240))
+def test_ep2_ep4_ep2tp2_match_one_process():
+    layouts = [(2, 1, False), (4, 1, False), (2, 2, False), (2, 2, True)]
+    per_rank = run_ranks(_ep_rank, 4, layouts, timeout=500)
+    _check(layouts, [r[0] for r in per_rank])
 
-
-def test_ep4_and_ep2_tp2():
-    layouts = [(4, 1, False), (2, 2, False), (2, 2, True)]
-    _check(layouts, run_ranks(_ep_rank, 4, layouts, timeout=400))
-
-
-def _bad_args_rank(rank: int, world: int):
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    moe = MoE(MoEArgs(dim=8, moe_inter_dim=8, num_experts=3, top_k=1))
-    try:
-        apply_expert_parallel(moe, mesh)
-    except ValueError as e:
-        msg = str(e)
-    # uneven all-to-all with autograd: rank r sends r+1 rows to each peer
-    x = torch.full((2 * (rank + 1), 1), float(rank), requires_grad=True)
-    y = all_to_all_autograd(x, [1, 2], [rank + 1, rank + 1], mesh.get_group())
-    (y * torch.arange(1, 4).unsqueeze(1)).sum().backward()
-    return msg, y.detach(), x.grad
-
-
-def test_rejects_ep_not_dividing_experts_and_a2a_autograd():
-    (m0, y0, g0), (_, y1, g1) = run_ranks(_bad_args_rank, 2, timeout=120)
-    assert "must divide the number of experts" in m0
-    assert y0.flatten().tolist() == [0.0, 1.0, 1.0] and y1.flatten().tolist() == [0.0, 1.0, 1.0]
-    # rank 0 sent its row 0 to rank 0 (weight 1) and row 1 to rank 1 (weight 1)
-    assert g0.flatten().tolist() == [1.0, 1.0]
-    assert g1.flatten().tolist() == [2.0, 3.0, 2.0, 3.0]
+    world = 4
+    for rank, (_, (msg, y, grad)) in enumerate(per_rank):
+        assert "must divide the number of experts" in msg
+        # received: r + 1 rows of value r from every rank r, in rank order
+        assert y.flatten().tolist() == [float(r) for r in range(world) for _ in range(r + 1)]
+        # x row j goes to peer j // (rank + 1), where it lands at offset sum_{r<rank}(r+1) + j % (rank + 1)
+        want = [float(rank * (rank + 1) // 2 + j % (rank + 1) + 1) for j in range(world * (rank + 1))]
+        assert grad.flatten().tolist() == want
