@@ -3,7 +3,6 @@
 import pytest
 import torch
 from archon_attn import SdpaBackend, VarlenBackend, build_attn_meta, reference_attention
-
 from archon_parallel.context_parallel import (
     cp_token_index,
     gather_sequence,
@@ -82,11 +81,7 @@ def test_cp2_ulysses_and_ring_match_single_process():
 
 
 def test_cp4_ring_and_ulysses_match_single_process():
-    cases = [
-        ("ring", None, 2, 1, CU, 1),
-        ("ring", None, 4, 2, CU_EXACT, 2),
-        ("ulysses", SdpaBackend(), 4, 1, CU, 1),
-    ]
+    cases = [("ring", None, 2, 1, CU, 1), ("ulysses", SdpaBackend(), 4, 1, CU_EXACT, 2)]
     for rank_outs, _ in run_ranks(_cp_worker, 4, cases, timeout=240):
         _check(cases, rank_outs)
 
@@ -134,3 +129,37 @@ def test_shard_and_factory_errors():
         shard_packed_batch(torch.tensor([0, 4]), torch.zeros(4), cp_rank=2, cp_size=2)
     with pytest.raises(ValueError, match="layout"):
         shard_packed_batch(torch.tensor([0, 4]), torch.zeros(4), cp_rank=0, cp_size=2, layout="zigzag")
+
+
+def _nccl_worker(rank, world, cases):
+    torch.cuda.set_device(rank)
+    group = torch.distributed.new_group(backend="nccl")
+    results = []
+    for impl, inner, H, G, cu, dtype in cases:
+        q, k, v, do = (x.to("cuda", dtype) for x in _inputs(H, G, cu[-1]))
+        attn = get_cp_attention(impl, inner, group)
+        shard = shard_packed_batch(torch.tensor(cu, device="cuda"), q, k, v, do, cp_rank=rank, cp_size=world,
+                                   layout=attn.layout)
+        xs = [x.clone().requires_grad_() for x in shard.tensors[:3]]
+        out = attn(*xs, shard.meta)
+        out.backward(shard.tensors[3])
+        results.append([gather_sequence(t, shard, group).float().cpu() for t in (out.detach(), *(x.grad for x in xs))])
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cp2_nccl_matches_single_process():
+    cu = [0, 1, 300, 301, 900, 1000]
+    cases = [("ring", None, 4, 1, cu, torch.float32), ("ulysses", SdpaBackend(), 4, 2, cu, torch.float32),
+             ("ring", None, 8, 2, cu, torch.bfloat16), ("ulysses", VarlenBackend(), 8, 2, cu, torch.bfloat16)]
+    outs = run_ranks(_nccl_worker, 2, cases, timeout=300)[0]
+    for case, got_all in zip(cases, outs):
+        impl, _, H, G, cu, dtype = case
+        xs = [x.double().requires_grad_() for x in _inputs(H, G, cu[-1])[:3]]
+        ref = reference_attention(*xs, torch.tensor(cu))
+        want_all = [t.float() for t in (ref, *torch.autograd.grad(ref, xs, _inputs(H, G, cu[-1])[3].double()))]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for name, got, want in zip(["out", "dq", "dk", "dv"], got_all, want_all):
+            err = (got - want).abs().max().item()
+            assert err <= tol * max(1.0, want.abs().max().item()), f"{impl} {dtype} {name}: {err}"
