@@ -17,10 +17,10 @@ log = logging.getLogger("archon")
 
 
 def sft_loss(outputs: dict[str, torch.Tensor], mb: PackedBatch) -> tuple[torch.Tensor, dict]:
-    """Mean negative log-likelihood over the micro-batch's target tokens."""
+    """Negative log-likelihood summed over the micro-batch's target tokens (the engine normalises)."""
     mask = mb.loss_mask.to(outputs["logprobs"].device)
     n = mask.sum().clamp(min=1)
-    nll = -(outputs["logprobs"] * mask).sum() / n
+    nll = -(outputs["logprobs"] * mask).sum()
     stats = {"entropy": (outputs["entropy"] * mask).sum().detach() / n} if "entropy" in outputs else {}
     return nll, stats
 

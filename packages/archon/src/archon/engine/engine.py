@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
-from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.optim import build_optimizer, build_scheduler
+from archon.engine.runner import FlatRunner, Runner
 
 log = logging.getLogger("archon")
 
@@ -83,6 +83,7 @@ class ArchonEngine:
 
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
+        self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:
@@ -123,19 +124,6 @@ class ArchonEngine:
             plan = plan_micro_batches(batch.lengths.tolist(), self.cfg.mb_max_tokens, num_micro_batches=n)
         return plan
 
-    def _run_model(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        ids, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)
-        with self._autocast():
-            if self.head == "value":
-                values = self.model(ids, cu_seqlens=cu)
-                return {"values": values.float().reshape(-1)}
-            lp, ent = self.model(ids, cu_seqlens=cu, labels=next_token_labels(ids), want_entropy=want_entropy,
-                                 logprob_chunk_size=self.cfg.archon.logprob_chunk_size)
-        out = {"logprobs": shift_to_tokens(lp, cu)}
-        if want_entropy:
-            out["entropy"] = shift_to_tokens(ent, cu)
-        return out
-
     @torch.no_grad()
     def forward_batch(self, batch: PackedBatch, *, want_entropy: bool = False) -> dict[str, torch.Tensor]:
         """Token-aligned logprobs (and entropy) for an LM head, or values for a value head; on CPU, [T]."""
@@ -145,7 +133,7 @@ class ArchonEngine:
         order: list[int] = []
         for idx in self._micro_batches(batch):
             mb = batch.select(idx) if idx else _dummy_batch(batch)
-            res = self._run_model(mb, want_entropy)
+            res = self.runner.forward(mb, want_entropy)
             if not idx:
                 continue
             order.extend(idx)
@@ -159,10 +147,10 @@ class ArchonEngine:
     def train_batch(self, batch: PackedBatch, loss_fn: LossFn, loss_weight_fn: WeightFn) -> dict[str, float]:
         """One optimizer step over `batch`, split into micro-batches by the token budget.
 
-        `loss_fn(outputs, mb)` returns the mean loss over the micro-batch's weighted tokens (and optionally a
-        stats dict); `loss_weight_fn(mb)` returns that weight (e.g. the number of loss tokens). Each
-        micro-batch loss is scaled by weight / global weight, the global weight summed over micro-batches
-        and data-parallel ranks, so the result equals one big batch regardless of how it was split.
+        `loss_fn(outputs, mb)` returns the loss SUMMED over the micro-batch's weighted tokens (optionally with a
+        stats dict of micro-batch means); `loss_weight_fn(mb)` returns that weight (e.g. the number of loss
+        tokens). The engine divides by the global weight, summed over micro-batches and data-parallel ranks,
+        so the step equals one big batch however the batch was split or sharded.
         """
         t0 = time.perf_counter()
         stats = self.accumulate_grads(batch, loss_fn, loss_weight_fn)
@@ -198,24 +186,22 @@ class ArchonEngine:
         for mb, w in zip(mbs, weights):
             real = mb is not None
             mb = mb if real else _dummy_batch(batch)
-            want_entropy = True
-            out = self._run_model(mb, want_entropy)
-            res = loss_fn(out, mb)
-            loss, stats = (res if isinstance(res, tuple) else (res, {}))
-            scale = (w / total_w) * scale_world if real else 0.0
-            aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
-            total_loss = loss * scale
-            if aux is not None:
-                total_loss = total_loss + aux * (scale if real else 0.0)
-            total_loss.backward()
+            scale = scale_world / total_w if real else 0.0
+            loss, stats = self.runner.forward_backward(mb, loss_fn, scale, aux_scale=w * scale)
             if real:
-                loss_sum += float(loss.detach()) * w
+                loss_sum += float(loss.detach())
                 for k, v in stats.items():
                     stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * w
         local_w = max(sum(weights), 1e-12)
         out_stats = {k: v / local_w for k, v in stats_acc.items()}
-        out_stats["loss"] = loss_sum / local_w
+        out_stats["loss"] = self._global_mean(loss_sum, total_w)
         return out_stats
+
+    def _global_mean(self, local_sum: float, total_weight: float) -> float:
+        t = torch.tensor(local_sum, dtype=torch.float64)
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+        return float(t) / total_weight
 
     def _clip_grad_norm(self) -> float:
         from archon_parallel.grad import clip_grad_norm_
@@ -261,6 +247,11 @@ class ArchonEngine:
 
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
                 for k, v in self.model.state_dict().items()}
+
+
+def make_runner(cfg, model, **kw) -> Runner:
+    """The micro-batch runner for this config (flat packed batches by default)."""
+    return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
 
 
 def describe_dims(dims) -> str:

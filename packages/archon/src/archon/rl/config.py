@@ -1,0 +1,142 @@
+"""`archon rl` configuration: sections for prompts, sampling, the PPO/GRPO algorithm and the reward.
+
+`RLConfig.validate()` builds the archon_rl configs and runs their checks, so a bad value (group size
+not dividing the batch, a negative clip, an unknown estimator, ...) fails before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, ValueLossConfig
+
+from archon.config.fields import doc
+from archon.config.schema import ActorConfig, CheckpointConfig, LogConfig
+
+__all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
+
+PROMPT_TASKS = ("copy", "reverse", "sort", "jsonl")
+
+
+@dataclass
+class PromptConfig:
+    task: str = doc("reverse", "synthetic digit prompts (copy | reverse | sort, see archon.data) or 'jsonl'")
+    path: str = doc("", "task=jsonl: lines of {\"prompt_ids\": [...], ...}; other keys go to the reward fn")
+    num_digits: int = doc(4, "synthetic tasks: digits per prompt")
+    seed: int = doc(0, "prompt sampling seed")
+
+
+@dataclass
+class SamplingSection:
+    max_new_tokens: int = doc(16, "response length limit")
+    temperature: float = doc(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = doc(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = doc(0, "top-k sampling (0 = off)")
+    stop_token_ids: list[int] = doc(factory=lambda: [3], help="a response ends after one of these (3 = synthetic eos)")
+    pad_token_id: int = doc(0, "padding token id")
+    seed: int = doc(0, "sampling seed (each step uses its own generator; the global RNG is untouched)")
+
+    def build(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop_token_ids=list(self.stop_token_ids),
+                              pad_token_id=self.pad_token_id)
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = doc(64, "rollouts per step = prompts x group_size")
+    group_size: int = doc(8, "responses per prompt (GRPO / RLOO groups)")
+    n_minibatches: int = doc(1, "optimizer steps per rollout batch (samples shuffled, split evenly)")
+    recompute_logprobs: bool = doc(False, "recompute old logprobs with the trainer instead of the sampler's")
+    estimator: str = doc("grpo", "advantage estimator: grpo | rloo | gae (gae trains a critic)")
+    std_normalize: bool = doc(True, "grpo: divide by the group std (false = Dr.GRPO)")
+    gamma: float = doc(1.0, "gae discount")
+    lam: float = doc(1.0, "gae lambda")
+    eps_clip: float = doc(0.2, "PPO clip: ratio >= 1 - eps_clip")
+    eps_clip_higher: float | None = doc(None, "upper clip (DAPO clip-higher); null = eps_clip")
+    c_clip: float | None = doc(None, "dual clip (> 1); null = off")
+    loss_agg: str = doc("token_mean", "token_mean | seq_mean_token_mean | seq_mean_token_sum | constant")
+    loss_norm_constant: float | None = doc(None, "loss_agg=constant: the normaliser per sequence (Dr.GRPO)")
+    entropy_coef: float = doc(0.0, "entropy bonus")
+    kl_coef: float = doc(0.0, "KL(policy || reference) penalty in the loss; > 0 builds a frozen reference model")
+    kl_estimator: str = doc("k3", "k1 | k2 | k3")
+    value_clip: float | None = doc(0.2, "critic value clip; null = off")
+    sft_warmup_steps: int = doc(0, "SFT steps on the synthetic task answers before RL (teaches the format)")
+    export_dir: str = doc("", "write HF weights + READY (version) to export_dir/v<version> for inference engines")
+    export_every_n_steps: int = doc(0, "export every N RL steps (0 = only at the end when export_dir is set)")
+    export_dtype: str = doc("bfloat16", "exported weight dtype: bfloat16 | float32")
+
+    def loss(self) -> PPOLossConfig:
+        return PPOLossConfig(eps_clip=self.eps_clip, eps_clip_higher=self.eps_clip_higher, c_clip=self.c_clip,
+                             entropy_coef=self.entropy_coef, loss_agg=self.loss_agg,
+                             loss_norm_constant=self.loss_norm_constant,
+                             kl=KLConfig(coef=self.kl_coef, estimator=self.kl_estimator))
+
+    def advantage(self) -> AdvantageConfig:
+        group = self.group_size if self.estimator in ("grpo", "rloo") else None
+        return AdvantageConfig(estimator=self.estimator, gamma=self.gamma, lam=self.lam,
+                               std_normalize=self.std_normalize, group_size=group)
+
+    def value_loss(self) -> ValueLossConfig:
+        return ValueLossConfig(value_clip=self.value_clip, loss_agg=self.loss_agg,
+                               loss_norm_constant=self.loss_norm_constant)
+
+
+@dataclass
+class RewardConfig:
+    fn: str = doc("", "reward function 'module:function' or 'path/file.py:function'; "
+                      "called as fn(prompt_ids, response_ids, **prompt_fields) -> float")
+
+
+@dataclass
+class RLConfig:
+    """`archon rl`: GRPO (or PPO with a critic) on a reward function, with the embedded sampler."""
+
+    allocation_mode: str = doc("archon:d1", "parallel layout of the trainer (the embedded sampler needs archon:d1)")
+    total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
+    device: str = doc("auto", "auto | cpu | cuda")
+    actor: ActorConfig = doc(factory=ActorConfig, help="the policy")
+    critic: ActorConfig = doc(factory=ActorConfig, help="the critic (rl.estimator=gae); empty path = actor.path")
+    data: PromptConfig = doc(factory=PromptConfig, help="prompts")
+    sampling: SamplingSection = doc(factory=SamplingSection, help="the embedded sampler")
+    rl: PPOConfig = doc(factory=PPOConfig, help="the RL algorithm")
+    reward: RewardConfig = doc(factory=RewardConfig, help="the reward")
+    checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="training checkpoints")
+    log: LogConfig = doc(factory=LogConfig, help="logging")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad key (before anything is built)."""
+        r = self.rl
+        if self.total_train_steps < 1:
+            raise ValueError(f"total_train_steps must be >= 1, got {self.total_train_steps}")
+        if r.batch_size < 1 or r.group_size < 1:
+            raise ValueError(f"rl.batch_size and rl.group_size must be >= 1, got {r.batch_size}, {r.group_size}")
+        if r.batch_size % r.group_size:
+            raise ValueError(f"rl.group_size {r.group_size} must divide rl.batch_size {r.batch_size} "
+                             "(each step samples batch_size / group_size prompts, group_size responses each)")
+        for name, check in (("rl", lambda: r.loss().validate()),
+                            ("rl", lambda: r.advantage().validate(r.batch_size)),
+                            ("rl", lambda: r.value_loss().validate()),
+                            ("sampling", lambda: self.sampling.build().validate())):
+            try:
+                check()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if not 1 <= r.n_minibatches <= r.batch_size:
+            raise ValueError(f"rl.n_minibatches must be in [1, rl.batch_size={r.batch_size}], got {r.n_minibatches}")
+        if r.export_every_n_steps < 0 or (r.export_every_n_steps and not r.export_dir):
+            raise ValueError("rl.export_every_n_steps needs rl.export_dir (and must be >= 0)")
+        if r.export_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"rl.export_dtype must be bfloat16 or float32, got {r.export_dtype!r}")
+        if r.sft_warmup_steps < 0:
+            raise ValueError(f"rl.sft_warmup_steps must be >= 0, got {r.sft_warmup_steps}")
+        if r.sft_warmup_steps and self.data.task == "jsonl":
+            raise ValueError("rl.sft_warmup_steps uses the synthetic task answers; it needs data.task != jsonl")
+        if self.data.task not in PROMPT_TASKS:
+            raise ValueError(f"data.task {self.data.task!r} is not one of {PROMPT_TASKS}")
+        if self.data.task == "jsonl" and not self.data.path:
+            raise ValueError("data.task=jsonl needs data.path (a file of {\"prompt_ids\": [...]} lines)")
+        if self.data.task != "jsonl" and self.data.num_digits < 1:
+            raise ValueError(f"data.num_digits must be >= 1, got {self.data.num_digits}")
+        if not self.reward.fn:
+            raise ValueError("reward.fn is empty: set it to 'module:function' (e.g. examples/rewards.py:digit_reward)")

@@ -1,0 +1,51 @@
+"""The value role (like AReaL's PPOCritic) on an engine with a value head.
+
+The value head reads the hidden state after token t-1, so its output is shifted by one to be
+token-aligned: ``values[t]`` is the value of the state in which token t is chosen (0 at sequence starts).
+T: packed tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from archon_rl import RolloutBatch, ValueLoss, ValueLossConfig
+
+from archon.engine.batch import PackedBatch
+from archon.engine.logprobs import shift_to_tokens
+from archon.rl.actor import mean_stats
+from archon.rl.convert import from_packed, minibatches, to_packed
+
+__all__ = ["PPOCritic"]
+
+
+class PPOCritic:
+    """Values and the (clipped) value-regression update over ``n_minibatches`` steps."""
+
+    def __init__(self, engine: Any, loss: ValueLossConfig, *, n_minibatches: int = 1, seed: int = 0) -> None:
+        if getattr(engine, "head", "value") != "value":
+            raise ValueError("PPOCritic needs an engine built with head='value'")
+        self.engine = engine
+        self.loss = ValueLoss(loss)
+        self.n_minibatches = n_minibatches
+        self.seed = seed
+
+    def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
+        """Token-aligned values [T] (no grad)."""
+        return shift_to_tokens(self.engine.forward_batch(to_packed(batch))["values"], batch.cu_seqlens)
+
+    def ppo_update(self, batch: RolloutBatch, step: int = 0) -> dict[str, float]:
+        if batch.values is None or batch.returns is None:
+            raise ValueError("the critic update needs batch.values and batch.returns (run GAE advantages first)")
+        rows = [self.engine.train_batch(to_packed(mb), self._loss_fn, self._loss_weight)
+                for mb in minibatches(batch, self.n_minibatches, self.seed * 1_000_003 + step)]
+        return {f"critic/{k}": v for k, v in mean_stats(rows).items()}
+
+    def _loss_fn(self, outputs: dict[str, torch.Tensor], mb: PackedBatch):
+        v_T = outputs["values"]
+        values_T = shift_to_tokens(v_T, mb.cu_seqlens.to(v_T.device))
+        return self.loss({"values": values_T}, from_packed(mb, v_T.device))
+
+    def _loss_weight(self, mb: PackedBatch) -> float:
+        return self.loss.loss_weight(from_packed(mb))

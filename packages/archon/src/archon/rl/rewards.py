@@ -1,0 +1,69 @@
+"""Reward functions named by an import path, and the prompt streams the trainer samples from."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["load_reward_fn", "prompt_stream"]
+
+RewardFn = Callable[..., float]
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``'package.module:function'`` (importable, or a module file under the working directory such as
+    ``examples.rewards``) or ``'path/to/file.py:function'``."""
+    if ":" not in spec:
+        raise ValueError(f"reward.fn {spec!r} must look like 'module:function' or 'path/file.py:function'")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    path = mod_name if mod_name.endswith(".py") else mod_name.replace(".", os.sep) + ".py"
+    if os.path.isfile(path):
+        name = "archon_reward_" + os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"reward.fn {spec!r}: cannot import {mod_name!r} ({e}) and no file {path!r}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward.fn {spec!r}: {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def prompt_stream(task: str, num_prompts: int, *, num_digits: int = 4, seed: int = 0, path: str = "",
+                  start_step: int = 0) -> Iterator[list[tuple[list[int], dict[str, Any]]]]:
+    """Per step, ``num_prompts`` (prompt_ids, fields for the reward fn); step s depends only on (seed, s)."""
+    from archon.data import BOS, SEP, TASKS, digits_to_tokens
+
+    rows: list[tuple[list[int], dict[str, Any]]] = []
+    if task == "jsonl":
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    row = json.loads(line)
+                    if "prompt_ids" not in row:
+                        raise ValueError(f"{path}:{i + 1}: missing 'prompt_ids'")
+                    rows.append((list(row.pop("prompt_ids")), row))
+        if not rows:
+            raise ValueError(f"{path} has no prompts")
+    elif task not in TASKS:
+        raise ValueError(f"data.task {task!r} is not one of {TASKS + ('jsonl',)}")
+    step = start_step
+    while True:
+        rng = random.Random(seed * 1_000_003 + step)
+        if rows:
+            yield [rows[rng.randrange(len(rows))] for _ in range(num_prompts)]
+        else:
+            yield [([BOS, *digits_to_tokens([rng.randrange(10) for _ in range(num_digits)]), SEP], {"task": task})
+                   for _ in range(num_prompts)]
+        step += 1

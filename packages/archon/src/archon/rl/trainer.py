@@ -1,0 +1,176 @@
+"""`archon rl`: the GRPO / PPO loop with the embedded sampler.
+
+One step: sample ``batch_size / group_size`` prompts -> ``group_size`` responses each with the embedded
+sampler (the trainer's own weights) -> rewards -> old logprobs / reference logprobs / values ->
+advantages -> PPO update over ``n_minibatches`` (actor, and critic for GAE) -> optional weight export
+and in-memory weight callbacks. Every source of randomness is a function of (seed, step), so a run is
+reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from archon_rl import RolloutBatch
+
+from archon.engine.engine import ArchonEngine
+from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.rl.actor import PPOActor
+from archon.rl.config import RLConfig
+from archon.rl.convert import to_packed
+from archon.rl.critic import PPOCritic
+from archon.rl.rewards import load_reward_fn, prompt_stream
+from archon.rl.sampler import EmbeddedSampler
+
+log = logging.getLogger("archon")
+
+__all__ = ["RLTrainer", "run_rl", "WeightCallback"]
+
+WeightCallback = Callable[[dict[str, torch.Tensor], int], None]
+"""Called after every RL step with (full state dict, weight version), e.g. to push weights to a sampler."""
+
+
+class RLTrainer:
+    """Builds the engines and runs RL steps; ``run()`` is the whole `archon rl` command."""
+
+    def __init__(self, cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        r = cfg.rl
+        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
+        self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
+                                   device=cfg.device).initialize()
+        if self.engine.world_size > 1:
+            raise ValueError("archon rl runs the embedded sampler on the trainer's single device; "
+                             "use allocation_mode=archon:d1 (one process)")
+        self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
+                              recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
+        self.critic = None
+        if r.estimator == "gae":
+            ccfg = copy.deepcopy(cfg.critic)
+            ccfg.path = ccfg.path or cfg.actor.path
+            cengine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
+                                   total_steps=cfg.total_train_steps * r.n_minibatches, device=cfg.device,
+                                   head="value").initialize()
+            self.critic = PPOCritic(cengine, r.value_loss(), n_minibatches=r.n_minibatches, seed=cfg.sampling.seed)
+        self.ref = None
+        if r.kl_coef > 0:
+            self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
+        self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
+                                       device=self.engine.device, autocast=self.engine._autocast)
+        self.weight_callbacks = list(weight_callbacks)
+        self.num_prompts = r.batch_size // r.group_size
+
+    # ---------------------------------------------------------------------------------------------
+    def sft_warmup(self) -> list[dict]:
+        """A few supervised steps on the synthetic task answers so the policy emits the answer format."""
+        from archon.data import synthetic_batches
+        from archon.train import sft_loss, target_tokens
+
+        d, n = self.cfg.data, self.cfg.rl.sft_warmup_steps
+        data = synthetic_batches(d.task, self.cfg.rl.batch_size, d.num_digits, d.seed + 7919)
+        rows = [self.engine.train_batch(next(data), sft_loss, target_tokens) for _ in range(n)]
+        if self.ref is not None:  # the reference policy is the warmed-up one
+            self.ref.model.load_state_dict(self.engine.model.state_dict())
+        return rows
+
+    def rollout(self, prompts: list[tuple[list[int], dict]], step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """Generate ``group_size`` responses per prompt, score them, and pack a RolloutBatch."""
+        g = self.cfg.rl.group_size
+        prompt_ids = [p for p, _ in prompts for _ in range(g)]
+        fields = [f for _, f in prompts for _ in range(g)]
+        t0 = time.perf_counter()
+        gen = self.sampler.generate(prompt_ids, step)
+        gen_time = time.perf_counter() - t0
+        responses, logps = gen.responses(), gen.response_logprobs()
+        rewards = [float(self.reward_fn(p, r, **f)) for p, r, f in zip(prompt_ids, responses, fields)]
+        samples = [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
+                    "group_id": step * self.num_prompts + i // g, "version": self.engine.version}
+                   for i, (p, r, lp, rw) in enumerate(zip(prompt_ids, responses, logps, rewards))]
+        batch = RolloutBatch.from_sequences(samples)
+        lens = gen.lengths_B.float()
+        stats = {"reward": sum(rewards) / len(rewards), "reward_max": max(rewards), "reward_min": min(rewards),
+                 "response_len": float(lens.mean()), "stop_frac": float(gen.stopped_B.float().mean()),
+                 "gen_time": gen_time, "gen_tokens_per_s": float(lens.sum()) / max(gen_time, 1e-9)}
+        return batch, stats
+
+    def step(self, step: int, prompts: list[tuple[list[int], dict]]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch, stats = self.rollout(prompts, step)
+        ref_lp = self.ref.forward_batch(to_packed(batch))["logprobs"] if self.ref is not None else None
+        values = self.critic.compute_values(batch) if self.critic is not None else None
+        batch = self.actor.prepare(batch, ref_logprobs=ref_lp, values=values)
+        t1 = time.perf_counter()
+        stats.update(self.actor.ppo_update(batch, step))
+        if self.critic is not None:
+            stats.update(self.critic.ppo_update(batch, step))
+        dt = time.perf_counter() - t0
+        stats.update(train_time=time.perf_counter() - t1, step_time=dt, version=self.engine.version,
+                     tokens_per_s=batch.num_tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
+        stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
+        self._after_update(step)
+        return stats
+
+    def _after_update(self, step: int) -> None:
+        if self.weight_callbacks:
+            sd = self.engine.state_dict_for_sampler()
+            for cb in self.weight_callbacks:
+                cb(sd, self.engine.version)
+        r = self.cfg.rl
+        last = step + 1 == self.cfg.total_train_steps
+        if r.export_dir and (last or (r.export_every_n_steps and (step + 1) % r.export_every_n_steps == 0)):
+            self.export()
+
+    def export(self) -> str:
+        """Write ``export_dir/v<version>`` (HF safetensors + READY) and point ``export_dir/latest.json`` at it."""
+        from archon_ckpt import atomic_write_text
+
+        r = self.cfg.rl
+        out = os.path.join(r.export_dir, f"v{self.engine.version:06d}")
+        dtype = torch.bfloat16 if r.export_dtype == "bfloat16" else torch.float32
+        self.engine.export_weights(out, dtype=dtype)
+        atomic_write_text(os.path.join(r.export_dir, "latest.json"),
+                          json.dumps({"version": self.engine.version, "path": os.path.abspath(out)}))
+        return out
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        ckpt, start = None, 0
+        if cfg.checkpoint.dir:
+            from archon.engine.checkpoint import EngineCheckpointer
+
+            ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
+            start = ckpt.maybe_resume()
+        metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, progress_bar=cfg.log.progress_bar,
+                                start_step=start)
+        if start == 0 and cfg.rl.sft_warmup_steps:
+            warm = self.sft_warmup()
+            log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
+        d = cfg.data
+        prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
+                                start_step=start)
+        history = []
+        for step in range(start, cfg.total_train_steps):
+            stats = self.step(step, next(prompts))
+            metrics.log(step + 1, stats)
+            history.append(stats)
+            if ckpt is not None and cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
+                ckpt.save(step + 1)
+        if ckpt is not None:
+            ckpt.save(cfg.total_train_steps)
+            ckpt.close()
+        metrics.close()
+        log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
+        return history
+
+
+def run_rl(cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> list[dict]:
+    """Run `archon rl` for ``cfg``; returns the per-step metrics."""
+    return RLTrainer(cfg, weight_callbacks=weight_callbacks).run()
