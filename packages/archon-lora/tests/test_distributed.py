@@ -2,7 +2,14 @@
 
 import torch
 import torch.nn.functional as F
-from archon_lora import LoRAConfig, LoRATensorParallel, check_same_trainable, inject_lora, lora_modules
+from archon_lora import (
+    LoRAConfig,
+    LoRATensorParallel,
+    check_same_trainable,
+    init_lora_weights,
+    inject_lora,
+    lora_modules,
+)
 from archon_parallel.testing import run_ranks
 from torch import nn
 
@@ -103,6 +110,25 @@ def ranks_fn(rank: int, world_size: int) -> dict[str, list]:
     assert tuple(blk.wo.lora_A.placements) == (Shard(1),) and tuple(blk.wo.lora_B.placements) == (Replicate(),)
     assert not blk.wq.weight.requires_grad and blk.wq.lora_A.requires_grad
     out["tp"] = train(model, None)
+
+    # Meta-device build -> inject -> FSDP2 -> to_empty -> init_lora_weights (the engine's order).
+    with torch.device("meta"):
+        model = inject_lora(Net(), LoRAConfig(r=4, alpha=8, target_modules=["wq", "w2"]))
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    init_lora_weights(model)
+    lora_a = model.layers[0].wq.lora_A.full_tensor()
+    out["meta_init"] = (float(model.layers[1].w2.lora_B.full_tensor().abs().max()), float(lora_a.abs().max()))
+
+    # A rank with a different trainable set would hang FSDP2/TP collectives: the check names it instead.
+    model = build()
+    if rank == 1:
+        model.layers[0].wq.weight.requires_grad_(True)
+    try:
+        check_same_trainable(model)
+        out["mismatch_error"] = ""
+    except ValueError as err:
+        out["mismatch_error"] = str(err)
     return out
 
 
@@ -118,5 +144,8 @@ def test_fsdp2_and_tp2_match_single_process():
     assert any(v.abs().max() > 0 for v in ref[0].values())
     results = run_ranks(ranks_fn, 2, timeout=240)
     for rank_out in results:
+        b_max, a_max = rank_out["meta_init"]
+        assert b_max == 0 and 0 < a_max <= 1 / 32**0.5
+        assert "ranks disagree on the trainable parameters" in rank_out["mismatch_error"]
         _close(rank_out["fsdp"], ref)
         _close(rank_out["tp"], ref)
