@@ -8,6 +8,7 @@ DTensors, wrapper prefixes (``_orig_mod.``) and a changed world size on load.
 
 from __future__ import annotations
 
+import io
 import random
 from typing import Any
 
@@ -120,11 +121,16 @@ class RNGState(Stateful):
             pass
         else:
             entry["numpy"] = np.random.get_state()
-        return {f"rank{rank}": entry}
+        # One opaque blob per rank: its content (CUDA or not, numpy or not) may differ between
+        # save and load without changing the checkpoint's key set.
+        buf = io.BytesIO()
+        torch.save(entry, buf)
+        return {f"rank{rank}": buf.getvalue()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank, _ = _rank_and_world()
-        entry = state_dict[f"rank{rank}"]
+        # Our own blob from a trusted checkpoint (DCP itself unpickles objects the same way).
+        entry = torch.load(io.BytesIO(state_dict[f"rank{rank}"]), weights_only=False)
         torch.set_rng_state(entry["torch_cpu"])
         random.setstate(entry["python"])
         if "torch_cuda" in entry and self._cuda_on():
@@ -132,9 +138,12 @@ class RNGState(Stateful):
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
         if "numpy" in entry:
-            import numpy as np
-
-            np.random.set_state(entry["numpy"])
+            try:
+                import numpy as np
+            except ImportError:
+                pass
+            else:
+                np.random.set_state(entry["numpy"])
 
     @staticmethod
     def loadable_from(saved_keys: set[str], prefix: str) -> bool:

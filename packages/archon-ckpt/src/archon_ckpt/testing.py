@@ -66,12 +66,12 @@ def make_optim(model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, train: dict, num_steps: int,
-                dp_rank: int = 0, dp_size: int = 1) -> list[float]:
+                dp_rank: int = 0, dp_size: int = 1, device: str = "cpu") -> list[float]:
     """Run ``num_steps`` steps from ``train["step"]``; each DP rank takes its slice of the batch."""
     losses = []
     for _ in range(num_steps):
         step = train["step"]
-        ids_all = global_batch(step)
+        ids_all = global_batch(step).to(device)
         per = GLOBAL_BATCH // dp_size
         ids = ids_all[dp_rank * per:(dp_rank + 1) * per]
         logits = model(ids[:, :-1])
