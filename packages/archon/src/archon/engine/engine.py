@@ -214,10 +214,10 @@ class ArchonEngine:
 
     def _after_optimizer_step(self) -> None:
         try:
-            from archon_moe import update_aux_free_bias
+            from archon_moe import update_aux_free_biases
         except ImportError:  # pragma: no cover - archon-moe always ships it
             return
-        update_aux_free_bias(self.model, group=self.dp_group)
+        update_aux_free_biases(self.model, group=self.dp_group)
 
     # -- state ----------------------------------------------------------------------------------------
     def offload(self) -> None:

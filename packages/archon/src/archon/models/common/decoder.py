@@ -130,15 +130,17 @@ class Decoder(nn.Module):
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.args.initializer_range
-        for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
-                _normal_(mod.weight, std, gen)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, RMSNorm):
-                mod.reset_parameters()
-            elif hasattr(mod, "init_weights") and mod is not self:
-                mod.init_weights(std)
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, p in self.named_parameters():
+            if id(p) in norms:
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # linear, embedding and stacked expert weights
+                _normal_(p, std, gen)
+        for name, b in self.named_buffers():
+            if name.endswith("expert_bias"):
+                b.zero_()
         self.init_buffers()
 
     @torch.no_grad()
