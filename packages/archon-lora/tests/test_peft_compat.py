@@ -11,6 +11,7 @@ from archon_lora import (
     lora_modules,
     merge_lora,
     merged_state_dict,
+    read_peft_config,
     save_peft_adapter,
     unmerge_lora,
 )
@@ -87,8 +88,12 @@ def _peft_adapter(base, r, alpha, rslora, modules_to_save=None, seed=4):
 def test_peft_to_ours_and_merge(base, ids, rslora, tmp_path):
     pm = _peft_adapter(base, r=4, alpha=12, rslora=rslora, modules_to_save=["lm_head"] if rslora else None)
     pm.save_pretrained(str(tmp_path))
-    # Inject with the wrong alpha on purpose: loading takes alpha / rsLoRA from the adapter config.
-    cfg = LoRAConfig(r=4, alpha=1, target_modules=TARGETS, modules_to_save=["lm_head"] if rslora else [])
+    if rslora:
+        cfg = read_peft_config(str(tmp_path))
+        assert (cfg.r, cfg.alpha, cfg.use_rslora) == (4, 12, True)
+        assert sorted(cfg.target_modules) == sorted(TARGETS) and cfg.modules_to_save == ["lm_head"]
+    else:  # inject with the wrong alpha on purpose: loading takes alpha / rsLoRA from the adapter config
+        cfg = LoRAConfig(r=4, alpha=1, target_modules=TARGETS)
     ours = inject_lora(copy.deepcopy(base), cfg)
     load_peft_adapter(ours, str(tmp_path), from_hf_name=identity)
     with torch.no_grad():

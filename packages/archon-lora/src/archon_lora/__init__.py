@@ -13,7 +13,7 @@ from archon_lora.merge import (
     unmerge_lora,
 )
 from archon_lora.parallel import LoRATensorParallel, check_same_trainable, distribute_lora, lora_tp_plan
-from archon_lora.peft_io import load_peft_adapter, save_peft_adapter
+from archon_lora.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 
 __all__ = [
     "LoRAConfig",
@@ -37,4 +37,5 @@ __all__ = [
     "check_same_trainable",
     "save_peft_adapter",
     "load_peft_adapter",
+    "read_peft_config",
 ]

@@ -32,7 +32,7 @@ from archon_lora.inject import SAVED_MODULE_ATTR, lora_modules
 from archon_lora.layers import LoRALinear
 from archon_lora.merge import clean_name, lora_state_dict
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+__all__ = ["save_peft_adapter", "load_peft_adapter", "read_peft_config", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -139,6 +139,23 @@ def _read_config(in_dir: str) -> dict:
         if cfg.get(key):
             raise ValueError(f"{path}: per-module {key} {cfg[key]} is not supported; use one r and alpha")
     return cfg
+
+
+def read_peft_config(in_dir: str) -> LoRAConfig:
+    """The ``LoRAConfig`` of a peft LoRA adapter directory (HF leaf names; pass ``name_aliases`` to inject).
+
+    Expert LoRA entries (``archon_expert_lora``) are not turned into targets: add the experts module name.
+    """
+    cfg = _read_config(in_dir)
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(
+            f"{os.path.join(in_dir, ADAPTER_CONFIG)}: target_modules {targets!r} must be a non-empty list of "
+            "module names (regex strings and 'all-linear' are not supported)"
+        )
+    return LoRAConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+                      use_rslora=bool(cfg.get("use_rslora", False)), target_modules=list(targets),
+                      modules_to_save=list(cfg.get("modules_to_save") or []))
 
 
 def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str], str]) -> None:
