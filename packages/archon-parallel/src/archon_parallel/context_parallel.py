@@ -94,7 +94,7 @@ def shard_packed_batch(cu_seqlens: torch.Tensor, *tensors: torch.Tensor, cp_rank
     if T_pad > T:
         cu_padded = torch.cat([cu_padded, cu_padded.new_tensor([T_pad])])
     meta = build_attn_meta(cu_padded)
-    index_L = cp_token_index(T_pad, cp_rank, cp_size, layout)
+    index_L = cp_token_index(T_pad, cp_rank, cp_size, layout).to(cu_padded.device)
 
     def take(x: torch.Tensor) -> torch.Tensor:
         if T_pad > T:
@@ -102,7 +102,7 @@ def shard_packed_batch(cu_seqlens: torch.Tensor, *tensors: torch.Tensor, cp_rank
         return x[index_L.to(x.device)]
 
     return PackedShard(tensors=tuple(take(x) for x in tensors), meta=meta, valid_L=index_L < T,
-                       positions_L=meta.positions()[index_L.to(cu_padded.device)], index_L=index_L,
+                       positions_L=meta.positions()[index_L], index_L=index_L,
                        num_tokens=T, cp_rank=cp_rank, cp_size=cp_size, layout=layout)
 
 
