@@ -9,26 +9,28 @@ from archon_ckpt import Checkpointer, CheckpointError, ModelState, iter_dcp_tens
 from archon_ckpt.testing import full_params, make_model, make_optim, make_state, train_steps
 
 
-def _run(dropout: float, steps: int, ckpt: Checkpointer | None = None, resume: bool = False):
+def _run(dropout: float, steps: int, ckpt: Checkpointer | None = None, resume: bool = False,
+         copy_on_success: bool = True):
     model = make_model(0, dropout)
     opt, sched = make_optim(model)
     train = {"step": 0}
     state = make_state(model, opt, sched, train)
     if resume:
-        assert ckpt.load(state) == 3 and train["step"] == 3
+        assert ckpt.load(state, copy_on_success=copy_on_success) == 3 and train["step"] == 3
     losses = train_steps(model, opt, sched, train, steps)
     if ckpt is not None and not resume:
         ckpt.save(train["step"], state)
     return losses, full_params(model), opt
 
 
-def test_exact_resume_single_process(tmp_path):
+@pytest.mark.parametrize("copy_on_success", [True, False])
+def test_exact_resume_single_process(tmp_path, copy_on_success):
     ref_losses, ref_params, _ = _run(0.2, 6)
     ckpt = Checkpointer(tmp_path)
     first, _, _ = _run(0.2, 3, ckpt)
     torch.manual_seed(123)  # scramble RNG: the restore must bring it back
     random.seed(5)
-    second, params, opt = _run(0.2, 3, ckpt, resume=True)
+    second, params, opt = _run(0.2, 3, ckpt, resume=True, copy_on_success=copy_on_success)
     assert first + second == ref_losses  # bitwise
     for k, v in ref_params.items():
         assert torch.equal(params[k], v), k
@@ -119,9 +121,10 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     data = sorted(p for p in step_dir.iterdir() if p.suffix == ".distcp")[0]
     full = data.read_bytes()
     data.write_bytes(full[: len(full) // 2])
-    with pytest.raises(CheckpointError, match=f"checkpoint data file {data} is truncated"):
-        ckpt.load(fresh_state(m))
-    _assert_unchanged(m, snap)
+    for copy_on_success in (True, False):  # both: files are checked before any read
+        with pytest.raises(CheckpointError, match=f"checkpoint data file {data} is truncated"):
+            ckpt.load(fresh_state(m), copy_on_success=copy_on_success)
+        _assert_unchanged(m, snap)
     data.unlink()
     with pytest.raises(CheckpointError, match=f"checkpoint data file {data} is missing"):
         ckpt.load(fresh_state(m))

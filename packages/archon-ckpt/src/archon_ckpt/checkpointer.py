@@ -221,7 +221,7 @@ class Checkpointer:
 
     # -- load -----------------------------------------------------------------------------------
     def load(self, state: dict[str, Any], step: int | Literal["latest"] | None = None, *,
-             strict: bool = True) -> int:
+             strict: bool = True, copy_on_success: bool = True) -> int:
         """Load step ``step`` (default: latest) into ``state`` in place; return the step.
 
         DCP reshards: the checkpoint may come from any world size / FSDP / TP layout. Before any
@@ -229,6 +229,10 @@ class Checkpointer:
         unexpected ones an error when ``strict``) and global shapes are checked, and data is read
         into fresh tensors. ``CheckpointError`` names the offending file or key. An ``RNGState``
         entry is skipped when the world size changed (its per-rank streams cannot map).
+
+        ``copy_on_success=False`` reads straight into the live tensors instead (no extra memory);
+        all the checks above still run before any read, so only an I/O error in the middle of
+        reading (e.g. a bit-flipped but full-length file) could then leave a partial load.
         """
         self.wait()
         if step is None or step == "latest":
@@ -253,7 +257,7 @@ class Checkpointer:
             if not isinstance(obj, (Stateful, dict)):
                 raise TypeError(f"state[{name!r}] must be Stateful or a dict, got {type(obj).__name__}")
             to_load[name] = obj.state_dict() if isinstance(obj, Stateful) else obj
-        shadow = _alloc_like(to_load)
+        shadow = _alloc_like(to_load) if copy_on_success else dict(to_load)
         strict_prefixes = [f"{n}." for n in to_load if n not in per_rank] if strict else []
         planner = ValidatingLoadPlanner(path, strict_prefixes)
         try:
