@@ -8,7 +8,11 @@ from archon_lora import (
     check_same_trainable,
     init_lora_weights,
     inject_lora,
+    load_peft_adapter,
     lora_modules,
+    lora_state_dict,
+    merged_state_dict,
+    save_peft_adapter,
 )
 from archon_parallel.testing import run_ranks
 from torch import nn
@@ -42,9 +46,12 @@ class Net(nn.Module):
         return x
 
 
+CFG = LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=["wq", "wo", "w1", "w2"])
+
+
 def build() -> Net:
     torch.manual_seed(0)
-    model = inject_lora(Net(), LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=["wq", "wo", "w1", "w2"]))
+    model = inject_lora(Net(), CFG)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -82,7 +89,8 @@ def train(model: nn.Module, rank: int | None) -> list[dict[str, torch.Tensor]]:
     return history
 
 
-def ranks_fn(rank: int, world_size: int) -> dict[str, list]:
+def ranks_fn(rank: int, world_size: int, adapter_dir: str) -> dict[str, list]:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
@@ -103,13 +111,24 @@ def ranks_fn(rank: int, world_size: int) -> dict[str, list]:
     model = build()
     plan = {"wq": LoRATensorParallel(ColwiseParallel()), "wo": LoRATensorParallel(RowwiseParallel()),
             "w1": LoRATensorParallel(ColwiseParallel()), "w2": LoRATensorParallel(RowwiseParallel())}
-    for layer in model.layers:
-        parallelize_module(layer, mesh, plan)
+
+    def tp(model):
+        for layer in model.layers:
+            parallelize_module(layer, mesh, plan)
+        return model
+
+    tp(model)
     blk = model.layers[0]
     assert tuple(blk.wq.lora_A.placements) == (Replicate(),) and tuple(blk.wq.lora_B.placements) == (Shard(0),)
     assert tuple(blk.wo.lora_A.placements) == (Shard(1),) and tuple(blk.wo.lora_B.placements) == (Replicate(),)
     assert not blk.wq.weight.requires_grad and blk.wq.lora_A.requires_grad
     out["tp"] = train(model, None)
+    out["tp_merged"] = merged_state_dict(model)  # gathers DTensors
+    save_peft_adapter(model, adapter_dir, CFG, to_hf_name=lambda n: n)  # rank 0 writes
+    dist.barrier()
+    fresh = tp(build())
+    load_peft_adapter(fresh, adapter_dir, from_hf_name=lambda n: n)  # each rank takes its shard
+    out["tp_loaded"] = lora_state_dict(fresh)
 
     # Meta-device build -> inject -> FSDP2 -> to_empty -> init_lora_weights (the engine's order).
     with torch.device("meta"):
@@ -139,11 +158,14 @@ def _close(got, want):
             torch.testing.assert_close(g[name], w[name], rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
 
 
-def test_fsdp2_and_tp2_match_single_process():
-    ref = train(build(), None)
+def test_fsdp2_and_tp2_match_single_process(tmp_path):
+    ref_model = build()
+    ref = train(ref_model, None)
     assert any(v.abs().max() > 0 for v in ref[0].values())
-    results = run_ranks(ranks_fn, 2, timeout=240)
+    ref_merged = merged_state_dict(ref_model)
+    results = run_ranks(ranks_fn, 2, str(tmp_path), timeout=240)
     for rank_out in results:
+        _close([rank_out["tp_merged"], rank_out["tp_loaded"]], [ref_merged, ref[-1]])
         b_max, a_max = rank_out["meta_init"]
         assert b_max == 0 and 0 < a_max <= 1 / 32**0.5
         assert "ranks disagree on the trainable parameters" in rank_out["mismatch_error"]
