@@ -2,18 +2,18 @@ import math
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from archon_parallel.allocation import parse_allocation
 from archon_parallel.dims import ParallelDims
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 VALID = [
     # text, world, (dp_replicate, dp_shard, cp, tp, pp, ep, etp), inference
     ("archon:d8", 8, (1, 8, 1, 1, 1, 1, 1), None),
     ("archon:d2p2t2c2", 16, (1, 2, 2, 2, 2, 1, 1), None),
     ("archon:d2t2e2", 4, (1, 2, 1, 2, 1, 2, 1), None),
-    ("archon:d2t2e4", 4, (1, 2, 1, 2, 1, 4, 1), None),
+    ("archon:d4t2e4", 8, (1, 4, 1, 2, 1, 4, 1), None),
+    ("archon:d2c2e4", 4, (1, 2, 2, 1, 1, 4, 1), None),
     ("archon:r2d2", 4, (2, 2, 1, 1, 1, 1, 1), None),
     ("archon:t4", 4, (1, 1, 1, 4, 1, 1, 1), None),
     ("archon:(attn:d1p4t2c2|ffn:d1p4t1e4)", 16, (1, 1, 2, 2, 4, 4, 1), None),
@@ -50,6 +50,7 @@ INVALID = [
     ("archon:d2d2", 10, "given twice"),
     ("archon:d2t2e3", 8, "ep 3 must divide"),
     ("archon:r2d1e2", 8, "ep 2 must divide"),
+    ("archon:d1t2e2", 8, "ep 2 must divide d*c = 1"),
     ("torch:d2", 1, "unknown backend 'torch'"),
     ("sglang:d2", 10, "no archon part"),
     ("archon:d2+archon:d2", 11, "appears twice"),
@@ -94,10 +95,16 @@ def test_parallel_dims_validation():
         ParallelDims(dp_shard=2, tp=2, world_size=8)
     with pytest.raises(ValueError, match="not divisible"):
         ParallelDims(tp=3, world_size=8)
-    with pytest.raises(ValueError, match="ep\\*etp = 4 must divide"):
+    with pytest.raises(ValueError, match="ep 4 must divide dp_shard\\*cp = 2"):
         ParallelDims(dp_replicate=2, dp_shard=2, ep=4, world_size=4)
+    with pytest.raises(ValueError, match="ep\\*etp = 4 must divide"):
+        ParallelDims(dp_replicate=2, dp_shard=2, ep=4, world_size=4, hybrid=True)
+    with pytest.raises(ValueError, match="etp 2 must be 1"):
+        ParallelDims(dp_shard=4, etp=2, world_size=4)
     dims = ParallelDims(dp_shard=2, tp=2, ep=2, world_size=4)
-    assert dims.edp == 2 and dims.dp_cp == 2 and dims.tp_enabled and dims.ep_enabled and not dims.cp_enabled
+    assert dims.edp == 1 and dims.ep_rep == 2 and dims.dp_cp == 2 and dims.tp_enabled and not dims.cp_enabled
+    dims = ParallelDims(dp_replicate=2, dp_shard=4, tp=2, ep=2, etp=2, world_size=16)
+    assert dims.edp == 4 and dims.ep_rep == 1
 
 
 def test_world_size_one_needs_no_process_group():
@@ -131,7 +138,7 @@ def _check(text: str) -> None:
         assert math.prod(train.ffn.values()) == world
     dims = ParallelDims.from_allocation(text, world)  # a parsed string always gives valid dims
     assert dims.dp_replicate * dims.dp_shard * dims.cp * dims.tp * dims.pp == world
-    assert dims.edp * dims.ep * dims.etp * dims.pp == world
+    assert dims.edp * dims.ep * dims.ep_rep * dims.etp * dims.pp == world
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,3 +171,12 @@ def test_fuzz_mutated_valid(text, pos, op, ch):
 @given(st.dictionaries(st.sampled_from(list("rdptce")), st.integers(1, 8), min_size=1))
 def test_fuzz_plain_dims(dims):
     _check("archon:" + "".join(f"{k}{v}" for k, v in dims.items()))
+
+
+def test_docs_allocation_examples():
+    import doctest
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[3] / "docs" / "allocation.md"
+    result = doctest.testfile(str(doc), module_relative=False, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

@@ -1,2 +1,11 @@
 """archon-parallel."""
+from archon_parallel.allocation import AllocationMode, InferenceAllocation, TrainAllocation, parse_allocation  # noqa: F401
+from archon_parallel.checkpointing import ACConfig, apply_ac, checkpoint_block, save_ops_policy  # noqa: F401
+from archon_parallel.compile import CompileConfig, apply_compile  # noqa: F401
+from archon_parallel.dims import ParallelDims, ParallelMeshes, flatten_mesh  # noqa: F401
+from archon_parallel.fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy  # noqa: F401
+from archon_parallel.parallelize import parallelize  # noqa: F401
+from archon_parallel.plan import ParallelPlan  # noqa: F401
+from archon_parallel.tensor_parallel import GatherSequence, apply_tp, make_style, validate_tp  # noqa: F401
+from archon_parallel.vocab_parallel import logprobs_entropy, vocab_parallel_logprobs_entropy  # noqa: F401
 from archon_parallel.context_parallel import PackedShard, RingAttention, UlyssesAttention, cp_token_index, gather_sequence, get_cp_attention, shard_packed_batch, ulysses_kv_repeat  # noqa: E501

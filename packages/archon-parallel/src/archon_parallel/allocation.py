@@ -10,8 +10,9 @@ Grammar (whitespace between tokens is ignored)::
     dims       := ( LETTER INT )+                     each letter at most once, sizes >= 1
 
 Training letters: ``r`` dp_replicate (HSDP), ``d`` dp_shard, ``p`` pp, ``t`` tp, ``c`` cp, ``e`` ep.
-In the hybrid form the ``attn`` section takes ``r d p t c`` and the ``ffn`` section takes ``d p t e``
-(expert data parallel, pp, expert tensor parallel, expert parallel). See docs/allocation.md.
+In the plain form ``e`` folds onto the d x c ranks (it must divide d*c). In the hybrid form the ``attn``
+section takes ``r d p t c`` and the ``ffn`` section takes ``d p t e`` (expert data parallel, pp, expert
+tensor parallel, expert parallel) over the same ranks. See docs/allocation.md.
 
 The parser is a tokenizer plus a hand-written recursive-descent parser; every error is a ValueError
 naming the 1-based column and what was expected there.
@@ -180,10 +181,11 @@ class _Parser:
         start = self.tok
         dims = self._dims(_PLAIN_LETTERS, "archon part")
         ep = dims.get("e", 1)
-        inner = dims.get("d", 1) * dims.get("c", 1) * dims.get("t", 1)
+        inner = dims.get("d", 1) * dims.get("c", 1)
         if inner % ep != 0:
-            raise self.error(start.col, f"ep {ep} must divide d*c*t = {inner} (EP borrows ranks from the "
-                                        f"dp_shard, cp and tp dims, never from r or p); change e or d")
+            raise self.error(start.col, f"ep {ep} must divide d*c = {inner} (EP borrows ranks from the "
+                                        f"dp_shard and cp dims, never from r, t or p); change e or d, or use "
+                                        f"the hybrid (attn:...|ffn:...) form to fold experts onto tp ranks")
         return TrainAllocation(attn=dims)
 
     def _hybrid(self) -> TrainAllocation:

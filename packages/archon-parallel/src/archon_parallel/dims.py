@@ -2,10 +2,15 @@
 
 Rank layout. The dense ("attn") mesh orders dims outermost first as
 ``(pp, dp_replicate, dp_shard, cp, tp)``; tp ranks are adjacent. The expert ("ffn") mesh reshapes the
-same ranks, in the same order, as ``(pp, edp, ep, etp)``: inside one pipeline stage, expert groups take
-the innermost ``ep * etp`` ranks. ``ep * etp`` must divide ``dp_shard * cp * tp``, so EP/ETP groups
-never span HSDP replicas or pipeline stages. With ``etp == 1`` (the plain allocation form) an EP group
-borrows tp ranks first, then cp, then dp_shard ranks; with ``etp == tp`` it borrows cp then dp_shard.
+same ranks, in the same order, as ``(pp, edp, ep, ep_rep, etp)``:
+
+- plain form (``archon:d2t2e2``): EP borrows ranks from dp_shard x cp only (innermost first: cp, then
+  dp_shard), never from tp, dp_replicate or pp, so ``ep`` must divide ``dp_shard * cp``. The tp axis
+  becomes ``etp`` when ``etp == tp`` (experts sharded like the dense MLP) or ``ep_rep`` when
+  ``etp == 1`` (experts replicated over tp; every tp rank routes the same, all-gathered tokens).
+- hybrid form (``archon:(attn:...|ffn:d..e..t..)``, MoE parallel folding): the stage's ranks are
+  simply re-split as ``(edp, ep, etp)`` (``ep_rep == 1``), so EP may fold onto tp/cp ranks;
+  ``ep * etp`` must divide ``dp_shard * cp * tp``.
 
 Named meshes (``ParallelMeshes[name]``):
 
@@ -15,7 +20,8 @@ Named meshes (``ParallelMeshes[name]``):
 - ``dp_cp`` = dp_replicate x dp_shard x cp (flattened): the batch/loss mesh, ranks holding different
   tokens; reduce token counts and losses over it.
 - ``fsdp``: the FSDP mesh: ``dp_shard_cp`` (1-D), or 2-D ``(dp_replicate, dp_shard_cp)`` for HSDP.
-- ``ep``, ``etp``, ``edp``: axes of the expert mesh (edp = data parallel for expert weights).
+- ``ep``, ``etp``, ``edp``, ``ep_rep``: axes of the expert mesh (edp = data parallel for expert weights;
+  ep_rep = ranks holding identical expert replicas and identical tokens, no reduction needed).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["ParallelDims", "ParallelMeshes", "flatten_mesh"]
 
 _DENSE_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-_EXPERT_AXES = ("pp", "edp", "ep", "etp")
+_EXPERT_AXES = ("pp", "edp", "ep", "ep_rep", "etp")
 
 
 def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
@@ -94,6 +100,8 @@ class ParallelDims:
     ep: int = 1
     etp: int = 1
     world_size: int = 1
+    hybrid: bool = False
+    """True for the hybrid attn/ffn form: experts fold onto any ranks of a stage (see module doc)."""
     _meshes: ParallelMeshes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,10 +120,18 @@ class ParallelDims:
         if others * self.dp_shard != self.world_size:
             raise ValueError(f"dp_replicate*dp_shard*cp*tp*pp = {others * self.dp_shard} does not equal the "
                              f"world size {self.world_size}; the degrees must multiply to the number of ranks")
-        stage = self.dp_shard * self.cp * self.tp
-        if stage % (self.ep * self.etp) != 0:
-            raise ValueError(f"ep*etp = {self.ep * self.etp} must divide dp_shard*cp*tp = {stage}: expert "
-                             f"groups fold onto the ranks of one replica of one pipeline stage")
+        if self.hybrid:
+            stage = self.dp_shard * self.cp * self.tp
+            if stage % (self.ep * self.etp) != 0:
+                raise ValueError(f"ep*etp = {self.ep * self.etp} must divide dp_shard*cp*tp = {stage}: expert "
+                                 f"groups fold onto the ranks of one replica of one pipeline stage")
+        else:
+            if (self.dp_shard * self.cp) % self.ep != 0:
+                raise ValueError(f"ep {self.ep} must divide dp_shard*cp = {self.dp_shard * self.cp}: expert "
+                                 f"parallelism borrows dp_shard and cp ranks (never tp, dp_replicate or pp)")
+            if self.etp not in (1, self.tp):
+                raise ValueError(f"etp {self.etp} must be 1 (experts replicated over tp) or tp = {self.tp}; "
+                                 f"use the hybrid attn/ffn form for other expert layouts")
 
     @classmethod
     def from_allocation(cls, text: str, world_size: int) -> ParallelDims:
@@ -130,12 +146,18 @@ class ParallelDims:
         else:
             ep, etp = train.ffn.get("e", 1), train.ffn.get("t", 1)
         return cls(dp_replicate=a.get("r", 1), dp_shard=a.get("d", 1), cp=a.get("c", 1), tp=a.get("t", 1),
-                   pp=a.get("p", 1), ep=ep, etp=etp, world_size=world_size)
+                   pp=a.get("p", 1), ep=ep, etp=etp, world_size=world_size, hybrid=train.hybrid)
 
     # -- derived sizes ----------------------------------------------------------------------------
     @property
+    def ep_rep(self) -> int:
+        """Ranks holding the same experts and the same tokens (tp ranks when etp == 1, plain form)."""
+        return 1 if self.hybrid else self.tp // self.etp
+
+    @property
     def edp(self) -> int:
-        return self.world_size // (self.pp * self.ep * self.etp)
+        """Data-parallel degree of expert weights (FSDP axis of the experts)."""
+        return self.world_size // (self.pp * self.ep * self.ep_rep * self.etp)
 
     @property
     def dp(self) -> int:
@@ -205,9 +227,9 @@ class ParallelDims:
         named["dp_shard_cp"] = flatten_mesh(dense["dp_shard", "cp"], "dp_shard_cp")
         named["dp_cp"] = flatten_mesh(dense["dp_replicate", "dp_shard", "cp"], "dp_cp")
         named["fsdp"] = self._fsdp_mesh(dense, named)
-        ranks = torch.arange(self.world_size).view(self.pp, self.edp, self.ep, self.etp)
+        ranks = torch.arange(self.world_size).view(self.pp, self.edp, self.ep, self.ep_rep, self.etp)
         expert = DeviceMesh(device_type, ranks, mesh_dim_names=_EXPERT_AXES)
-        for axis in ("edp", "ep", "etp"):
+        for axis in ("edp", "ep", "ep_rep", "etp"):
             named[axis] = expert[axis]
         self._meshes = ParallelMeshes(dense=dense, expert=expert, named=named)
         return self._meshes
@@ -225,4 +247,4 @@ class ParallelDims:
 
     def __str__(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep", "etp")]
-        return f"ParallelDims({', '.join(parts)}, world_size={self.world_size})"
+        return f"ParallelDims({', '.join(parts)}, world_size={self.world_size}, hybrid={self.hybrid})"

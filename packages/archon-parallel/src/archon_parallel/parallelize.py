@@ -1,0 +1,124 @@
+"""One ``parallelize`` for every model: TP -> EP -> CP -> AC -> compile -> FSDP, driven by a ParallelPlan.
+
+Expert and context parallel live in sibling modules and are looked up lazily:
+
+- EP (``dims.ep > 1``): ``archon_parallel.expert_parallel.apply_expert_parallel(moe, ep_mesh, etp_mesh)``
+  on the parent of ``plan.experts`` in every block that has one (etp_mesh only when ``dims.etp > 1``);
+  expert weights are then FSDP-sharded over ``edp``. Plain allocation form only: hybrid attn/ffn
+  folding builds the meshes but is not wired here yet.
+- CP (``dims.cp > 1``): attention picks its CP backend at runtime (``context_parallel.get_cp_attention``
+  with ``meshes.group("cp")``); if ``archon_parallel.context_parallel.apply_context_parallel(model,
+  meshes, plan, dims)`` exists it is called here. FSDP shards over dp_shard x cp either way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .checkpointing import ACConfig, apply_ac
+from .compile import CompileConfig, apply_compile
+from .dims import ParallelDims, ParallelMeshes
+from .fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy
+from .plan import ParallelPlan
+from .tensor_parallel import apply_tp
+
+__all__ = ["parallelize"]
+
+
+def _hook(module: str, name: str, feature: str) -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module(f"archon_parallel.{module}")
+    except ModuleNotFoundError as err:
+        if err.name != f"archon_parallel.{module}":
+            raise
+        raise ValueError(f"{feature} is requested but archon_parallel.{module} is not available") from err
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise ValueError(f"{feature} is requested but archon_parallel.{module}.{name} does not exist")
+    return fn
+
+
+def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan: ParallelPlan) -> None:
+    if dims.hybrid:
+        raise ValueError("hybrid attn/ffn folding is parsed and its meshes are built, but parallelize does not "
+                         "wire folded MoE yet; use the plain form (e.g. archon:d4t2e2)")
+    if plan.experts is None:
+        raise ValueError("expert parallelism (ep > 1) needs ParallelPlan.experts, the experts module name")
+    apply_ep = _hook("expert_parallel", "apply_expert_parallel", "expert parallelism")
+    parent, _, _ = plan.experts.rpartition(".")
+    etp_mesh = meshes["etp"] if dims.etp > 1 else None
+    for _, block in plan.block_list(model):
+        if plan.optional_module(block, plan.experts) is not None:
+            apply_ep(block.get_submodule(parent) if parent else block, meshes["ep"], etp_mesh)
+
+
+def _fsdp_groups(model: nn.Module, plan: ParallelPlan) -> list[nn.Module | list[nn.Module]]:
+    groups: list[nn.Module | list[nn.Module]] = []
+    if (embedding := plan.optional_module(model, plan.embedding)) is not None:
+        groups.append(embedding)
+    groups.extend(block for _, block in plan.block_list(model))
+    tail = [m for m in (plan.optional_module(model, plan.norm), plan.optional_module(model, plan.head)) if m is not None]
+    if tail:
+        groups.append(tail)
+    return groups
+
+
+def _expert_modules(model: nn.Module, plan: ParallelPlan) -> list[nn.Module]:
+    if plan.experts is None:
+        return []
+    found = (plan.optional_module(block, plan.experts) for _, block in plan.block_list(model))
+    return [m for m in found if m is not None]
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    plan: ParallelPlan,
+    *,
+    device_type: str = "cpu",
+    ac: ACConfig | str | None = None,
+    compile: CompileConfig | bool | None = None,
+    fsdp: FSDPConfig | None = None,
+    sequence_parallel: bool = True,
+    loss_parallel: bool = True,
+) -> nn.Module:
+    """Apply every parallelism ``dims`` asks for to ``model`` in place and return it.
+
+    Call on a model built on the ``meta`` device (then ``to_empty`` + load weights), or on a
+    materialised model whose parameters are identical on every rank. ``fsdp=None`` means plain fp32
+    FSDP with default resharding. World size 1 applies only AC and compile.
+    """
+    meshes: ParallelMeshes = dims.build_meshes(device_type)
+    compile_cfg = CompileConfig(enabled=compile) if isinstance(compile, bool) else (compile or CompileConfig())
+    ac_cfg = ACConfig.parse(ac)
+    if ac_cfg.mode == "memory_budget" and not compile_cfg.enabled:
+        raise ValueError("activation checkpointing mode 'memory_budget' needs compile; enable compile or "
+                         "choose 'full' / 'selective'")
+    if dims.tp_enabled:
+        apply_tp(model, meshes["tp"], plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    if dims.ep_enabled:
+        _apply_ep(model, dims, meshes, plan)
+    if dims.cp_enabled:
+        cp_module = importlib.import_module("archon_parallel.context_parallel")
+        if (apply_cp := getattr(cp_module, "apply_context_parallel", None)) is not None:
+            apply_cp(model, meshes, plan, dims)
+    apply_ac(model, plan, ac_cfg, compiled=compile_cfg.enabled)
+    apply_compile(model, plan, compile_cfg)
+    if dims.fsdp_enabled or (dims.ep_enabled and dims.edp > 1):
+        cfg = fsdp or FSDPConfig(param_dtype="float32", reduce_dtype="float32")
+        expert_groups = _expert_modules(model, plan) if dims.ep_enabled else []
+        apply_fsdp(
+            model, meshes["fsdp"],
+            groups=_fsdp_groups(model, plan),
+            mp_policy=mixed_precision_policy(cfg.param_dtype, cfg.reduce_dtype),
+            reshard_after_forward=cfg.reshard_after_forward,
+            cpu_offload=cfg.cpu_offload,
+            pp_enabled=dims.pp_enabled,
+            expert_groups=expert_groups,
+            expert_mesh=meshes["edp"],
+        )
+    return model
