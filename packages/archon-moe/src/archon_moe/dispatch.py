@@ -31,19 +31,44 @@ class LocalExpertRunner:
         return "LocalExpertRunner()"
 
 
-def permute_by_expert(x_TD: torch.Tensor, experts_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _GatherRows(torch.autograd.Function):
+    """``x[index_N]`` where every source row is read exactly ``fan_out`` times. The backward gathers with
+    the inverse map and sums the copies, instead of index_select's atomic index_add (slow in bf16 and
+    non-deterministic on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x_SD: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor, fan_out: int):
+        ctx.save_for_backward(inverse_N)
+        ctx.fan_out = fan_out
+        return x_SD.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        grad_flat_ND = grad_ND.index_select(0, inverse_N)
+        if ctx.fan_out > 1:
+            grad_flat_ND = grad_flat_ND.view(-1, ctx.fan_out, grad_ND.shape[-1]).sum(dim=1)
+        return grad_flat_ND, None, None, None
+
+
+def permute_by_expert(
+    x_TD: torch.Tensor, experts_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather one row per (token, choice), sorted by expert id (stable: token order within an expert).
 
-    Returns ``x_ND`` and ``order_N``, the flat (token * K + choice) index of each sorted row; no host sync.
+    Returns ``x_ND``, ``order_N`` (the flat token * K + choice index of each sorted row) and its inverse
+    ``inverse_N`` (the sorted position of each flat index); no host sync.
     """
     top_k = experts_TK.shape[1]
     order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
-    return x_TD.index_select(0, order_N // top_k), order_N
+    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+    return _GatherRows.apply(x_TD, order_N // top_k, inverse_N, top_k), order_N, inverse_N
 
 
-def unpermute_and_combine(y_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Scatter expert outputs back to (token, choice) order and take the weighted sum over choices."""
+def unpermute_and_combine(
+    y_ND: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """Bring expert outputs back to (token, choice) order and take the weighted sum over choices."""
     num_tokens, top_k = weights_TK.shape
-    y_flat_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)
-    y_TKD = y_flat_ND.view(num_tokens, top_k, -1)
-    return (y_TKD * weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+    y_TKD = _GatherRows.apply(y_ND, inverse_N, order_N, 1).view(num_tokens, top_k, -1)
+    return torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)

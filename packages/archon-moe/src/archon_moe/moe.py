@@ -52,9 +52,9 @@ class MoE(nn.Module):
         route = self.router(x_TD)
         self.aux_loss = route.aux_loss
         self.tokens_per_expert = route.tokens_per_expert_E
-        x_ND, order_N = permute_by_expert(x_TD, route.experts_TK)
+        x_ND, order_N, inverse_N = permute_by_expert(x_TD, route.experts_TK)
         y_ND = self.expert_runner(self.experts, x_ND, route.tokens_per_expert_E)
-        y_TD = unpermute_and_combine(y_ND, order_N, route.weights_TK)
+        y_TD = unpermute_and_combine(y_ND, order_N, inverse_N, route.weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD
