@@ -3,7 +3,7 @@ FSDP2(2) -> FSDP2(4) / single process, TP2 -> FSDP2(2), against a single-process
 
 import pytest
 import torch
-from archon_ckpt import Checkpointer, SafetensorsReader, load_into_module, save_safetensors_sharded
+from archon_ckpt import Checkpointer, HFSource, SafetensorsReader, load_into_module, save_safetensors_sharded
 from archon_ckpt.testing import (
     full_params,
     hf_reference,
@@ -76,9 +76,12 @@ def _resume(rank, world, root, name, dropout):
 def _hf_io(rank, world, root):
     """HF safetensors into FSDP2- and TP-sharded models; sharded export from DTensors."""
     out = {}
-    for name, parallelize in (("fsdp", _fsdp), ("tp", _tp)):
+    # a combine function forces the full-tensor read + local split path; plain keys read slices
+    full_read = lambda n: HFSource((native_to_hf(n),), lambda ts: ts[0])
+    for name, parallelize, mapping in (("fsdp", _fsdp, native_to_hf), ("tp", _tp, native_to_hf),
+                                       ("fsdp_full", _fsdp, full_read), ("tp_full", _tp, full_read)):
         model = parallelize(make_model(5), world)
-        load_into_module(model, SafetensorsReader(f"{root}/hf.safetensors"), native_to_hf=native_to_hf)
+        load_into_module(model, SafetensorsReader(f"{root}/hf.safetensors"), native_to_hf=mapping)
         out[name] = full_params(model)
     named = ((native_to_hf(k), v) for k, v in model.state_dict().items())
     out["files"] = save_safetensors_sharded(named, f"{root}/export", max_shard_size=8000)
@@ -106,7 +109,7 @@ def test_fsdp_exact_resume_and_resharding(tmp_path):
     p2 = run_ranks(_phase2, 2, root, timeout=240)  # new processes
     # HF weights into DTensor-sharded models, and a gathered sharded export (rank 0 writes)
     for r in range(2):
-        for layout in ("fsdp", "tp"):
+        for layout in ("fsdp", "tp", "fsdp_full", "tp_full"):
             for k, v in hf_ref.state_dict().items():
                 assert torch.equal(p2[r]["hf"][layout][k], v), (layout, k)
     assert len(p2[0]["hf"]["files"]) > 1 and p2[1]["hf"]["files"] == []

@@ -5,10 +5,12 @@ presence and shape (combined shapes are computed on the ``meta`` device, no data
 ``strict``, every checkpoint tensor must be consumed. Only if all checks pass is any parameter
 written, one tensor at a time, so a bad checkpoint never leaves the model half-loaded.
 
-DTensor parameters (FSDP2 / TP) are filled by reading the *full* tensor for one parameter on
-every rank and keeping the local shard (``distribute_tensor(..., src_data_rank=None)`` slices
-locally, no communication). Peak extra memory is one full tensor. Meta-device parameters must be
-materialised first (``module.to_empty(device=...)``).
+DTensor parameters (FSDP2 / TP) with plain ``Shard``/``Replicate`` placements and a single HF key
+are filled by reading only this rank's box of the tensor from disk. Otherwise (a ``combine``,
+strided shards) the *full* tensor is read on every rank and the local shard kept
+(``distribute_tensor(..., src_data_rank=None)`` slices locally, no communication). Peak extra
+memory is one full tensor. Meta-device parameters must be materialised first
+(``module.to_empty(device=...)``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from archon_ckpt.safetensors_io import SafetensorsReader
 
@@ -146,6 +148,37 @@ def _plan(
     return plan, report
 
 
+def _local_box(dst: DTensor) -> tuple[slice, ...] | None:
+    """The block of the global tensor this rank holds, or None when it is not one plain box."""
+    if dst.ndim == 0 or not all(type(p) in (Shard, Replicate) for p in dst.placements):
+        return None
+    try:
+        # Private DTensor helper (the one DCP uses); any failure falls back to a full read.
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+    except Exception:
+        return None
+    if tuple(shape) != tuple(dst.to_local().shape):
+        return None
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def _load_one(dst: torch.Tensor, src: HFSource, reader: SafetensorsReader) -> None:
+    if isinstance(dst, DTensor) and src.combine is None:
+        if dst.device_mesh.get_coordinate() is None:
+            return
+        box = _local_box(dst)
+        if box is not None:
+            local = dst.to_local()
+            if local.numel() > 0:
+                local.copy_(reader.get_slice(src.keys[0], box))
+            return
+    parts = [reader.get(k) for k in src.keys]
+    _copy_into(dst, parts[0] if src.combine is None else src.combine(parts))
+
+
 @torch.no_grad()
 def _copy_into(dst: torch.Tensor, full: torch.Tensor) -> None:
     if isinstance(dst, DTensor):
@@ -178,16 +211,14 @@ def load_into_module(
     shape mismatch and (if ``strict``) every checkpoint tensor that no native tensor uses, except
     those matching a regex in ``ignore_unexpected``; each message names the key and its file.
     Tensors are then read one at a time (grouped by shard file) and cast to the parameter dtype.
-    DTensor parameters receive only their local shard; every rank must call this.
+    DTensor parameters receive only their local shard (read as a slice where possible); every
+    rank must call this.
     """
     mapping: NativeToHF = native_to_hf if native_to_hf is not None else (lambda n: n)
     plan, report = _plan(module, reader, mapping, strict, ignore_unexpected)
     plan.sort(key=lambda item: (str(reader.file_of(item[2].keys[0])), item[0]))
     for name, tensor, src in plan:
-        parts = [reader.get(k) for k in src.keys]
-        full = parts[0] if src.combine is None else src.combine(parts)
-        _copy_into(tensor, full)
+        _load_one(tensor, src, reader)
         report.loaded.append(name)
-        del parts, full
     reader.close()
     return report
