@@ -11,9 +11,12 @@ from archon_lora import (
     load_peft_adapter,
     lora_modules,
     lora_state_dict,
+    lora_tp_plan,
     merged_state_dict,
+    place_lora_like_base,
     save_peft_adapter,
 )
+from archon_moe import GroupedExperts
 from archon_parallel.testing import run_ranks
 from torch import nn
 
@@ -93,7 +96,7 @@ def ranks_fn(rank: int, world_size: int, adapter_dir: str) -> dict[str, list]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world_size,))
@@ -139,6 +142,25 @@ def ranks_fn(rank: int, world_size: int, adapter_dir: str) -> dict[str, list]:
     lora_a = model.layers[0].wq.lora_A.full_tensor()
     out["meta_init"] = (float(model.layers[1].w2.lora_B.full_tensor().abs().max()), float(lora_a.abs().max()))
 
+    out["ep"] = expert_parallel(rank, mesh)
+
+    # Plain TP styles, then LoRA placed from the base weights: same placements as lora_tp_plan.
+    model = build()
+    parallelize_module(model.layers[0], mesh, {"wq": ColwiseParallel(), "wo": RowwiseParallel()})
+    for name, style in (("wq", "colwise"), ("wo", "rowwise")):
+        mod = getattr(model.layers[0], name)
+        place_lora_like_base(mod)
+        got = {k: tuple(getattr(mod, k).placements) for k in ("lora_A", "lora_B")}
+        assert got == lora_tp_plan(style), (name, got)
+    holder = build_experts()
+    holder.experts.w1 = nn.Parameter(distribute_tensor(holder.experts.w1.detach(), mesh, [Shard(1)]),
+                                     requires_grad=False)
+    try:
+        place_lora_like_base(holder.experts)
+        out["etp_error"] = ""
+    except ValueError as err:
+        out["etp_error"] = str(err)
+
     # A rank with a different trainable set would hang FSDP2/TP collectives: the check names it instead.
     model = build()
     if rank == 1:
@@ -148,6 +170,73 @@ def ranks_fn(rank: int, world_size: int, adapter_dir: str) -> dict[str, list]:
         out["mismatch_error"] = ""
     except ValueError as err:
         out["mismatch_error"] = str(err)
+    return out
+
+
+EP_COUNTS = [3, 0, 4, 2]  # tokens per expert, sorted by expert; expert 1 gets none
+
+
+def build_experts() -> nn.Module:
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.experts = GroupedExperts(len(EP_COUNTS), 16, 24)
+    inject_lora(holder, LoRAConfig(r=3, alpha=6, target_modules=["experts"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for w in holder.experts.lora_targets:
+            b = holder.experts.lora_pair(w)[1]
+            b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+    return holder
+
+
+def expert_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(sum(EP_COUNTS), 16, generator=g), torch.randn(sum(EP_COUNTS), 16, generator=g)
+
+
+def expert_single() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    holder = build_experts()
+    x, g = expert_data()
+    y = holder.experts(x, torch.tensor(EP_COUNTS))
+    y.backward(g)
+    return y.detach(), {n: p.grad for n, p in holder.experts.named_parameters() if p.requires_grad}
+
+
+def expert_parallel(rank: int, mesh) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EP2: experts (and their LoRA pairs) sharded on dim 0; each rank runs its experts' tokens."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    holder = build_experts()
+    ex = holder.experts
+    for w in ("w1", "w2", "w3"):
+        ex.register_parameter(w, nn.Parameter(distribute_tensor(getattr(ex, w).detach(), mesh, [Shard(0)]),
+                                              requires_grad=False))
+    place_lora_like_base(ex)
+    assert tuple(ex.lora_A_w2.placements) == (Shard(0),) and tuple(ex.lora_B_w2.placements) == (Shard(0),)
+    x, g = expert_data()
+    local = len(EP_COUNTS) // 2
+    start = sum(EP_COUNTS[: rank * local])
+    counts = EP_COUNTS[rank * local: (rank + 1) * local]
+    rows = slice(start, start + sum(counts))
+    y = ex(x[rows], torch.tensor(counts))
+    y.backward(g[rows])
+    grads = {n: p.grad.full_tensor() for n, p in ex.named_parameters() if p.requires_grad}
+    return torch.cat([t for t in dist_all_gather(y.detach())]), grads
+
+
+def dist_all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather of tensors whose first dim differs per rank."""
+    import torch.distributed as dist
+
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    out = [t.new_empty(n, *t.shape[1:]) for n in sizes]
+    padded = [t.new_zeros(max(sizes), *t.shape[1:]) for _ in sizes]
+    mine = t.new_zeros(max(sizes), *t.shape[1:])
+    mine[: t.shape[0]] = t
+    dist.all_gather(padded, mine)
+    for o, p, n in zip(out, padded, sizes):
+        o.copy_(p[:n])
     return out
 
 
@@ -163,9 +252,14 @@ def test_fsdp2_and_tp2_match_single_process(tmp_path):
     ref = train(ref_model, None)
     assert any(v.abs().max() > 0 for v in ref[0].values())
     ref_merged = merged_state_dict(ref_model)
+    ep_ref = expert_single()
     results = run_ranks(ranks_fn, 2, str(tmp_path), timeout=240)
     for rank_out in results:
         _close([rank_out["tp_merged"], rank_out["tp_loaded"]], [ref_merged, ref[-1]])
+        ep_y, ep_grads = rank_out["ep"]
+        torch.testing.assert_close(ep_y, ep_ref[0], rtol=1e-5, atol=1e-6)
+        _close([ep_grads], [ep_ref[1]])
+        assert "not expert-tensor parallel" in rank_out["etp_error"]
         b_max, a_max = rank_out["meta_init"]
         assert b_max == 0 and 0 < a_max <= 1 / 32**0.5
         assert "ranks disagree on the trainable parameters" in rank_out["mismatch_error"]

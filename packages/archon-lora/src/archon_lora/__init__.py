@@ -12,7 +12,13 @@ from archon_lora.merge import (
     trainable_parameters,
     unmerge_lora,
 )
-from archon_lora.parallel import LoRATensorParallel, check_same_trainable, distribute_lora, lora_tp_plan
+from archon_lora.parallel import (
+    LoRATensorParallel,
+    check_same_trainable,
+    distribute_lora,
+    lora_tp_plan,
+    place_lora_like_base,
+)
 from archon_lora.peft_io import load_peft_adapter, read_peft_config, save_peft_adapter
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "lora_tp_plan",
     "distribute_lora",
     "LoRATensorParallel",
+    "place_lora_like_base",
     "check_same_trainable",
     "save_peft_adapter",
     "load_peft_adapter",

@@ -19,9 +19,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from archon_lora.experts import ExpertLoRA
 from archon_lora.layers import LoRALinear
 
-__all__ = ["lora_tp_plan", "distribute_lora", "LoRATensorParallel", "check_same_trainable"]
+__all__ = ["lora_tp_plan", "distribute_lora", "LoRATensorParallel", "place_lora_like_base", "check_same_trainable"]
 
 TPStyle = Literal["colwise", "rowwise"]
 
@@ -66,6 +67,53 @@ def distribute_lora(module: LoRALinear, mesh: DeviceMesh, style: TPStyle | Paral
         raise TypeError(f"distribute_lora needs a LoRALinear, got {type(module).__name__}")
     for name, placements in lora_tp_plan(style).items():
         module.register_parameter(name, _place(getattr(module, name), mesh, placements))
+
+
+def _follow(base_placements: tuple[Placement, ...], shared_dims: tuple[int, int]) -> tuple[Placement, ...]:
+    """Placements of a LoRA factor that shares ``shared_dims`` with the base weight: shard where the base
+    is sharded on a shared dim, replicate where it is sharded on the dim the factor does not have."""
+    out: list[Placement] = []
+    for p in base_placements:
+        if isinstance(p, Shard):
+            out.append(p if p.dim in shared_dims else Replicate())
+        elif isinstance(p, Replicate):
+            out.append(p)
+        else:
+            raise ValueError(f"base weight placement {p} is not Shard/Replicate; place LoRA after sharding weights")
+    return tuple(out)
+
+
+def place_lora_like_base(module: LoRALinear | ExpertLoRA) -> None:
+    """Give every LoRA factor of ``module`` the mesh of its (already DTensor) base weight and matching
+    placements, on any number of mesh dims.
+
+    Linear W [O, I]: B [O, R] follows W's dim 0, A [R, I] its dim 1. Expert W [E, O, I]: B [E, O, R]
+    follows dims 0-1, A [E, R, I] dims 0 and 2; so EP (``Shard(0)``) shards both on experts. A base
+    that is not a DTensor is a no-op.
+
+    Expert-TP (expert weights sharded on O or I) is rejected: the expert forward runs on local shards
+    (``to_local``), so a factor replicated over a mesh dim on which the base is sharded would get a
+    partial gradient that nothing reduces.
+    """
+    if isinstance(module, LoRALinear):
+        pairs = [("weight", "lora_A", "lora_B", (1, 1), (0, 0))]
+    elif isinstance(module, ExpertLoRA):
+        pairs = [(w, f"lora_A_{w}", f"lora_B_{w}", (0, 2), (0, 1)) for w in module.lora_targets]
+    else:
+        raise TypeError(f"place_lora_like_base needs a LoRALinear or ExpertLoRA, got {type(module).__name__}")
+    for base_name, a_name, b_name, a_dims, b_dims in pairs:
+        base = getattr(module, base_name)
+        if not isinstance(base, DTensor):
+            continue
+        placements = tuple(base.placements)
+        mesh = base.device_mesh
+        if isinstance(module, ExpertLoRA) and any(isinstance(p, Shard) and p.dim != 0 for p in placements):
+            raise ValueError(
+                f"expert weight {base_name} has placements {placements}; expert LoRA supports expert "
+                "parallel (Shard(0)) and replication only, not expert-tensor parallel (Shard(1)/Shard(2))"
+            )
+        module.register_parameter(a_name, _place(getattr(module, a_name), mesh, _follow(placements, a_dims)))
+        module.register_parameter(b_name, _place(getattr(module, b_name), mesh, _follow(placements, b_dims)))
 
 
 class LoRATensorParallel(ParallelStyle):
