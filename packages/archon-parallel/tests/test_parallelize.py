@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from archon_parallel.checkpointing import ACConfig
 from archon_parallel.compile import CompileConfig
 from archon_parallel.dims import ParallelDims
+from archon_parallel.fsdp import FSDPConfig
 from archon_parallel.parallelize import parallelize
 from archon_parallel.plan import ParallelPlan
 from archon_parallel.tensor_parallel import validate_tp
@@ -159,9 +160,10 @@ def reference():
     return train(make_model(), list(range(NUM_SEQS)))
 
 
-def _layout_run(rank, world_size, alloc, ac):
+def _layout_run(rank, world_size, alloc, ac, fsdp=()):
     dims = ParallelDims.from_allocation(alloc, world_size)
-    model = parallelize(make_model(), dims, PLAN, ac=ac)
+    cfg = FSDPConfig(param_dtype="float32", **dict(fsdp)) if fsdp else None
+    model = parallelize(make_model(), dims, PLAN, ac=ac, fsdp=cfg)
     dp_rank = dims.build_meshes()["dp"].get_local_rank() if dims.dp_enabled else 0
     per_rank = NUM_SEQS // dims.dp
     seq_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
@@ -169,7 +171,7 @@ def _layout_run(rank, world_size, alloc, ac):
 
 
 def _layouts(rank, world_size, layouts):
-    return {(alloc, ac): _layout_run(rank, world_size, alloc, ac) for alloc, ac in layouts}
+    return {layout: _layout_run(rank, world_size, *layout) for layout in layouts}
 
 
 MESH_ALLOCS = ["archon:d2t2e2", "archon:d4e2", "archon:r2d2", "archon:(attn:d2t2|ffn:e4)",
@@ -206,8 +208,11 @@ EXPECTED_RANK1 = {
 }
 
 
+# (allocation, AC mode, FSDPConfig overrides as a tuple of pairs)
 LAYOUTS_2 = [("archon:d2", "none"), ("archon:d2", "selective"), ("archon:t2", "none"),
-             ("archon:t2", "selective"), ("archon:d2", "full"), ("archon:t2", "selective:2")]
+             ("archon:t2", "selective"), ("archon:d2", "full", (("reshard_after_forward", "always"),)),
+             ("archon:t2", "selective:2"), ("archon:d2", "none", (("cpu_offload", True),)),
+             ("archon:d2", "selective", (("reshard_after_forward", "never"),))]
 LAYOUTS_4 = [("archon:d4", "none"), ("archon:d4", "selective"), ("archon:r2d2", "none"),
              ("archon:r2d2", "selective"), ("archon:d2t2", "none"), ("archon:d2t2", "selective")]
 
