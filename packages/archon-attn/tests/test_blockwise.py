@@ -1,7 +1,6 @@
 """Blockwise attention with lse merge against the naive reference, forward and backward (CPU fp32)."""
 
 import torch
-
 from archon_attn import (
     block_attention_backward,
     block_attention_forward,
