@@ -191,7 +191,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         for p in self.root.iterdir():
-            if TMP_MARKER in p.name and p.is_dir():
+            if p.name.startswith(".step-") and TMP_MARKER in p.name and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
         if self.keep_last_n is None:
             return
