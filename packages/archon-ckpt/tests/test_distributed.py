@@ -3,7 +3,15 @@ FSDP2(2) -> FSDP2(4) / single process, TP2 -> FSDP2(2), against a single-process
 
 import pytest
 import torch
-from archon_ckpt import Checkpointer, HFSource, SafetensorsReader, load_into_module, save_safetensors_sharded
+from archon_ckpt import (
+    Checkpointer,
+    CheckpointError,
+    HFSource,
+    ModelState,
+    SafetensorsReader,
+    load_into_module,
+    save_safetensors_sharded,
+)
 from archon_ckpt.testing import (
     full_params,
     hf_reference,
@@ -93,8 +101,22 @@ def _phase2(rank, world, root):
             "hf": _hf_io(rank, world, root)}
 
 
+def _mismatch(rank, world, root):
+    """A mismatched load fails on every rank (no hang) and changes nothing."""
+    model = _fsdp(make_model(2, num_layers=1), world)
+    before = full_params(model)
+    try:
+        Checkpointer(f"{root}/fsdp").load({"model": ModelState(model)})
+    except CheckpointError as e:
+        msg = str(e)
+    else:
+        msg = None
+    after = full_params(model)
+    return msg, all(torch.equal(before[k], after[k]) for k in before)
+
+
 def _phase3(rank, world, root):
-    return _resume(rank, world, root, "fsdp", 0.0)
+    return _mismatch(rank, world, root), _resume(rank, world, root, "fsdp", 0.0)
 
 
 def _close(a, b, rel=1e-6):
@@ -134,6 +156,9 @@ def test_fsdp_exact_resume_and_resharding(tmp_path):
     _close(p2[0]["tp_to_dp"][0], ref)  # TP2 checkpoint -> FSDP2 on 2 ranks
 
     p3 = run_ranks(_phase3, 4, root, timeout=240)  # FSDP2(2) checkpoint -> FSDP2(4)
+    for msg, unchanged in (r[0] for r in p3):
+        assert msg is not None and "unexpected key 'model.layers.1.fc1.weight'" in msg and unchanged
+    p3 = [r[1] for r in p3]
     _close(p3[0][0], ref)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(p3[0][1][k], v, rtol=1e-5, atol=1e-6)
