@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from archon_moe import MoE, MoEArgs
+from archon_moe import MoE, MoEArgs, moe_load_metrics, update_aux_free_biases
 from archon_parallel.expert_parallel import all_to_all_autograd, apply_expert_parallel
 from archon_parallel.testing import run_ranks
 
@@ -118,7 +118,25 @@ def _error_and_a2a_checks(rank: int, world: int):
     x = torch.full((world * (rank + 1), 1), float(rank), requires_grad=True)
     y = all_to_all_autograd(x, [r + 1 for r in range(world)], [rank + 1] * world, mesh.get_group())
     (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1)).sum().backward()
-    return msg, y.detach(), x.grad
+    return msg, y.detach(), x.grad, _aux_free_and_metrics(rank, mesh)
+
+
+def _aux_free_args() -> MoEArgs:
+    return MoEArgs(dim=8, moe_inter_dim=8, num_experts=4, top_k=1, aux_free_bias=True, aux_free_update_rate=0.1)
+
+
+def _aux_free_tokens(rank: int) -> torch.Tensor:
+    return torch.randn(5 + rank, 8, generator=torch.Generator().manual_seed(rank))
+
+
+def _aux_free_and_metrics(rank: int, mesh):
+    torch.manual_seed(0)
+    model = nn.Sequential(MoE(_aux_free_args()), MoE(_aux_free_args()))
+    with torch.no_grad():
+        model(_aux_free_tokens(rank))
+    metrics = moe_load_metrics(model, group=mesh.get_group())
+    update_aux_free_biases(model, group=mesh.get_group())
+    return [m.router.expert_bias.clone() for m in model], metrics
 
 
 def _expert_slice(name: str, ref: torch.Tensor, ep: int, tp: int, etp: bool, ep_coord: int, tp_coord: int):
@@ -154,8 +172,20 @@ def test_ep2_ep4_ep2tp2_match_one_process():
     per_rank = run_ranks(_ep_rank, 4, layouts, timeout=500)
     _check(layouts, [r[0] for r in per_rank])
 
+    # Aux-free bias and load metrics use the global load: equal to one process on all ranks' tokens.
+    torch.manual_seed(0)
+    ref = nn.Sequential(MoE(_aux_free_args()), MoE(_aux_free_args()))
+    with torch.no_grad():
+        ref(torch.cat([_aux_free_tokens(r) for r in range(4)]))
+    ref_metrics = moe_load_metrics(ref)
+    update_aux_free_biases(ref)
+    for _, (_, _, _, (biases, metrics)) in per_rank:
+        for got, m in zip(biases, ref):
+            assert torch.equal(got, m.router.expert_bias)
+        assert metrics == ref_metrics
+
     world = 4
-    for rank, (_, (msg, y, grad)) in enumerate(per_rank):
+    for rank, (_, (msg, y, grad, _)) in enumerate(per_rank):
         assert "must divide the number of experts" in msg
         # received: r + 1 rows of value r from every rank r, in rank order
         assert y.flatten().tolist() == [float(r) for r in range(world) for _ in range(r + 1)]

@@ -92,11 +92,27 @@ def update_aux_free_biases(model: nn.Module, group: dist.ProcessGroup | None = N
     return len(routers)
 
 
-def moe_load_metrics(model: nn.Module, prefix: str = "moe") -> dict[str, float]:
-    """Per-layer load metrics of every MoE layer, keyed ``{prefix}/{module path}/{metric}``."""
+def moe_load_metrics(model: nn.Module, prefix: str = "moe", group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Per-layer load metrics of every MoE layer's last forward, keyed ``{prefix}/{module path}/{metric}``.
+
+    With ``group`` (the data-parallel group) the loads are summed over its ranks first (one all-reduce)
+    and the aux losses averaged, so every rank reports the global numbers.
+    """
+    layers = [(name or "moe", m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not layers:
+        return {}
+    loads_LE = torch.stack([m.tokens_per_expert.float() for _, m in layers])
+    aux_L = torch.stack([m.aux_loss.detach().float().to(loads_LE.device) for _, m in layers])
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        packed = torch.cat([loads_LE, aux_L.unsqueeze(1)], dim=1)
+        dist.all_reduce(packed, group=group)
+        loads_LE, aux_L = packed[:, :-1], packed[:, -1] / dist.get_world_size(group)
     out: dict[str, float] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, MoE):
-            for k, v in m.load_metrics().items():
-                out[f"{prefix}/{name or 'moe'}/{k}"] = v
+    for (name, _), load_E, aux in zip(layers, loads_LE.tolist(), aux_L.tolist()):
+        mean = sum(load_E) / len(load_E)
+        out[f"{prefix}/{name}/load_max"] = max(load_E)
+        out[f"{prefix}/{name}/load_mean"] = mean
+        out[f"{prefix}/{name}/load_max_over_mean"] = max(load_E) / max(mean, 1e-9)
+        out[f"{prefix}/{name}/aux_loss"] = aux
+        out[f"{prefix}/{name}/dropped_tokens"] = 0.0
     return out
