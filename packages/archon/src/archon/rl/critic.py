@@ -17,7 +17,28 @@ from archon.engine.logprobs import shift_to_tokens
 from archon.rl.actor import mean_stats
 from archon.rl.convert import from_packed, minibatches, to_packed
 
-__all__ = ["PPOCritic"]
+__all__ = ["PPOCritic", "load_backbone_from_lm"]
+
+
+def load_backbone_from_lm(model: Any, path: str) -> None:
+    """Load everything but the value head (``score``) of ``model`` from an HF causal-LM checkpoint.
+
+    The usual PPO critic init: the policy's (or a reward model's) backbone with a fresh scalar head.
+    """
+    from archon_ckpt import HFSource, SafetensorsReader, load_into_module
+
+    from archon.spec import get_model_spec
+
+    adapter = get_model_spec(model.args.model_type).state_dict_adapter(model.args)
+
+    def native_to_hf(name: str):
+        if name.startswith("score.") or adapter.is_native_only(name):
+            return None
+        keys, combine = adapter.hf_sources(name)
+        return HFSource(tuple(keys), combine if len(keys) > 1 else None)
+
+    load_into_module(model, SafetensorsReader(path), native_to_hf=native_to_hf, strict=False,
+                     ignore_unexpected=[r"rotary_emb\.inv_freq$", r"^lm_head\.weight$"])
 
 
 class PPOCritic:

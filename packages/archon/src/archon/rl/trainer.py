@@ -24,7 +24,7 @@ from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
-from archon.rl.critic import PPOCritic
+from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.sampler import EmbeddedSampler
 
@@ -54,12 +54,8 @@ class RLTrainer:
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
         self.critic = None
         if r.estimator == "gae":
-            ccfg = copy.deepcopy(cfg.critic)
-            ccfg.path = ccfg.path or cfg.actor.path
-            cengine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
-                                   total_steps=cfg.total_train_steps * r.n_minibatches, device=cfg.device,
-                                   head="value").initialize()
-            self.critic = PPOCritic(cengine, r.value_loss(), n_minibatches=r.n_minibatches, seed=cfg.sampling.seed)
+            self.critic = PPOCritic(self._critic_engine(), r.value_loss(), n_minibatches=r.n_minibatches,
+                                    seed=cfg.sampling.seed)
         self.ref = None
         if r.kl_coef > 0:
             self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
@@ -67,6 +63,20 @@ class RLTrainer:
                                        device=self.engine.device, autocast=self.engine._autocast)
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size
+
+    def _critic_engine(self) -> ArchonEngine:
+        """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
+        cfg = self.cfg
+        ccfg = copy.deepcopy(cfg.critic)
+        from_actor = not ccfg.path
+        if from_actor:
+            ccfg.path, ccfg.init_from_scratch = cfg.actor.path, True
+        engine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
+                              total_steps=cfg.total_train_steps * cfg.rl.n_minibatches, device=cfg.device,
+                              head="value").initialize()
+        if from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
+            load_backbone_from_lm(engine.model, cfg.actor.path)
+        return engine
 
     # ---------------------------------------------------------------------------------------------
     def sft_warmup(self) -> list[dict]:
@@ -169,6 +179,12 @@ class RLTrainer:
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
+
+
+def _has_weights(path: str) -> bool:
+    from archon.engine.build import _has_weights as has
+
+    return has(path)
 
 
 def run_rl(cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> list[dict]:
