@@ -59,20 +59,20 @@ def test_aux_free_bias_selects_only_and_is_a_checkpointed_buffer():
 def test_aux_free_bias_evens_skewed_load():
     num_experts = 8
     args = MoEArgs(dim=16, moe_inter_dim=8, num_experts=num_experts, top_k=2, aux_free_bias=True,
-                   aux_free_update_rate=0.001)
+                   aux_free_update_rate=0.003)
     torch.manual_seed(0)
     model = torch.nn.Sequential(MoE(args), MoE(args))
     with torch.no_grad():
         for m in model:  # skew: experts 0 and 1 win for almost every token
             m.router.gate.weight[:2, 0] += 3.0
-    x_TD = torch.randn(256, 16)
+    x_TD = torch.randn(128, 16)
     x_TD[:, 0] = 1.0 + x_TD[:, 0].abs()
 
     def max_over_mean(loads_LE: torch.Tensor) -> float:
         return float((loads_LE.max(dim=1).values / loads_LE.mean(dim=1)).max())
 
     history = []
-    for _ in range(500):
+    for _ in range(150):
         with torch.no_grad():
             history.append(torch.stack([m.router(x_TD).tokens_per_expert_E.float() for m in model]))
         assert update_aux_free_biases(model) == 2
