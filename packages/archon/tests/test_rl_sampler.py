@@ -102,3 +102,24 @@ def test_bad_sampling_config():
                     (dict(max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(ValueError, match=msg):
             SamplingConfig(**kw).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_cuda_sampler_logprobs_match_forward_batch(hf_dir, dtype, atol):
+    """On CUDA the engine's blocks are compiled (forward_batch) while the sampler runs them eagerly with a
+    KV cache, so kernels differ: fp32 agrees to 1e-4 (TF32 off by default), bf16 only to bf16 precision."""
+    d, _ = hf_dir
+    eng = ArchonEngine(ActorConfig(path=str(d), dtype=dtype), device="cuda").initialize()
+    sampler = EmbeddedSampler(eng.model, SamplingConfig(max_new_tokens=12), seed=2, autocast=eng._autocast)
+    gen = sampler.generate(PROMPTS * 8, step=0)
+    assert gen.tokens_BL.device.type == "cuda"
+    seqs = [p + r for p, r in zip(PROMPTS * 8, gen.responses())]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(PROMPTS * 8, gen.responses())]
+    batch = PackedBatch.from_sequences(seqs, masks)
+    ref_T = eng.forward_batch(batch)["logprobs"]
+    got_T = torch.cat([torch.cat([torch.zeros(len(p)), torch.tensor(lp)])
+                       for p, lp in zip(PROMPTS * 8, gen.response_logprobs())])
+    mask_T = batch.loss_mask.bool()
+    assert (got_T[mask_T] - ref_T[mask_T]).abs().max() <= atol
