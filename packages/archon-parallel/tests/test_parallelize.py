@@ -40,6 +40,16 @@ PLAN = ParallelPlan(
 )
 
 
+# MoE-like block under TP: the whole MLP runs replicated over tp on all tokens (gather in, cut out)
+PLAN_REPLICATED_MLP = ParallelPlan(
+    blocks="layers", embedding="tok_embeddings", norm="norm", head="output",
+    block_tp={k: v for k, v in PLAN.block_tp.items() if not k.startswith("feed_forward")}
+    | {"feed_forward": "gather_scatter_seq"},
+    num_heads=HEADS, num_kv_heads=KV_HEADS,
+)
+PLANS = {"dense": PLAN, "replicated_mlp": PLAN_REPLICATED_MLP}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -160,10 +170,10 @@ def reference():
     return train(make_model(), list(range(NUM_SEQS)))
 
 
-def _layout_run(rank, world_size, alloc, ac, fsdp=()):
+def _layout_run(rank, world_size, alloc, ac, fsdp=(), plan="dense"):
     dims = ParallelDims.from_allocation(alloc, world_size)
     cfg = FSDPConfig(param_dtype="float32", **dict(fsdp)) if fsdp else None
-    model = parallelize(make_model(), dims, PLAN, ac=ac, fsdp=cfg)
+    model = parallelize(make_model(), dims, PLANS[plan], ac=ac, fsdp=cfg)
     dp_rank = dims.build_meshes()["dp"].get_local_rank() if dims.dp_enabled else 0
     per_rank = NUM_SEQS // dims.dp
     seq_ids = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
@@ -212,9 +222,11 @@ EXPECTED_RANK1 = {
 LAYOUTS_2 = [("archon:d2", "none"), ("archon:d2", "selective"), ("archon:t2", "none"),
              ("archon:t2", "selective"), ("archon:d2", "full", (("reshard_after_forward", "always"),)),
              ("archon:t2", "selective:2"), ("archon:d2", "none", (("cpu_offload", True),)),
-             ("archon:d2", "selective", (("reshard_after_forward", "never"),))]
+             ("archon:d2", "selective", (("reshard_after_forward", "never"),)),
+             ("archon:t2", "none", (), "replicated_mlp")]
 LAYOUTS_4 = [("archon:d4", "none"), ("archon:d4", "selective"), ("archon:r2d2", "none"),
-             ("archon:r2d2", "selective"), ("archon:d2t2", "none"), ("archon:d2t2", "selective")]
+             ("archon:r2d2", "selective"), ("archon:d2t2", "none"), ("archon:d2t2", "selective"),
+             ("archon:d2t2", "none", (), "replicated_mlp")]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -290,6 +302,12 @@ def test_validate_tp():
     validate_tp(8, 4, 4)
     with pytest.raises(ValueError, match=r"num_kv_heads 2 is not divisible\); pick tp in \[1, 2\]"):
         validate_tp(8, 2, 4)
+
+
+def test_parallelize_checks_heads_against_tp():
+    plan = ParallelPlan(**{**PLAN.__dict__, "num_heads": 4, "num_kv_heads": 1})
+    with pytest.raises(ValueError, match="tensor parallel size 2 must divide the attention heads"):
+        parallelize(make_model(), ParallelDims(tp=2, world_size=2, dp_shard=1), plan)
 
 
 def test_plan_typo_is_rejected():

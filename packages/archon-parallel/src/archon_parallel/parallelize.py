@@ -24,7 +24,7 @@ from .compile import CompileConfig, apply_compile
 from .dims import ParallelDims, ParallelMeshes
 from .fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy
 from .plan import ParallelPlan
-from .tensor_parallel import apply_tp
+from .tensor_parallel import apply_tp, validate_tp
 
 __all__ = ["parallelize"]
 
@@ -92,6 +92,8 @@ def parallelize(
     materialised model whose parameters are identical on every rank. ``fsdp=None`` means plain fp32
     FSDP with default resharding. World size 1 applies only AC and compile.
     """
+    if dims.tp_enabled and plan.num_heads is not None:
+        validate_tp(plan.num_heads, plan.num_kv_heads or plan.num_heads, dims.tp)
     meshes: ParallelMeshes = dims.build_meshes(device_type)
     compile_cfg = CompileConfig(enabled=compile) if isinstance(compile, bool) else (compile or CompileConfig())
     ac_cfg = ACConfig.parse(ac)

@@ -62,6 +62,10 @@ class ParallelPlan:
     parent is the MoE layer handed to expert parallel, and it is FSDP-sharded over ``edp``. None if dense."""
     moe_tp: dict[str, str] = field(default_factory=dict)
     """Extra per-block TP plan applied only to MoE blocks (filled by the MoE model's plan)."""
+    num_heads: int | None = None
+    """Attention heads; with num_kv_heads, lets ``parallelize`` check that tp divides them."""
+    num_kv_heads: int | None = None
+    """Key/value heads (GQA)."""
 
     def block_list(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name, block) pairs in order, names relative to the model (``layers.0``...)."""
