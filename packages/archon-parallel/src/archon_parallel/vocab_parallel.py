@@ -123,7 +123,8 @@ def logprobs_entropy(logits_TV: torch.Tensor | DTensor, labels_T: torch.Tensor, 
     """Per-token ``(logprobs_T, entropy_T)`` in fp32, computed in token chunks of ``chunk_size``.
 
     A DTensor sharded on the vocab dim (a tensor-parallel head) goes to the vocab-parallel path; a
-    replicated DTensor is used through its local copy.
+    replicated DTensor is used through its local copy. Labels outside ``[0, V)`` (e.g. -100 on prompt
+    tokens) are allowed and give ``-logsumexp``: mask those tokens in the loss.
     """
     if isinstance(logits_TV, DTensor):
         if any(p.is_shard() for p in logits_TV.placements):
