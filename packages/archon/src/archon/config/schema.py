@@ -28,6 +28,11 @@ class ArchonEngineConfig:
     reshard_after_forward: str = doc("default", "FSDP2 reshard after forward: default | always | never")
     pad_to_maximum: bool | None = doc(None, "pad micro-batches to the token budget (static shapes); None = on with compile")
     logprob_chunk_size: int = doc(4096, "tokens per chunk when computing logprobs/entropy from the LM head")
+    tree_training_mode: str = doc("disabled", "prefix sharing: disabled | sparse (tree packed as one sequence, "
+                                  "ancestor-only attention) | dta (depth-first walk with prefix KV reuse); "
+                                  "in tree modes mb_max_tokens bounds tree tokens (each shared prefix once)")
+    tree_dta_block_size: int = doc(2048, "dta: most tokens forwarded with grad at once (longer trie nodes are "
+                                   "split into chained blocks); 0 = never split")
 
 
 @dataclass

@@ -8,6 +8,7 @@ AC_MODES = ("none", "full", "selective", "memory_budget")
 PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "GPipe")
 ATTN_IMPLS = ("auto", "sdpa", "varlen", "flex")
 CP_IMPLS = ("ulysses", "ring")
+TREE_MODES = ("disabled", "sparse", "dta")
 
 
 def validate_engine(cfg, dims, device: torch.device) -> None:
@@ -45,6 +46,20 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
         if getattr(load_hf_config(cfg.path), "tie_word_embeddings", False):
             raise ValueError("rule pp-tied-embeddings: pipeline parallelism (p>1) cannot split a model whose "
                              "embedding and LM head are tied (tie_word_embeddings=true); use p1 or an untied model")
+    if a.tree_training_mode not in TREE_MODES:
+        raise ValueError(f"actor.archon.tree_training_mode {a.tree_training_mode!r} is not one of {TREE_MODES}")
+    if a.tree_training_mode != "disabled":
+        if dims.pp > 1:
+            raise ValueError(f"rule tree-with-pp: tree_training_mode={a.tree_training_mode} runs whole trees through "
+                             "the model and cannot be split into pipeline stages; use p1 or tree_training_mode=disabled")
+        if dims.cp > 1:
+            raise ValueError(f"rule tree-with-cp: tree_training_mode={a.tree_training_mode} needs every tree token's "
+                             "ancestors on the same rank; use c1 or tree_training_mode=disabled")
+        if dims.tp > 1:
+            raise ValueError(f"rule tree-with-tp: tree_training_mode={a.tree_training_mode} does not pad trees for "
+                             "sequence-parallel shards yet; use t1 (scale with d) or tree_training_mode=disabled")
+    if a.tree_dta_block_size < 0:
+        raise ValueError(f"actor.archon.tree_dta_block_size must be >= 0 (0 = no split), got {a.tree_dta_block_size}")
     if cfg.mb_max_tokens <= 0:
         raise ValueError(f"actor.mb_max_tokens must be positive, got {cfg.mb_max_tokens}")
     if cfg.optimizer.gradient_clipping < 0:

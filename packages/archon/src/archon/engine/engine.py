@@ -83,7 +83,8 @@ class ArchonEngine:
 
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
-        self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast)
+        self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
+                                  dp_group=self.dp_group)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:
@@ -116,12 +117,12 @@ class ArchonEngine:
 
     # -- forward --------------------------------------------------------------------------------------
     def _micro_batches(self, batch: PackedBatch) -> list[list[int]]:
-        from archon_rl import plan_micro_batches, sync_num_micro_batches
+        from archon_rl import sync_num_micro_batches
 
-        plan = plan_micro_batches(batch.lengths.tolist(), self.cfg.mb_max_tokens)
+        plan = self.runner.plan_micro_batches(batch, self.cfg.mb_max_tokens)
         if self.dp_group is not None:  # every rank must run the same number of forward/backward passes
             n = sync_num_micro_batches(len(plan), self.dp_group, device=self.device if self.device.type == "cuda" else "cpu")
-            plan = plan_micro_batches(batch.lengths.tolist(), self.cfg.mb_max_tokens, num_micro_batches=n)
+            plan = self.runner.plan_micro_batches(batch, self.cfg.mb_max_tokens, num_micro_batches=n)
         return plan
 
     @torch.no_grad()
@@ -195,6 +196,7 @@ class ArchonEngine:
         local_w = max(sum(weights), 1e-12)
         out_stats = {k: v / local_w for k, v in stats_acc.items()}
         out_stats["loss"] = self._global_mean(loss_sum, total_w)
+        out_stats.update(self.runner.pop_stats())
         return out_stats
 
     def _global_mean(self, local_sum: float, total_weight: float) -> float:
@@ -249,9 +251,14 @@ class ArchonEngine:
                 for k, v in self.model.state_dict().items()}
 
 
-def make_runner(cfg, model, **kw) -> Runner:
-    """The micro-batch runner for this config (flat packed batches by default)."""
-    return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
+def make_runner(cfg, model, *, dp_group=None, **kw) -> Runner:
+    """The micro-batch runner for this config: flat packed batches, or a tree mode (`tree_training_mode`)."""
+    mode = cfg.archon.tree_training_mode
+    if mode == "disabled":
+        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
+    from archon.tree import make_tree_runner
+
+    return make_tree_runner(mode, cfg, model, dp_group=dp_group, **kw)
 
 
 def describe_dims(dims) -> str:

@@ -31,6 +31,17 @@ class Runner:
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
+                           ) -> list[list[int]]:
+        """Sequence indices of each micro-batch (an empty list is a padding micro-batch)."""
+        from archon_rl import plan_micro_batches
+
+        return plan_micro_batches(batch.lengths.tolist(), max_tokens, num_micro_batches=num_micro_batches)
+
+    def pop_stats(self) -> dict[str, float]:
+        """Counters accumulated by `forward_backward` since the last call (same on every DP rank)."""
+        return {}
+
     def forward_backward(self, mb: PackedBatch, loss_fn, scale: float, aux_scale: float, want_entropy: bool = True
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
         out = self.forward(mb, want_entropy)

@@ -152,13 +152,15 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None,
                 return_hidden: bool = False, labels: torch.Tensor | None = None, want_entropy: bool = False,
-                logprob_chunk_size: int = 4096, kv_hook=None) -> Any:
+                logprob_chunk_size: int = 4096, kv_hook=None, label_rows: torch.Tensor | None = None) -> Any:
         """Logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for packed input.
 
         `return_hidden=True` returns the final-normed hidden states instead of logits (the engine
         applies the head in chunks so full-vocab logits are never materialised for the whole batch).
         For a value head the output is [.., 1]-squeezed values. With `labels` (packed [T]) an LM head
-        returns (logprobs [T], entropy [T]) of those labels, computed chunk-wise inside the head.
+        returns (logprobs [T], entropy [T]) of those labels, computed chunk-wise inside the head; with
+        `label_rows` [P] too, label p is scored at token `label_rows[p]` (tree training: one token may
+        predict several children) and the results are [P].
         """
         if packed is None:
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
@@ -173,6 +175,8 @@ class Decoder(nn.Module):
             return packed.unflatten(h_TD)
         if self.output is not None:
             if labels is not None:
+                if label_rows is not None:
+                    h_TD = h_TD[label_rows]
                 return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
                                    want_entropy=want_entropy)
             return packed.unflatten(self.output(h_TD))

@@ -1,0 +1,133 @@
+"""Tree modes through the real engine equal flat packed training (fp32, CPU): loss, every parameter
+gradient, and forward_batch logprobs / entropy, on batches with and without shared prefixes.
+
+The reference is `tree_training_mode=disabled` (FlatRunner), which runs each sequence on its own.
+"""
+
+import pytest
+import torch
+from archon.config.schema import ActorConfig
+from archon.engine.batch import PackedBatch
+from archon.engine.engine import ArchonEngine
+from archon.testing import hf_model, tiny_hf_config
+from archon.train import sft_loss, target_tokens
+from archon_attn.tree.testing import grpo_batch, multiturn_batch
+
+VOCAB = 64
+
+
+def _batch(seqs: list[torch.Tensor], seed: int) -> PackedBatch:
+    g = torch.Generator().manual_seed(seed)
+    masks = [(torch.rand(len(s), generator=g) > 0.25).float().tolist() for s in seqs]
+    b = PackedBatch.from_sequences([s.tolist() for s in seqs], masks)
+    b.token_extras["old_logprobs"] = -torch.rand(b.num_tokens, generator=g) * 4
+    b.token_extras["advantages"] = torch.randn(b.num_tokens, generator=g)
+    return b
+
+
+def _batches() -> dict[str, PackedBatch]:
+    g = torch.Generator().manual_seed(7)
+    grpo = grpo_batch(g, 2, 3, 6, 5, vocab=VOCAB)
+    chains = multiturn_batch(g, 2, 3, 4, vocab=VOCAB)
+    base = torch.randint(0, VOCAB, (9,), generator=g)
+    prefix = [base, base[:4].clone(), torch.cat([base, torch.tensor([3, 5])]), base[:4].clone()]
+    lone = [torch.randint(0, VOCAB, (int(n),), generator=g) + i * 0 for i, n in enumerate([5, 7, 1, 4])]
+    lone = [torch.cat([torch.tensor([i]), s]) for i, s in enumerate(lone)]  # distinct first tokens: no sharing
+    return {"grpo": _batch(grpo, 1), "multiturn": _batch(chains, 2), "prefix": _batch(prefix, 3),
+            "no_sharing": _batch(lone, 4)}
+
+
+def ppo_like_loss(out: dict[str, torch.Tensor], mb: PackedBatch):
+    """Clipped-ratio policy loss with an entropy bonus: non-linear in logprobs, uses entropy's gradient."""
+    mask = mb.loss_mask
+    ratio = torch.exp(out["logprobs"] - mb["old_logprobs"])
+    adv = mb["advantages"]
+    pg = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    return ((pg - 0.01 * out["entropy"]) * mask).sum(), {"ratio": (ratio * mask).sum().detach() / mask.sum()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: extra intra-op threads only oversubscribe it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tree_m")
+    hf_model(tiny_hf_config("qwen3", vocab_size=VOCAB, num_hidden_layers=2)).save_pretrained(d)
+    return str(d)
+
+
+def _engine(model_dir: str, mode: str, mb_max_tokens: int = 4096, **archon_kw) -> ArchonEngine:
+    actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=mb_max_tokens, seed=3)
+    actor.archon.tree_training_mode = mode
+    for k, v in archon_kw.items():
+        setattr(actor.archon, k, v)
+    return ArchonEngine(actor, device="cpu").initialize()
+
+
+def _grads(eng: ArchonEngine, batch: PackedBatch, loss_fn) -> tuple[dict, dict[str, torch.Tensor]]:
+    eng.optimizer.zero_grad(set_to_none=True)
+    stats = eng.accumulate_grads(batch, loss_fn, target_tokens)
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.detach().clone()
+             for n, p in eng.model.named_parameters()}
+    return stats, grads
+
+
+def _assert_close(ref: torch.Tensor, got: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    rel = float((ref - got).norm() / ref.norm().clamp(min=1e-30))
+    assert rel <= tol, f"{what}: relative diff {rel:.2e}"
+
+
+CONFIGS = {
+    "sparse": dict(mode="sparse"),
+    "sparse/small_mb": dict(mode="sparse", mb_max_tokens=24),
+    "dta": dict(mode="dta", tree_dta_block_size=0),
+    "dta/block3/small_mb": dict(mode="dta", tree_dta_block_size=3, mb_max_tokens=24),
+    "dta/block2/full_ac": dict(mode="dta", tree_dta_block_size=2, ac_mode="full"),
+}
+
+
+@pytest.fixture(scope="module")
+def flat(model_dir):
+    return _engine(model_dir, "disabled")
+
+
+@pytest.fixture(scope="module")
+def references(flat):
+    batches = _batches()
+    ref = {}
+    for name, b in batches.items():
+        out = flat.forward_batch(b, want_entropy=True)
+        for loss_name, loss_fn in (("sft", sft_loss), ("ppo", ppo_like_loss)):
+            ref[name, loss_name] = _grads(flat, b, loss_fn)
+        ref[name, "forward"] = out
+    return batches, ref
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_tree_mode_equals_flat(model_dir, references, config):
+    batches, ref = references
+    kw = dict(CONFIGS[config])
+    eng = _engine(model_dir, kw.pop("mode"), **kw)
+    for name, b in batches.items():
+        out = eng.forward_batch(b, want_entropy=True)
+        for k in ("logprobs", "entropy"):
+            torch.testing.assert_close(out[k], ref[name, "forward"][k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
+        for loss_name, loss_fn in (("sft", sft_loss), ("ppo", ppo_like_loss)):
+            ref_stats, ref_grads = ref[name, loss_name]
+            stats, grads = _grads(eng, b, loss_fn)
+            assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * abs(ref_stats["loss"]), (name, loss_name)
+            assert grads.keys() == ref_grads.keys()
+            for n, g in ref_grads.items():
+                _assert_close(g, grads[n], f"{config} {name} {loss_name} {n}")
+            assert stats["flat_tokens"] == b.num_tokens
+            assert stats["tree_tokens"] <= b.num_tokens
+            if name == "no_sharing":
+                assert stats["tree_compression"] == 1.0
+            if name == "grpo":
+                assert stats["tree_compression"] > 1.3
