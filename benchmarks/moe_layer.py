@@ -16,24 +16,30 @@ import json
 import os
 
 import torch
+from archon_moe import MoE, MoEArgs
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-from archon_moe import MoE, MoEArgs
 
 HIDDEN, EXPERT_DIM, NUM_EXPERTS, TOP_K = 2048, 768, 128, 8
 
 
 def hf_block(impl: str) -> torch.nn.Module:
-    cfg = Qwen3MoeConfig(hidden_size=HIDDEN, moe_intermediate_size=EXPERT_DIM, num_experts=NUM_EXPERTS,
-                         num_experts_per_tok=TOP_K, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=EXPERT_DIM,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=True,
+    )
     cfg._experts_implementation = impl
     return Qwen3MoeSparseMoeBlock(cfg).cuda().to(torch.bfloat16)
 
 
 def our_layer_from(hf: torch.nn.Module) -> MoE:
     # gate_fp32=False: HF runs the gate GEMM in the hidden dtype; keep the comparison like for like.
-    args = MoEArgs(dim=HIDDEN, moe_inter_dim=EXPERT_DIM, num_experts=NUM_EXPERTS, top_k=TOP_K, gate_fp32=False)
+    args = MoEArgs(
+        dim=HIDDEN, moe_inter_dim=EXPERT_DIM, num_experts=NUM_EXPERTS, top_k=TOP_K, gate_fp32=False
+    )
     ours = MoE(args).cuda().to(torch.bfloat16)
     with torch.no_grad():
         ours.router.gate.weight.copy_(hf.gate.weight)

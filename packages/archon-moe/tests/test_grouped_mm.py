@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from archon_moe import GroupedExperts, grouped_mm, grouped_mm_reference, uses_grouped_kernel
 
 

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from archon_moe import MoE, MoEArgs
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-from archon_moe import MoE, MoEArgs
 
 
 def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -15,14 +14,21 @@ def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _pair(dim: int, inter: int, num_experts: int, top_k: int, norm: bool, seed: int = 0):
-    cfg = Qwen3MoeConfig(hidden_size=dim, moe_intermediate_size=inter, num_experts=num_experts,
-                         num_experts_per_tok=top_k, norm_topk_prob=norm)
+    cfg = Qwen3MoeConfig(
+        hidden_size=dim,
+        moe_intermediate_size=inter,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+    )
     cfg._experts_implementation = "eager"
     torch.manual_seed(seed)
     hf = Qwen3MoeSparseMoeBlock(cfg)
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    ours = MoE(MoEArgs(dim=dim, moe_inter_dim=inter, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm))
+    ours = MoE(
+        MoEArgs(dim=dim, moe_inter_dim=inter, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm)
+    )
     with torch.no_grad():
         ours.router.gate.weight.copy_(hf.gate.weight)
         ours.experts.w1.copy_(hf.experts.gate_up_proj[:, :inter])

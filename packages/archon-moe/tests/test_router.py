@@ -2,9 +2,8 @@
 aux-loss-free bias evens a skewed load."""
 
 import torch
-from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
-
 from archon_moe import MoE, MoEArgs, TopKRouter, moe_load_metrics, update_aux_free_biases
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 
 def test_aux_loss_matches_hf_and_has_grad():
@@ -27,8 +26,15 @@ def test_aux_loss_matches_hf_and_has_grad():
 
 
 def test_sigmoid_scores_norm_and_route_scale_match_naive():
-    args = MoEArgs(dim=16, moe_inter_dim=8, num_experts=8, top_k=3, score_func="sigmoid",
-                   norm_topk_prob=True, route_scale=2.5)
+    args = MoEArgs(
+        dim=16,
+        moe_inter_dim=8,
+        num_experts=8,
+        top_k=3,
+        score_func="sigmoid",
+        norm_topk_prob=True,
+        route_scale=2.5,
+    )
     torch.manual_seed(0)
     router = TopKRouter(args)
     x_TD = torch.randn(20, 16)
@@ -58,8 +64,14 @@ def test_aux_free_bias_selects_only_and_is_a_checkpointed_buffer():
 
 def test_aux_free_bias_evens_skewed_load():
     num_experts = 8
-    args = MoEArgs(dim=16, moe_inter_dim=8, num_experts=num_experts, top_k=2, aux_free_bias=True,
-                   aux_free_update_rate=0.003)
+    args = MoEArgs(
+        dim=16,
+        moe_inter_dim=8,
+        num_experts=num_experts,
+        top_k=2,
+        aux_free_bias=True,
+        aux_free_update_rate=0.003,
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(MoE(args), MoE(args))
     with torch.no_grad():

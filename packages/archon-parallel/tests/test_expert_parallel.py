@@ -4,15 +4,13 @@ Layouts: ep2, ep4, ep2 x tp2 with etp=1 and with etp=tp. Every dp rank (ep coord
 tokens, skewed so that some experts get no tokens from some ranks (uneven all-to-all, zero splits).
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-
 from archon_moe import MoE, MoEArgs, moe_load_metrics, update_aux_free_biases
 from archon_parallel.expert_parallel import all_to_all_autograd, apply_expert_parallel
 from archon_parallel.testing import run_ranks
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 DIM, INTER, EXPERTS, TOP_K, CLASSES, STEPS, LR = 32, 16, 8, 2, 5, 3, 0.1
 
@@ -98,8 +96,8 @@ def _ep_rank(rank: int, world: int, layouts: list[tuple[int, int, bool]]):
         total = sum(c[0].shape[0] for c in chunks)
         dp_group = ep_mesh.get_group()  # dense params are data parallel over ep; tp replicas agree
 
-        def reduce_dense(t: torch.Tensor) -> None:
-            dist.all_reduce(t, group=dp_group)
+        def reduce_dense(t: torch.Tensor, group=dp_group) -> None:
+            dist.all_reduce(t, group=group)
 
         history = _train(net, x_TD, labels_T, total, reduce_dense)
         results.append({"ep_coord": ep_coord, "tp_coord": tp_coord, "history": history})
@@ -122,7 +120,9 @@ def _error_and_a2a_checks(rank: int, world: int):
 
 
 def _aux_free_args() -> MoEArgs:
-    return MoEArgs(dim=8, moe_inter_dim=8, num_experts=4, top_k=1, aux_free_bias=True, aux_free_update_rate=0.1)
+    return MoEArgs(
+        dim=8, moe_inter_dim=8, num_experts=4, top_k=1, aux_free_bias=True, aux_free_update_rate=0.1
+    )
 
 
 def _aux_free_tokens(rank: int) -> torch.Tensor:
@@ -155,7 +155,9 @@ def _check(layouts, results_per_rank):
         for rank_results in results_per_rank:
             res = rank_results[li]
             for step, (got, want) in enumerate(zip(res["history"], ref)):
-                where = f"ep{ep} tp{tp} etp={etp} rank(ep={res['ep_coord']}, tp={res['tp_coord']}) step {step}"
+                where = (
+                    f"ep{ep} tp{tp} etp={etp} rank(ep={res['ep_coord']}, tp={res['tp_coord']}) step {step}"
+                )
                 torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-7, msg=where)
                 saw_zero_split |= any(bool((c == 0).any()) for c in got["counts"])
                 for name, g_ref in want.items():

@@ -61,7 +61,9 @@ def permute_by_expert(
     """
     top_k = experts_TK.shape[1]
     order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
-    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+    inverse_N = torch.empty_like(order_N).scatter_(
+        0, order_N, torch.arange(order_N.numel(), device=order_N.device)
+    )
     return _GatherRows.apply(x_TD, order_N // top_k, inverse_N, top_k), order_N, inverse_N
 
 

@@ -43,7 +43,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         w1_EID, w3_EID, w2_EDI = (local_tensor(w) for w in (self.w1, self.w3, self.w2))
         if counts_E.shape[0] != w1_EID.shape[0]:
-            raise ValueError(f"got counts for {counts_E.shape[0]} experts but {w1_EID.shape[0]} local experts")
+            raise ValueError(
+                f"got counts for {counts_E.shape[0]} experts but {w1_EID.shape[0]} local experts"
+            )
         h_NI = F.silu(grouped_mm(x_ND, w1_EID, counts_E)) * grouped_mm(x_ND, w3_EID, counts_E)
         return grouped_mm(h_NI, w2_EDI, counts_E)
 

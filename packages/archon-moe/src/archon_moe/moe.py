@@ -48,7 +48,9 @@ class MoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if x_TD.dim() != 2:
-            raise ValueError(f"MoE expects packed tokens [T, D], got shape {tuple(x_TD.shape)}; flatten batch dims")
+            raise ValueError(
+                f"MoE expects packed tokens [T, D], got shape {tuple(x_TD.shape)}; flatten batch dims"
+            )
         route = self.router(x_TD)
         self.aux_loss = route.aux_loss
         self.tokens_per_expert = route.tokens_per_expert_E
@@ -92,7 +94,9 @@ def update_aux_free_biases(model: nn.Module, group: dist.ProcessGroup | None = N
     return len(routers)
 
 
-def moe_load_metrics(model: nn.Module, prefix: str = "moe", group: dist.ProcessGroup | None = None) -> dict[str, float]:
+def moe_load_metrics(
+    model: nn.Module, prefix: str = "moe", group: dist.ProcessGroup | None = None
+) -> dict[str, float]:
     """Per-layer load metrics of every MoE layer's last forward, keyed ``{prefix}/{module path}/{metric}``.
 
     With ``group`` (the data-parallel group) the loads are summed over its ranks first (one all-reduce)

@@ -66,8 +66,9 @@ class TopKRouter(nn.Module):
         if args.aux_free_bias:
             self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
             # Load accumulated over the forwards since the last bias update (micro-batches, layers' calls).
-            self.register_buffer("load_since_update", torch.zeros(args.num_experts, dtype=torch.float32),
-                                 persistent=False)
+            self.register_buffer(
+                "load_since_update", torch.zeros(args.num_experts, dtype=torch.float32), persistent=False
+            )
         else:
             self.expert_bias = None
 
@@ -102,7 +103,9 @@ class TopKRouter(nn.Module):
         if self.expert_bias is not None and self.training:
             self.load_since_update += tokens_per_expert_E.float()
         if self.aux_loss_coef > 0 and self.training:
-            probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            probs_TE = (
+                scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            )
             aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, tokens_per_expert_E)
         else:
             aux_loss = logits_TE.new_zeros(())

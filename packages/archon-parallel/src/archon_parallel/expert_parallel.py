@@ -53,8 +53,9 @@ except ImportError:  # pragma: no cover - older torch
     _funcol_a2a = None
 
 
-def all_to_all_autograd(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int],
-                        group: dist.ProcessGroup) -> torch.Tensor:
+def all_to_all_autograd(
+    x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup
+) -> torch.Tensor:
     """Uneven all-to-all of rows with autograd (backward: the reverse all-to-all).
 
     The one place that calls a collective with autograd: the functional-collectives variant traces
@@ -158,7 +159,9 @@ def _joint_mesh(ep_mesh: DeviceMesh, etp_mesh: DeviceMesh) -> DeviceMesh:
     return root[(ep_name, etp_name)]
 
 
-def apply_expert_parallel(moe: nn.Module, ep_mesh: DeviceMesh, etp_mesh: DeviceMesh | None = None) -> nn.Module:
+def apply_expert_parallel(
+    moe: nn.Module, ep_mesh: DeviceMesh, etp_mesh: DeviceMesh | None = None
+) -> nn.Module:
     """Shard ``moe.experts`` over ``ep_mesh`` (dim 0) and, if ``etp_mesh`` is given, over it on the
     expert inter dim; install the all-to-all runner. Call on real or meta parameters before FSDP.
 
@@ -168,14 +171,18 @@ def apply_expert_parallel(moe: nn.Module, ep_mesh: DeviceMesh, etp_mesh: DeviceM
     """
     experts = getattr(moe, "experts", None)
     if experts is None or not hasattr(moe, "expert_runner"):
-        raise TypeError(f"apply_expert_parallel needs an MoE module with .experts and .expert_runner, got {type(moe)}")
+        raise TypeError(
+            f"apply_expert_parallel needs an MoE module with .experts and .expert_runner, got {type(moe)}"
+        )
     if ep_mesh.ndim != 1 or (etp_mesh is not None and etp_mesh.ndim != 1):
         raise ValueError("ep_mesh and etp_mesh must be 1-D device meshes")
     ep = ep_mesh.size()
     num_experts = experts.w1.shape[0]
     if num_experts % ep:
-        raise ValueError(f"ep size {ep} must divide the number of experts {num_experts}; pick ep in "
-                         f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0]}")
+        raise ValueError(
+            f"ep size {ep} must divide the number of experts {num_experts}; pick ep in "
+            f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0]}"
+        )
     if etp_mesh is None:
         mesh, shard_in, shard_out = ep_mesh, (Shard(0),), (Shard(0),)
     else:
@@ -190,6 +197,7 @@ def apply_expert_parallel(moe: nn.Module, ep_mesh: DeviceMesh, etp_mesh: DeviceM
             raise ValueError(f"experts.{name} is already a DTensor; apply expert parallel once, before FSDP")
         dt = distribute_tensor(param.data, mesh, placements)
         setattr(experts, name, nn.Parameter(dt, requires_grad=param.requires_grad))
-    moe.expert_runner = ExpertParallelRunner(ep_mesh.get_group(), None if etp_mesh is None else etp_mesh.get_group())
+    moe.expert_runner = ExpertParallelRunner(
+        ep_mesh.get_group(), None if etp_mesh is None else etp_mesh.get_group()
+    )
     return moe
-
