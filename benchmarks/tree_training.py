@@ -1,0 +1,157 @@
+"""GPU benchmark: tree training (sparse, dta) vs flat packed training through the real engine, same run.
+
+    python benchmarks/tree_training.py            # Qwen3-1.7B shape, bf16, GRPO + multi-turn batches
+    python benchmarks/tree_training.py --quick    # a small smoke run (tiny model, small batches)
+
+Model: Qwen3-1.7B-shaped random init (hidden 2048, 28 layers, 16 heads, 8 kv heads, head_dim 128,
+ffn 6144, vocab 151936, tied embeddings). Batches: GRPO (16 prompts x 8 samples, 4K-token shared
+prompts, 512-2K-token responses, loss on responses) and multi-turn (chains whose every turn extends the
+previous one's history). For each batch and each `tree_training_mode` a fresh engine (same seed, same
+weights) runs `--warmup` then `--steps` optimizer steps; we report effective tokens/s (FLAT tokens per
+second, so modes are comparable), speed-up over `disabled`, peak GPU memory, the tree compression
+ratio and the first-step loss (equal across modes up to bf16 noise). Prints a table, then JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+from archon.config.schema import ActorConfig
+from archon.engine.batch import PackedBatch
+from archon.engine.engine import ArchonEngine
+from archon.train import sft_loss, target_tokens
+
+FULL = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+QUICK = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def write_config(shape: dict, out_dir: str) -> str:
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(**shape, max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True,
+                      rms_norm_eps=1e-6)
+    cfg.save_pretrained(out_dir)
+    return os.path.join(out_dir, "config.json")
+
+
+def grpo_batch(g: torch.Generator, vocab: int, prompts: int, samples: int, prompt_len: int, resp: tuple[int, int]
+               ) -> PackedBatch:
+    seqs, masks = [], []
+    for _ in range(prompts):
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
+        for _ in range(samples):
+            n = int(torch.randint(resp[0], resp[1] + 1, (1,), generator=g))
+            seqs.append(torch.cat([prompt, torch.randint(0, vocab, (n,), generator=g)]).tolist())
+            masks.append([0.0] * prompt_len + [1.0] * n)
+    return PackedBatch.from_sequences(seqs, masks)
+
+
+def multiturn_batch(g: torch.Generator, vocab: int, chains: int, turns: int, turn: tuple[int, int]) -> PackedBatch:
+    seqs = []
+    for _ in range(chains):
+        hist = torch.randint(0, vocab, (turn[1],), generator=g)
+        for _ in range(turns):
+            n = int(torch.randint(turn[0], turn[1] + 1, (1,), generator=g))
+            hist = torch.cat([hist, torch.randint(0, vocab, (n,), generator=g)])
+            seqs.append(hist.tolist())
+    return PackedBatch.from_sequences(seqs)
+
+
+def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
+    actor = ActorConfig(path=cfg_path, init_from_scratch=True, dtype=args.dtype, mb_max_tokens=args.mb_max_tokens,
+                        seed=1)
+    actor.archon.tree_training_mode = mode
+    actor.archon.tree_dta_block_size = args.dta_block_size
+    actor.archon.enable_compile = args.compile
+    actor.archon.ac_mode = args.ac
+    eng = ArchonEngine(actor, device=args.device).initialize()
+    cuda = args.device == "cuda"
+    first_loss, stats = None, {}
+    for _ in range(args.warmup):
+        stats = eng.train_batch(batch, sft_loss, target_tokens)
+        first_loss = stats["loss"] if first_loss is None else first_loss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        stats = eng.train_batch(batch, sft_loss, target_tokens)
+        first_loss = stats["loss"] if first_loss is None else first_loss
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    res = dict(mode=mode, step_s=dt, tokens_per_s=batch.num_tokens / dt,
+               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, first_loss=first_loss,
+               compression=stats.get("tree_compression", 1.0), tree_tokens=stats.get("tree_tokens", batch.num_tokens))
+    del eng
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model and batches: a smoke run")
+    p.add_argument("--modes", default="disabled,sparse,dta")
+    p.add_argument("--batches", default="grpo,multiturn")
+    p.add_argument("--mb-max-tokens", type=int, default=None, help="default 16384 (quick: 2048)")
+    p.add_argument("--dta-block-size", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--ac", default="none", help="actor.archon.ac_mode for every mode")
+    p.add_argument("--compile", action="store_true", help="torch.compile blocks (off by default for all modes)")
+    p.add_argument("--json", default=None, help="also write the JSON here")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda", help="cpu only to check the script's logic with --quick")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    if args.mb_max_tokens is None:
+        args.mb_max_tokens = 2048 if args.quick else 16384
+    shape = QUICK if args.quick else FULL
+    g = torch.Generator().manual_seed(0)
+    vocab = shape["vocab_size"]
+    if args.quick:
+        batches = {"grpo": lambda: grpo_batch(g, vocab, 4, 4, 256, (64, 128)),
+                   "multiturn": lambda: multiturn_batch(g, vocab, 4, 3, (64, 128))}
+    else:
+        batches = {"grpo": lambda: grpo_batch(g, vocab, 16, 8, 4096, (512, 2048)),
+                   "multiturn": lambda: multiturn_batch(g, vocab, 16, 4, (512, 1536))}
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path = write_config(shape, d)
+        for bname in args.batches.split(","):
+            batch = batches[bname]()
+            for mode in args.modes.split(","):
+                r = run_mode(cfg_path, mode, batch, args)
+                r.update(batch=bname, flat_tokens=batch.num_tokens, sequences=batch.num_seqs)
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    base = {r["batch"]: r["tokens_per_s"] for r in results if r["mode"] == "disabled"}
+    print(f"\n{'batch':<10} {'mode':<9} {'flat tok':>9} {'compr':>6} {'eff tok/s':>10} {'vs flat':>8} "
+          f"{'peak GiB':>9} {'loss':>9}")
+    for r in results:
+        r["speedup_vs_disabled"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
+        sp = f"{r['speedup_vs_disabled']:.2f}x" if r["speedup_vs_disabled"] else "-"
+        print(f"{r['batch']:<10} {r['mode']:<9} {r['flat_tokens']:>9} {r['compression']:>6.2f} "
+              f"{r['tokens_per_s']:>10.0f} {sp:>8} {r['peak_mem_gib']:>9.1f} {r['first_loss']:>9.4f}")
+    out = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__, quick=args.quick,
+               mb_max_tokens=args.mb_max_tokens, dta_block_size=args.dta_block_size, ac=args.ac,
+               compile=args.compile, results=results)
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
