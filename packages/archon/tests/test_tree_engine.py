@@ -131,3 +131,28 @@ def test_tree_mode_equals_flat(model_dir, references, config):
                 assert stats["tree_compression"] == 1.0
             if name == "grpo":
                 assert stats["tree_compression"] > 1.3
+
+
+def value_loss(out: dict[str, torch.Tensor], mb: PackedBatch):
+    return (((out["values"] - mb["advantages"]) ** 2) * mb.loss_mask).sum()
+
+
+def test_value_head_tree_modes_equal_flat(model_dir):
+    batches = _batches()
+    engines = {}
+    for mode, kw in (("disabled", {}), ("sparse", {}), ("dta", dict(tree_dta_block_size=3))):
+        actor = ActorConfig(path=model_dir, init_from_scratch=True, dtype="float32", seed=3)
+        actor.archon.tree_training_mode = mode
+        for k, v in kw.items():
+            setattr(actor.archon, k, v)
+        engines[mode] = ArchonEngine(actor, device="cpu", head="value").initialize()
+    for name in ("grpo", "prefix"):
+        b = batches[name]
+        ref_v = engines["disabled"].forward_batch(b)["values"]
+        ref_stats, ref_grads = _grads(engines["disabled"], b, value_loss)
+        for mode in ("sparse", "dta"):
+            torch.testing.assert_close(engines[mode].forward_batch(b)["values"], ref_v, rtol=1e-5, atol=1e-5)
+            stats, grads = _grads(engines[mode], b, value_loss)
+            assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * abs(ref_stats["loss"])
+            for n, g in ref_grads.items():
+                _assert_close(g, grads[n], f"value {mode} {name} {n}")
