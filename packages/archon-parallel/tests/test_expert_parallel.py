@@ -116,6 +116,22 @@ def _error_and_a2a_checks(rank: int, world: int):
     x = torch.full((world * (rank + 1), 1), float(rank), requires_grad=True)
     y = all_to_all_autograd(x, [r + 1 for r in range(world)], [rank + 1] * world, mesh.get_group())
     (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1)).sum().backward()
+    # On meta parameters (the integrator's build order) and with a rank that has no tokens at all.
+    with torch.device("meta"):
+        meta_moe = MoE(MoEArgs(dim=8, moe_inter_dim=8, num_experts=8, top_k=2))
+    apply_expert_parallel(meta_moe, mesh)
+    assert meta_moe.experts.w1.to_local().shape == (8 // world, 8, 8) and meta_moe.experts.w1.shape == (
+        8,
+        8,
+        8,
+    )
+    torch.manual_seed(0)
+    moe = MoE(MoEArgs(dim=8, moe_inter_dim=8, num_experts=8, top_k=2, aux_loss_coef=0.1))
+    apply_expert_parallel(moe, mesh)
+    x_empty = torch.randn(0 if rank == 1 else 6, 8, requires_grad=True)
+    y_empty = moe(x_empty)
+    (y_empty.sum() + moe.aux_loss).backward()
+    assert y_empty.shape == x_empty.shape and torch.isfinite(moe.experts.w1.grad.to_local()).all()
     return msg, y.detach(), x.grad, _aux_free_and_metrics(rank, mesh)
 
 

@@ -47,7 +47,9 @@ class _GatherRows(torch.autograd.Function):
         (inverse_N,) = ctx.saved_tensors
         grad_flat_ND = grad_ND.index_select(0, inverse_N)
         if ctx.fan_out > 1:
-            grad_flat_ND = grad_flat_ND.view(-1, ctx.fan_out, grad_ND.shape[-1]).sum(dim=1)
+            grad_flat_ND = grad_flat_ND.view(
+                grad_flat_ND.shape[0] // ctx.fan_out, ctx.fan_out, grad_ND.shape[-1]
+            ).sum(dim=1)
         return grad_flat_ND, None, None, None
 
 
@@ -72,5 +74,5 @@ def unpermute_and_combine(
 ) -> torch.Tensor:
     """Bring expert outputs back to (token, choice) order and take the weighted sum over choices."""
     num_tokens, top_k = weights_TK.shape
-    y_TKD = _GatherRows.apply(y_ND, inverse_N, order_N, 1).view(num_tokens, top_k, -1)
+    y_TKD = _GatherRows.apply(y_ND, inverse_N, order_N, 1).view(num_tokens, top_k, y_ND.shape[-1])
     return torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)

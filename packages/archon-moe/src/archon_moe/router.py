@@ -43,7 +43,9 @@ def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tenso
     tokens this rank sees (per micro-batch), like HF.
     """
     num_tokens, num_experts = probs_TE.shape
-    frac_E = tokens_per_expert_E.to(probs_TE.dtype) / max(num_tokens, 1)
+    if num_tokens == 0:  # an empty micro-batch (possible under EP) must not turn the loss into NaN
+        return probs_TE.sum() * 0.0
+    frac_E = tokens_per_expert_E.to(probs_TE.dtype) / num_tokens
     return num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
 
 

@@ -159,6 +159,16 @@ def _joint_mesh(ep_mesh: DeviceMesh, etp_mesh: DeviceMesh) -> DeviceMesh:
     return root[(ep_name, etp_name)]
 
 
+def _shard_locally(full: torch.Tensor, mesh: DeviceMesh, placements: tuple) -> DTensor:
+    # src_data_rank=None: every rank keeps its own slice of the full tensor it holds, with no
+    # communication (works on meta tensors; ranks must hold identical weights, as after a seeded init
+    # or before loading). The keyword exists since torch 2.6; older versions scatter from rank 0.
+    try:
+        return distribute_tensor(full, mesh, placements, src_data_rank=None)
+    except TypeError:  # pragma: no cover - torch < 2.6
+        return distribute_tensor(full, mesh, placements)
+
+
 def apply_expert_parallel(
     moe: nn.Module, ep_mesh: DeviceMesh, etp_mesh: DeviceMesh | None = None
 ) -> nn.Module:
@@ -195,7 +205,7 @@ def apply_expert_parallel(
         param = getattr(experts, name)
         if isinstance(param, DTensor):
             raise ValueError(f"experts.{name} is already a DTensor; apply expert parallel once, before FSDP")
-        dt = distribute_tensor(param.data, mesh, placements)
+        dt = _shard_locally(param.data, mesh, placements)
         setattr(experts, name, nn.Parameter(dt, requires_grad=param.requires_grad))
     moe.expert_runner = ExpertParallelRunner(
         ep_mesh.get_group(), None if etp_mesh is None else etp_mesh.get_group()
