@@ -4,9 +4,8 @@ speaks the kv_hook protocol (no archon model needed)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from archon_rl import SamplingConfig, generate
+from torch import nn
 
 V, D, H, G = 23, 16, 4, 2
 

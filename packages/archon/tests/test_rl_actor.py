@@ -1,11 +1,9 @@
 """PPOActor / PPOCritic against naive per-token references; minibatching; GAE + KL end to end;
 training after an offload/onload round trip is bitwise identical."""
 
+import archon
 import pytest
 import torch
-from archon_rl import AdvantageConfig, PPOLossConfig, RolloutBatch, ValueLossConfig
-
-import archon
 from archon.config.fields import load_config
 from archon.config.schema import ActorConfig
 from archon.engine.engine import ArchonEngine
@@ -13,6 +11,7 @@ from archon.rl import PPOActor, PPOCritic, RLConfig, RLTrainer, minibatches, to_
 from archon.rl.critic import load_backbone_from_lm
 from archon.testing import hf_model, tiny_hf_config
 from archon.train import sft_loss, target_tokens
+from archon_rl import AdvantageConfig, PPOLossConfig, RolloutBatch, ValueLossConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,15 @@
 """Embedded sampler: greedy equals HF generate, behaviour logprobs equal forward_batch, stop tokens,
 top-k / top-p support, and no side effects on the trained model or the global RNG."""
 
+import archon
 import pytest
 import torch
-from archon_rl import SamplingConfig, sample_tokens
-
-import archon
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.rl import EmbeddedSampler
 from archon.testing import hf_model, tiny_hf_config
+from archon_rl import SamplingConfig, sample_tokens
 
 PROMPTS = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45, 46], [7, 7, 7, 7]]
 

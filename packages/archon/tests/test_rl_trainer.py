@@ -4,10 +4,9 @@ and weight callbacks carry the version, and the reward loader accepts both path 
 import json
 import os
 
+import archon
 import pytest
 import torch
-
-import archon
 from archon.cli import main
 from archon.config.fields import load_config
 from archon.rl import RLConfig, RLTrainer, load_reward_fn, run_rl
