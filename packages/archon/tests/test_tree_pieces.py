@@ -5,15 +5,14 @@ Legend: N: tree tokens, B: blocks, Q: a block's tokens, C: cached ancestor token
 
 import pytest
 import torch
-from archon_attn.tree import build_tree
-from archon_attn.tree.dta import dta_schedule, prefix_attention
-from archon_attn.tree.testing import mixed_batch
-from archon_parallel.dims import ParallelDims
-
 from archon.config.schema import ActorConfig
 from archon.config.validate import validate_engine
 from archon.engine.batch import PackedBatch
 from archon.tree import balance_for_tree, tree_balance
+from archon_attn.tree import build_tree
+from archon_attn.tree.dta import dta_schedule, prefix_attention
+from archon_attn.tree.testing import mixed_batch
+from archon_parallel.dims import ParallelDims
 
 
 @pytest.mark.parametrize("block_size", [0, 1, 2, 5])

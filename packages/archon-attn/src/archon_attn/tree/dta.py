@@ -5,7 +5,7 @@ a block attends to the cached K/V of its ancestors (the root-to-block path) and 
 the model only ever holds one block's activations plus the K/V cache of one root-to-leaf path.
 
 Legend: N: tree tokens, M: trie nodes, B: blocks, Q: a block's (query) tokens, C: cached ancestor
-tokens, H: query heads, G: kv heads, D: head dim.
+tokens, K: keys (C + Q), H: query heads, G: kv heads, D: head dim.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def dta_schedule(tree: PackedTree, block_size: int = 0) -> DtaSchedule:
         length_B = length_B.clamp(max=block_size)
     parent_node_B = nodes.parent_M[node_B]
     parent_B = torch.where(
-        k_B > 0, torch.arange(B, device=len_M.device) - 1,
+        k_B > 0,
+        torch.arange(B, device=len_M.device) - 1,
         torch.where(parent_node_B >= 0, last_M[parent_node_B.clamp(min=0)], -1),
     )
     has_children_B = torch.bincount(parent_B[parent_B >= 0], minlength=B) > 0
@@ -92,5 +93,7 @@ def prefix_attention(
     q_1HQD = q_QHD.transpose(0, 1).unsqueeze(0)
     Q, K = q_1HQD.shape[2], k_1HKD.shape[2]
     mask = None if Q == K else causal_lower_right(Q, K)
-    o_1HQD = F.scaled_dot_product_attention(q_1HQD, k_1HKD, v_1HKD, attn_mask=mask, is_causal=Q == K, scale=scale)
+    o_1HQD = F.scaled_dot_product_attention(
+        q_1HQD, k_1HKD, v_1HKD, attn_mask=mask, is_causal=Q == K, scale=scale
+    )
     return o_1HQD.squeeze(0).transpose(0, 1)
