@@ -141,7 +141,13 @@ class ExpertParallelRunner:
 
         x_recv_ND = all_to_all_autograd(x_ND, output_splits, input_splits, self.ep_group)
         order_N = _expert_major_order(recv_counts_PL, num_recv)
-        y_local_ND = experts(x_recv_ND.index_select(0, order_N), recv_counts_PL.sum(0))
+        # Permute with index_copy both ways (row j of the expert-major block is received row order_N[j]):
+        # its backward is a gather, where index_select's backward would be an atomic index_add.
+        inverse_N = torch.empty_like(order_N).scatter_(
+            0, order_N, torch.arange(num_recv, device=order_N.device)
+        )
+        x_local_ND = torch.empty_like(x_recv_ND).index_copy(0, inverse_N, x_recv_ND)
+        y_local_ND = experts(x_local_ND, recv_counts_PL.sum(0))
         if self.etp_group is not None:
             y_local_ND = reduce_from_tp(y_local_ND, self.etp_group)
         y_recv_ND = torch.empty_like(y_local_ND).index_copy(0, order_N, y_local_ND)
