@@ -19,7 +19,10 @@ def global_batch(step: int, n: int = 8, vocab: int = 64) -> PackedBatch:
 def train_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3, mb_max_tokens: int = 96,
                 **archon_kw) -> dict:
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=mb_max_tokens, seed=5)
-    actor.optimizer.lr = 1e-3  # AdamW turns fp32 reduction-order noise in tiny grads into sign flips; keep steps small
+    # AdamW turns fp32 reduction-order noise in near-zero grads into +-lr sign flips (m / sqrt(v) ~ +-1);
+    # a larger eps damps that so parameters compare at 1e-5 like the losses do.
+    actor.optimizer.lr = 1e-3
+    actor.optimizer.eps = 1e-6
     actor.archon.ac_mode = ac
     for k, v in archon_kw.items():
         setattr(actor.archon, k, v)

@@ -21,7 +21,8 @@ def qwen_parallel_plan(args: ModelArgs) -> ParallelPlan:
                          "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise_seq"})
     if args.num_experts > 0:
         moe_tp = {"moe": "gather_seq", "moe.router.gate": "replicate"}
-    return ParallelPlan(blocks="layers", embedding="tok_embeddings", norm="norm", head="output",
+    # The head is sharded by archon.parallel_head (vocab-parallel logprobs), not by the generic plan.
+    return ParallelPlan(blocks="layers", embedding="tok_embeddings", norm="norm", head=None,
                         block_tp=block_tp, attention="attention",
                         ffn="moe" if args.num_experts > 0 else "feed_forward",
                         experts="moe.experts" if args.num_experts > 0 else None, moe_tp=moe_tp)

@@ -44,6 +44,12 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     param_dtype = "bfloat16" if cfg.dtype in ("bfloat16", "bf16") else "float32"
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
+    if dims.tp_enabled:
+        from archon.parallel_head import apply_head_norm_tp, apply_vocab_parallel_head
+
+        apply_head_norm_tp(model, meshes["tp"])
+        if model.output is not None:
+            apply_vocab_parallel_head(model.output, meshes["tp"])
     parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()

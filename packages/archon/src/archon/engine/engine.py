@@ -84,7 +84,7 @@ class ArchonEngine:
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
-                                  dp_group=self.dp_group)
+                                  dp_group=self.dp_group, pad_multiple=self.dims.tp)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:

@@ -11,13 +11,16 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    # foreach/fused kernels cannot mix DTensors of different meshes with plain tensors: group by mesh too.
+    buckets: dict = {}
     for _name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+        mesh = getattr(p, "device_mesh", None)
+        key = (p.dim() >= 2, id(mesh) if mesh is not None else None)
+        buckets.setdefault(key, []).append(p)
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (decay, _), ps in buckets.items()]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device_type == "cuda":
         kwargs["fused"] = True

@@ -21,8 +21,10 @@ class Runner:
     `loss_fn(outputs, mb) * scale` (+ the MoE aux loss weighted by `aux_scale`) and returns the loss value."""
 
     def __init__(self, model: torch.nn.Module, *, head: str, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager], logprob_chunk_size: int = 4096) -> None:
+                 autocast: Callable[[], AbstractContextManager], logprob_chunk_size: int = 4096,
+                 pad_multiple: int = 1) -> None:
         self.model = model
+        self.pad_multiple = pad_multiple
         self.head = head
         self.device = device
         self.autocast = autocast
@@ -59,7 +61,12 @@ class FlatRunner(Runner):
     """The packed batch through the whole model: one forward (and backward) per micro-batch."""
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        ids, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)
+        ids, cu = pad_packed(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), self.pad_multiple)
+        T = mb.num_tokens
+        out = self._forward_padded(ids, cu, want_entropy)
+        return {k: v[:T] for k, v in out.items()}
+
+    def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
         with self.autocast():
             if self.head == "value":
                 values = self.model(ids, cu_seqlens=cu)
@@ -70,3 +77,15 @@ class FlatRunner(Runner):
         if want_entropy:
             out["entropy"] = shift_to_tokens(ent, cu)
         return out
+
+
+def pad_packed(ids_T: torch.Tensor, cu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append one padding document so the token count is a multiple of `multiple` (sequence parallel needs
+    equal shards). The padding is its own document, so it attends to nothing real; callers slice it off."""
+    T = ids_T.shape[0]
+    pad = (-T) % multiple
+    if pad == 0:
+        return ids_T, cu
+    ids_T = torch.cat([ids_T, ids_T.new_zeros(pad)])
+    cu = torch.cat([cu, cu.new_tensor([T + pad])])
+    return ids_T, cu

@@ -59,16 +59,18 @@ class LMHead(nn.Linear):
     def __init__(self, dim: int, vocab_size: int) -> None:
         super().__init__(dim, vocab_size, bias=False)
         self.vocab_parallel = None  # set by tensor parallelism: (local logits, labels) -> (logprobs, entropy)
+        self.gather_logits = None  # set by tensor parallelism: local vocab shard -> full logits
 
     def forward(self, h_TD: torch.Tensor, labels_T: torch.Tensor | None = None, *, chunk_size: int = 4096,
                 want_entropy: bool = False):
+        w = self.weight
+        if hasattr(w, "to_local") and self.vocab_parallel is None:
+            w = w.to_local()  # FSDP2-only: unsharded inside forward
         if labels_T is None:
-            return super().forward(h_TD)
+            logits = h_TD @ w.t()
+            return self.gather_logits(logits) if self.gather_logits is not None else logits
         from archon.engine.logprobs import head_logprobs
 
-        w = self.weight
-        if hasattr(w, "to_local"):
-            w = w.to_local()
         return head_logprobs(h_TD, w, labels_T, chunk_size=chunk_size, want_entropy=want_entropy,
                              vocab_parallel=self.vocab_parallel)
 
