@@ -49,6 +49,21 @@ class OptimizerConfig:
 
 
 @dataclass
+class LoRAEngineConfig:
+    enabled: bool = doc(False, "train a LoRA adapter instead of the full model (base weights frozen)")
+    r: int = doc(8, "LoRA rank")
+    alpha: float = doc(16.0, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with use_rslora)")
+    dropout: float = doc(0.0, "dropout on the LoRA branch input (use 0 with tensor parallel)")
+    use_rslora: bool = doc(False, "rank-stabilised scaling alpha / sqrt(r)")
+    target_modules: list[str] = doc(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"],
+                                    help="modules that get LoRA, HF (q_proj, gate_proj ...) or native (wq, w1 ...) names")
+    modules_to_save: list[str] = doc(factory=list, help="modules trained in full and saved in the adapter, e.g. [lm_head]")
+    expert_lora: bool = doc(False, "MoE models: also give every expert a LoRA pair on w1/w2/w3 (archon's own layout)")
+    adapter_path: str = doc("", "PEFT adapter directory to start from (peft's or ours); empty = fresh adapter")
+
+
+@dataclass
 class ActorConfig:
     path: str = doc("", "HF model directory (config.json + safetensors), or a config.json to start from random init")
     init_from_scratch: bool = doc(False, "random-init from the config at `path` even if weights are present")
@@ -57,6 +72,7 @@ class ActorConfig:
     mb_max_tokens: int = doc(8192, "token budget of one micro-batch (per rank)")
     optimizer: OptimizerConfig = doc(factory=OptimizerConfig, help="optimizer")
     archon: ArchonEngineConfig = doc(factory=ArchonEngineConfig, help="engine knobs")
+    lora: LoRAEngineConfig = doc(factory=LoRAEngineConfig, help="LoRA adapter training")
     seed: int = doc(1, "random seed for init and dropout")
 
 
@@ -76,6 +92,8 @@ class CheckpointConfig:
     keep_last_n: int = doc(2, "checkpoints to keep")
     resume: str = doc("none", "none | auto (resume from `latest` if present) | a step number")
     async_save: bool = doc(False, "save asynchronously")
+    adapter_only: bool = doc(False, "with actor.lora.enabled: save only the trainable (adapter) weights and their "
+                             "optimizer state; resume rebuilds the frozen base from actor.path")
 
 
 @dataclass

@@ -33,6 +33,11 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     hf_cfg = load_hf_config(cfg.path)
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
     model.set_attention_backend(resolve_attn_impl(cfg.archon.attn_impl, device))
+    lora = cfg.lora.enabled
+    if lora:
+        from archon import lora_integration as li
+
+        li.inject_engine_lora(model, cfg.lora)
     spec = get_model_spec(hf_cfg.model_type)
     plan = spec.parallel_plan(model.args)
     ac = cfg.archon.ac_mode
@@ -50,13 +55,24 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         apply_head_norm_tp(model, meshes["tp"])
         if model.output is not None:
             apply_vocab_parallel_head(model.output, meshes["tp"])
-    parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
+    if lora:
+        with li.lora_tp_styles(dims.tp_enabled):
+            parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
+    else:
+        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:
-        load_hf_weights(model, cfg.path)
+        (li.load_base_weights if lora else load_hf_weights)(model, cfg.path)
     else:
         init_like_single_process(model, hf_cfg, head, cfg.seed)
+    if lora:
+        li.init_lora_like_single_process(model, cfg.seed)
+        if cfg.lora.adapter_path:
+            li.load_adapter(model, cfg.lora.adapter_path)
+        from archon_lora import check_same_trainable
+
+        check_same_trainable(model)
     return model
 
 
@@ -71,6 +87,8 @@ def init_like_single_process(model: nn.Module, hf_cfg, head: str, seed: int) -> 
     src = full.state_dict()
     for name, t in model.state_dict(keep_vars=True).items():
         key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        if key not in src and ".lora_" in key:
+            continue  # LoRA factors: archon.lora_integration.init_lora_like_single_process
         value = src[key]
         if isinstance(t, DTensor):
             local = distribute_tensor(value.to(t.device_mesh.device_type, t.dtype), t.device_mesh, t.placements,

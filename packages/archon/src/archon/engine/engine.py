@@ -237,11 +237,20 @@ class ArchonEngine:
         if self._offloaded:
             raise RuntimeError("the engine is offloaded; call engine.onload() before forward/train")
 
-    def export_weights(self, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16) -> None:
-        """Write HF safetensors (config.json last) and a ready file carrying the weight version."""
+    def export_weights(self, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16, merged: bool = True) -> None:
+        """Write HF safetensors (config.json last) and a ready file carrying the weight version.
+
+        With LoRA: `merged=True` ships base weights with the adapter folded in, `merged=False` the PEFT adapter.
+        """
         from archon.engine.export import export_hf_weights
 
-        export_hf_weights(self, out_dir, dtype=dtype)
+        export_hf_weights(self, out_dir, dtype=dtype, merged=merged)
+
+    def save_adapter(self, out_dir: str) -> None:
+        """Write the LoRA adapter in PEFT format with HF names (collective; rank 0 writes)."""
+        from archon.lora_integration import save_adapter
+
+        save_adapter(self.model, out_dir, base_path=self.cfg.path or None)
 
     def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) native state dict in memory, for an embedded sampler."""

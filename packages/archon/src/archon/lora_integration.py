@@ -1,0 +1,206 @@
+"""LoRA in the engine: config -> archon_lora, injection on the meta model, TP placements, init that equals one
+process, base-weight loading, PEFT adapter save/load with HF names, and merged / adapter-only export.
+
+Order inside `build_parallel_model`: inject (meta) -> parallelize with LoRA-aware TP styles (TP -> FSDP2)
+-> to_empty -> base weights -> `init_lora_like_single_process` -> optional `actor.lora.adapter_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# HF leaf names of the Qwen family -> native leaf names (targets may use either).
+QWEN_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1",
+                "up_proj": "w3", "down_proj": "w2", "lm_head": "output", "embed_tokens": "tok_embeddings"}
+_EXPERT_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_LORA_PARAM = re.compile(r"\.lora_[AB](_w[123])?$")
+
+
+def is_lora_param(native_name: str) -> bool:
+    """True for a LoRA factor's native name (`...wq.lora_A`, `...experts.lora_B_w1`)."""
+    return bool(_LORA_PARAM.search(native_name))
+
+
+def to_lora_config(cfg):
+    """archon_lora.LoRAConfig from the `actor.lora` section (expert LoRA adds the `experts` target)."""
+    from archon_lora import LoRAConfig
+
+    targets = list(cfg.target_modules)
+    if cfg.expert_lora and "experts" not in targets:
+        targets.append("experts")
+    return LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                      target_modules=targets, modules_to_save=list(cfg.modules_to_save))
+
+
+def inject_engine_lora(model: nn.Module, cfg) -> None:
+    """Inject LoRA into a (meta) model per `actor.lora`; skips targets a model lacks only for `experts`
+    on a dense model (an explicit typo still raises). Stores the LoRAConfig as `model.lora_config`."""
+    from archon_lora import inject_lora, is_grouped_experts
+
+    lcfg = to_lora_config(cfg)
+    if "experts" in lcfg.target_modules and not any(is_grouped_experts(m) for m in model.modules()):
+        if not cfg.expert_lora:
+            raise ValueError("actor.lora.target_modules names 'experts' but the model has no MoE experts; remove it")
+        lcfg.target_modules.remove("experts")
+    inject_lora(model, lcfg, name_aliases=QWEN_ALIASES)
+    model.lora_config = lcfg
+
+
+def lora_config_of(model: nn.Module):
+    """The LoRAConfig a model was injected with, or None."""
+    return getattr(model, "lora_config", None)
+
+
+@contextlib.contextmanager
+def lora_tp_styles(enabled: bool) -> Iterator[None]:
+    """While active, archon_parallel's colwise/rowwise TP styles also place LoRA A/B like their base.
+
+    archon_parallel builds styles by name (`make_style`) and must not import archon_lora, and LoRA factors must
+    be placed between TP and FSDP2 inside one `parallelize` call; wrapping the style factory for that call is
+    the one seam. `LoRATensorParallel` behaves exactly like the wrapped style on plain linears.
+    """
+    if not enabled:
+        yield
+        return
+    from archon_lora import LoRATensorParallel
+    from archon_parallel import tensor_parallel as tp_mod
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    original = tp_mod.make_style
+
+    def make_style(name: str, **kw):
+        style = original(name, **kw)
+        if name in ("colwise", "rowwise", "rowwise_seq") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
+            return LoRATensorParallel(style)
+        return style
+
+    tp_mod.make_style = make_style
+    try:
+        yield
+    finally:
+        tp_mod.make_style = original
+
+
+def _hf_name_fn(model: nn.Module):
+    from archon.spec import get_model_spec
+
+    adapter = get_model_spec(model.args.model_type).state_dict_adapter(model.args)
+
+    def to_hf_name(native: str) -> str:
+        m = re.match(r"^layers\.(\d+)\.moe\.experts\.(w[123])$", native)
+        if m:  # archon's own expert-LoRA layout (see docs/archon-lora.md)
+            return f"model.layers.{m.group(1)}.mlp.experts.{_EXPERT_HF[m.group(2)]}"
+        return adapter.hf_sources(native)[0][0]
+
+    return adapter, to_hf_name
+
+
+def to_hf_name_fn(model: nn.Module):
+    """native parameter path -> HF path (`layers.0.attention.wq.weight` -> `model.layers.0.self_attn.q_proj.weight`)."""
+    return _hf_name_fn(model)[1]
+
+
+def from_hf_name_fn(model: nn.Module):
+    """Inverse of `to_hf_name_fn` over the model's own base parameters (and expert weights)."""
+    from archon_lora.merge import clean_name
+
+    to_hf = to_hf_name_fn(model)
+    table: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        name = clean_name(name)
+        if is_lora_param(name):
+            continue
+        try:
+            table[to_hf(name)] = name
+        except KeyError:
+            continue
+
+    def from_hf_name(hf: str) -> str:
+        if hf not in table:
+            raise KeyError(f"no native parameter for HF name {hf!r}")
+        return table[hf]
+
+    return from_hf_name
+
+
+def load_base_weights(model: nn.Module, path: str) -> None:
+    """`archon.hf.load_hf_weights` for a model with LoRA injected: LoRA factors are not in the base checkpoint."""
+    from archon_ckpt import HFSource, SafetensorsReader, load_into_module
+
+    adapter, _ = _hf_name_fn(model)
+    tied_head = model.args.tie_embeddings and model.output is not None
+
+    def native_to_hf(name: str):
+        if is_lora_param(name) or adapter.is_native_only(name) or (tied_head and name == "output.weight"):
+            return None
+        keys, combine = adapter.hf_sources(name)
+        return HFSource(tuple(keys), combine if len(keys) > 1 else None)
+
+    ignore = [r"rotary_emb\.inv_freq$"] + ([r"^lm_head\.weight$"] if tied_head else [])
+    load_into_module(model, SafetensorsReader(path), native_to_hf=native_to_hf, ignore_unexpected=ignore)
+
+
+@torch.no_grad()
+def init_lora_like_single_process(model: nn.Module, seed: int) -> None:
+    """A kaiming-uniform(a=sqrt(5)) (per expert for expert LoRA) and B zero, drawn on full CPU tensors from one
+    seeded generator in module order, so every layout starts from the same adapter as one process."""
+    from archon_lora import ExpertLoRA, LoRALinear, lora_modules
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    gen = torch.Generator().manual_seed(seed + 7919)
+    for _path, module in lora_modules(model).items():
+        if isinstance(module, LoRALinear):
+            pairs = [(module.lora_A, module.lora_B)]
+        else:
+            assert isinstance(module, ExpertLoRA)
+            pairs = [module.lora_pair(w) for w in module.lora_targets]
+        for a, b in pairs:
+            bound = 1.0 / (a.shape[-1] ** 0.5)  # kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))
+            full_a = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+            for param, full in ((a, full_a), (b, torch.zeros(b.shape))):
+                if isinstance(param, DTensor):
+                    local = distribute_tensor(full.to(param.device_mesh.device_type, param.dtype), param.device_mesh,
+                                              param.placements, src_data_rank=None).to_local()
+                    param.to_local().copy_(local)
+                else:
+                    param.copy_(full.to(param.device, param.dtype))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str) -> None:
+    """Load a PEFT adapter (peft's or ours) into the injected model; alpha / rsLoRA come from the adapter."""
+    from archon_lora import load_peft_adapter
+
+    if not os.path.isdir(adapter_dir):
+        raise ValueError(f"actor.lora.adapter_path {adapter_dir!r} is not a directory")
+    load_peft_adapter(model, adapter_dir, from_hf_name=from_hf_name_fn(model))
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_path: str | None = None) -> None:
+    """PEFT-format adapter with HF names (collective under FSDP2/TP; rank 0 writes)."""
+    from archon_lora import save_peft_adapter
+
+    lcfg = lora_config_of(model)
+    if lcfg is None:
+        raise ValueError("the engine has no LoRA adapter; set actor.lora.enabled=true")
+    save_peft_adapter(model, out_dir, lcfg, to_hf_name_fn(model), base_model_name_or_path=base_path)
+
+
+def iter_merged_hf_tensors(model: nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) of the base weights with every LoRA update folded in (collective: all ranks)."""
+    from archon_lora import merged_state_dict
+
+    adapter, _ = _hf_name_fn(model)
+    tied = model.args.tie_embeddings
+    for name, t in merged_state_dict(model).items():
+        if adapter.is_native_only(name) or (tied and name == "output.weight"):
+            continue
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        yield from adapter.to_hf(name, t)
