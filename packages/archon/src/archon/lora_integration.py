@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
 
 # HF leaf names of the Qwen family -> native leaf names (targets may use either).
 QWEN_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1",
@@ -50,6 +51,32 @@ def inject_engine_lora(model: nn.Module, cfg) -> None:
         lcfg.target_modules.remove("experts")
     inject_lora(model, lcfg, name_aliases=QWEN_ALIASES)
     model.lora_config = lcfg
+    model.lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: nn.Module) -> None:
+    """Re-freeze the base after a TP step that re-created parameters (torch's styles make them trainable)."""
+    from archon_lora.merge import clean_name
+
+    keep = model.lora_trainable
+    for n, p in model.named_parameters():
+        p.requires_grad_(clean_name(n) in keep)
+
+
+class _KeepRequiresGrad(ParallelStyle):
+    """Run a TP style and give every parameter it re-creates back its `requires_grad` (frozen base stays frozen)."""
+
+    def __init__(self, style: ParallelStyle) -> None:
+        super().__init__()
+        self.style = style
+
+    def _apply(self, module: nn.Module, device_mesh):
+        before = {n: p.requires_grad for n, p in module.named_parameters()}
+        out = self.style._apply(module, device_mesh)
+        for n, p in out.named_parameters():
+            if n in before:
+                p.requires_grad_(before[n])
+        return out
 
 
 def lora_config_of(model: nn.Module):
@@ -77,8 +104,8 @@ def lora_tp_styles(enabled: bool) -> Iterator[None]:
     def make_style(name: str, **kw):
         style = original(name, **kw)
         if name in ("colwise", "rowwise", "rowwise_seq") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
-            return LoRATensorParallel(style)
-        return style
+            style = LoRATensorParallel(style)
+        return None if style is None else _KeepRequiresGrad(style)
 
     tp_mod.make_style = make_style
     try:

@@ -56,6 +56,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         if model.output is not None:
             apply_vocab_parallel_head(model.output, meshes["tp"])
     if lora:
+        li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
         with li.lora_tp_styles(dims.tp_enabled):
             parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
     else:
