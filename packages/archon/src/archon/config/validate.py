@@ -71,3 +71,30 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
 
         c = load_hf_config(cfg.path)
         validate_tp(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.tp)
+    if dims.cp > 1:
+        if dims.pp > 1:
+            raise ValueError("rule cp-with-pp: context parallelism (c>1) is not wired into pipeline stages; use p1 "
+                             "with c>1, or c1 with p>1")
+        if cfg.path:
+            from archon.hf import load_hf_config
+
+            c = load_hf_config(cfg.path)
+            validate_cp(a.cp_impl, c.num_attention_heads,
+                        getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.cp, dims.tp)
+
+
+def validate_cp(cp_impl: str, num_heads: int, num_kv_heads: int, cp: int, tp: int = 1) -> None:
+    """Rule ulysses-cp-divides-heads: Ulysses splits each tp rank's query heads over the cp ranks, so cp must
+    divide num_heads / tp; kv heads (num_kv_heads / tp) are repeated when cp does not divide them. Ring has
+    no head rule."""
+    if cp_impl not in CP_IMPLS:
+        raise ValueError(f"actor.archon.cp_impl {cp_impl!r} is not one of {CP_IMPLS}")
+    if cp_impl != "ulysses" or cp == 1:
+        return
+    local = num_heads // tp
+    if num_heads % tp or local % cp:
+        valid = [d for d in range(1, local + 1) if local % d == 0]
+        raise ValueError(
+            f"rule ulysses-cp-divides-heads: context parallel size {cp} must divide the number of attention heads "
+            f"after TP ({num_heads} heads / tp {tp} = {local}) for cp_impl=ulysses; pick cp in {valid}, or set "
+            f"actor.archon.cp_impl=ring (any cp; pads to a multiple of 2 x cp x tp tokens)")

@@ -84,7 +84,8 @@ class ArchonEngine:
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
-                                  dp_group=self.dp_group, pad_multiple=self.dims.tp)
+                                  dp_group=self.dp_group, pad_multiple=self.dims.tp,
+                                  cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:
@@ -260,8 +261,14 @@ class ArchonEngine:
                 for k, v in self.model.state_dict().items()}
 
 
-def make_runner(cfg, model, *, dp_group=None, **kw) -> Runner:
-    """The micro-batch runner for this config: flat packed batches, or a tree mode (`tree_training_mode`)."""
+def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, **kw) -> Runner:
+    """The micro-batch runner for this config: flat packed batches, context parallel (`cp_mesh` of size > 1),
+    or a tree mode (`tree_training_mode`)."""
+    if cp_mesh is not None and cp_mesh.size() > 1:  # validate_engine rejects tree modes with cp
+        from archon.engine.cp_runner import ContextParallelRunner
+
+        return ContextParallelRunner(model, cp_mesh=cp_mesh, cp_impl=cfg.archon.cp_impl,
+                                     logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
     mode = cfg.archon.tree_training_mode
     if mode == "disabled":
         return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
