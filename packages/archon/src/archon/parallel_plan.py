@@ -20,7 +20,8 @@ def qwen_parallel_plan(args: ModelArgs) -> ParallelPlan:
         block_tp.update({"feed_forward": "gather_seq", "feed_forward.w1": "colwise",
                          "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise_seq"})
     if args.num_experts > 0:
-        moe_tp = {"moe": "gather_seq", "moe.router.gate": "replicate"}
+        # Experts see all tokens of the tp group (etp=1 replicas or etp=tp shards); the router is replicated.
+        moe_tp = {"moe": "gather_scatter_seq"}
     # The head is sharded by archon.parallel_head (vocab-parallel logprobs), not by the generic plan.
     return ParallelPlan(blocks="layers", embedding="tok_embeddings", norm="norm", head=None,
                         block_tp=block_tp, attention="attention",

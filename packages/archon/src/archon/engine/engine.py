@@ -107,8 +107,19 @@ class ArchonEngine:
 
     def _loss_scale_world(self) -> int:
         # FSDP2 averages gradients over the data-parallel (x cp) ranks; the global-token normalisation
-        # wants their sum, so each rank's loss is multiplied by that size.
+        # wants their sum, so each rank's loss is multiplied by that size. (FSDP2's divide factor would
+        # say this directly, but its PREMUL_SUM reduction does not exist on gloo.)
         return self.dims.dp_cp if self.meshes is not None else 1
+
+    def _fix_expert_grad_scale(self) -> None:
+        """Experts are FSDP-sharded over `edp` (dp_cp / ep ranks), so FSDP averaged their grads over fewer
+        ranks than the dp_cp the loss was scaled by; the ep all-to-all already summed the token parts."""
+        if self.meshes is None or not self.dims.ep_enabled:
+            return
+        factor = self.dims.edp / self.dims.dp_cp
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and ".moe.experts." in name.replace("_checkpoint_wrapped_module.", ""):
+                p.grad.mul_(factor)
 
     def _autocast(self):
         fsdp_mp = self.meshes is not None and self.dims.fsdp_enabled
@@ -133,9 +144,10 @@ class ArchonEngine:
         self.model.eval()
         outs: dict[str, torch.Tensor] = {}
         order: list[int] = []
-        for idx in self._micro_batches(batch):
-            mb = batch.select(idx) if idx else _dummy_batch(batch)
-            res = self.runner.forward(mb, want_entropy)
+        plan = self._micro_batches(batch)
+        results = self.runner.forward_all([batch.select(idx) if idx else _dummy_batch(batch) for idx in plan],
+                                          want_entropy)
+        for idx, res in zip(plan, results):
             if not idx:
                 continue
             order.extend(idx)
@@ -185,15 +197,15 @@ class ArchonEngine:
             raise ValueError("loss_weight_fn gave a total weight of 0 over the batch: no token to train on")
         scale_world = self._loss_scale_world()
         loss_sum, stats_acc = 0.0, {}
-        for mb, w in zip(mbs, weights):
-            real = mb is not None
-            mb = mb if real else _dummy_batch(batch)
-            scale = scale_world / total_w if real else 0.0
-            loss, stats = self.runner.forward_backward(mb, loss_fn, scale, aux_scale=w * scale)
-            if real:
+        scales = [scale_world / total_w if mb is not None else 0.0 for mb in mbs]
+        results = self.runner.forward_backward_all([mb if mb is not None else _dummy_batch(batch) for mb in mbs],
+                                                   loss_fn, scales, [w * s for w, s in zip(weights, scales)])
+        for mb, w, (loss, stats) in zip(mbs, weights, results):
+            if mb is not None:
                 loss_sum += float(loss.detach())
                 for k, v in stats.items():
                     stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * w
+        self._fix_expert_grad_scale()
         local_w = max(sum(weights), 1e-12)
         out_stats = {k: v / local_w for k, v in stats_acc.items()}
         out_stats["loss"] = self._global_mean(loss_sum, total_w)
@@ -269,6 +281,10 @@ def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, **kw) -> Runner:
 
         return ContextParallelRunner(model, cp_mesh=cp_mesh, cp_impl=cfg.archon.cp_impl,
                                      logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
+    if getattr(model, "pipeline", None) is not None:  # pipeline stages (built when pp > 1)
+        from archon.engine.pipeline_runner import PipelineRunner
+
+        return PipelineRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
     mode = cfg.archon.tree_training_mode
     if mode == "disabled":
         return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)

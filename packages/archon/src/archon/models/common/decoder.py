@@ -147,6 +147,12 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
+        """Recompute RoPE tables and zero run-time statistics buffers (non-persistent, so `to_empty` left
+        them uninitialised and no checkpoint restores them)."""
+        persistent = set(self.state_dict().keys())
+        for name, b in self.named_buffers():
+            if name not in persistent and name != "rope_inv_freq" and b.is_floating_point():
+                b.zero_()
         inv_freq, _ = rope_inv_freq(self.args.rope, self.args.head_dim, self.args.max_position_embeddings)
         self.rope_inv_freq = inv_freq.to(self.rope_inv_freq.device)
 
