@@ -8,13 +8,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import global_batch  # noqa: E402
-
 from archon.config.schema import ActorConfig  # noqa: E402
 from archon.engine.engine import ArchonEngine  # noqa: E402
 from archon.testing import hf_model, tiny_hf_config  # noqa: E402
 from archon.train import sft_loss, target_tokens  # noqa: E402
 from archon_parallel.testing import run_ranks  # noqa: E402
+from engine_parallel_common import global_batch  # noqa: E402
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
