@@ -21,7 +21,12 @@ class ArchonEngineConfig:
     ac_debug: bool = doc(False, "run activation checkpointing in debug mode (determinism checks, op logs)")
     pp_schedule: str = doc("1F1B", "pipeline schedule: 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble")
     pp_stages_per_rank: int = doc(1, "virtual pipeline stages per pp rank (2+ for interleaved schedules)")
-    pp_microbatches: int | None = doc(None, "pipeline micro-batches per step; None = 2 x pp stages")
+    pp_microbatches: int | None = doc(None, "pipeline micro-batches per step (at least; rounded up to a multiple "
+                                      "of p); None = 2 x p")
+    pp_first_stage_less_layers: int = doc(1, "pipeline: the first stage holds this many fewer decoder layers "
+                                          "(the embedding counts as layers)")
+    pp_last_stage_less_layers: int = doc(1, "pipeline: the last stage holds this many fewer decoder layers "
+                                         "(the final norm + head count as layers)")
     offload_params: bool = doc(False, "FSDP2 CPU offload of parameters, grads and optimizer state")
     attn_impl: str = doc("auto", "attention backend: auto | sdpa | varlen | flex (auto = varlen on CUDA, sdpa on CPU)")
     cp_impl: str = doc("ulysses", "context-parallel attention: ulysses | ring")

@@ -28,6 +28,8 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
         raise ValueError(f"actor.archon.ac_selective_every must be >= 1, got {a.ac_selective_every}")
     if a.pp_schedule not in PP_SCHEDULES:
         raise ValueError(f"actor.archon.pp_schedule {a.pp_schedule!r} is not one of {PP_SCHEDULES}")
+    if dims.pp > 1:
+        validate_pipeline(cfg, dims)
     if a.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"actor.archon.attn_impl {a.attn_impl!r} is not one of {ATTN_IMPLS}")
     if a.cp_impl not in CP_IMPLS:
@@ -98,3 +100,22 @@ def validate_cp(cp_impl: str, num_heads: int, num_kv_heads: int, cp: int, tp: in
             f"rule ulysses-cp-divides-heads: context parallel size {cp} must divide the number of attention heads "
             f"after TP ({num_heads} heads / tp {tp} = {local}) for cp_impl=ulysses; pick cp in {valid}, or set "
             f"actor.archon.cp_impl=ring (any cp; pads to a multiple of 2 x cp x tp tokens)")
+
+
+def validate_pipeline(cfg, dims) -> None:
+    """Pipeline rules: schedule available in this torch, stage count fills the layers, micro-batch count."""
+    from archon_parallel.pipeline import available_schedules, stage_layout, validate_microbatches
+
+    a = cfg.archon
+    if a.pp_schedule not in available_schedules():
+        raise ValueError(f"rule pp-schedule-available: actor.archon.pp_schedule={a.pp_schedule} is not in this "
+                         f"torch's torch.distributed.pipelining; available: {available_schedules()}")
+    if a.pp_stages_per_rank < 1:
+        raise ValueError(f"actor.archon.pp_stages_per_rank must be >= 1, got {a.pp_stages_per_rank}")
+    if a.pp_microbatches is not None:
+        validate_microbatches(a.pp_schedule, a.pp_microbatches, dims.pp, a.pp_stages_per_rank)
+    if cfg.path:
+        from archon.hf import load_hf_config
+
+        stage_layout(a.pp_schedule, load_hf_config(cfg.path).num_hidden_layers, 0, dims.pp, a.pp_stages_per_rank,
+                     first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)

@@ -22,7 +22,9 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
     return name
 
 
-def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm") -> nn.Module:
+def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
+                         stage_prune=None) -> nn.Module:
+    """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
     from archon_parallel.fsdp import FSDPConfig
     from archon_parallel.parallelize import parallelize
 
@@ -31,7 +33,14 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     if not cfg.path:
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
     hf_cfg = load_hf_config(cfg.path)
+    if dims.pp > 1 and stage_prune is None:
+        from archon.engine.pipeline_runner import build_pipeline_model
+
+        return build_pipeline_model(cfg, dims, meshes, device, hf_cfg.num_hidden_layers, lambda prune: (
+            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune)))
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
+    if stage_prune is not None:
+        stage_prune(model, get_model_spec(hf_cfg.model_type).parallel_plan(model.args))
     model.set_attention_backend(resolve_attn_impl(cfg.archon.attn_impl, device))
     lora = cfg.lora.enabled
     if lora:
@@ -64,7 +73,10 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:
-        (li.load_base_weights if lora else load_hf_weights)(model, cfg.path)
+        if lora:
+            li.load_base_weights(model, cfg.path)
+        else:  # a pipeline stage holds only its own layers
+            load_hf_weights(model, cfg.path, strict=stage_prune is None)
     else:
         init_like_single_process(model, hf_cfg, head, cfg.seed)
     if lora:

@@ -33,6 +33,15 @@ class Runner:
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def forward_all(self, mbs: list[PackedBatch], want_entropy: bool) -> list[dict[str, torch.Tensor]]:
+        """`forward` of every micro-batch of a step (a pipeline runs them together)."""
+        return [self.forward(mb, want_entropy) for mb in mbs]
+
+    def forward_backward_all(self, mbs: list[PackedBatch], loss_fn, scales: list[float], aux_scales: list[float]
+                             ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """`forward_backward` of every micro-batch of a step, in order (a pipeline runs them together)."""
+        return [self.forward_backward(mb, loss_fn, s, aux_scale=a) for mb, s, a in zip(mbs, scales, aux_scales)]
+
     def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
                            ) -> list[list[int]]:
         """Sequence indices of each micro-batch (an empty list is a padding micro-batch)."""

@@ -1,0 +1,345 @@
+"""Pipeline parallelism for the engine: stage models and the `PipelineRunner` (a `Runner`).
+
+Every pipeline micro-batch is padded to the same token count L (one padding document, as `pad_packed`),
+so stage inputs have static shapes [1, L] token ids / [L/tp, D] hidden states. Each stage's forward gets
+only `pp_mb` (the micro-batch index) besides its activation; a forward pre-hook swaps it for the packed
+metadata (positions, cu_seqlens, attention meta, labels) that every pp rank builds from the batch it holds,
+so varlen documents reach every stage without extra p2p traffic. The last stage returns per-token
+logprobs (never logits) and the loss is computed there; results are broadcast over the pp group.
+
+M: pipeline micro-batches, L: padded tokens per micro-batch, T: tokens, D: model dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from archon.engine.batch import PackedBatch
+from archon.engine.logprobs import next_token_labels, shift_to_tokens
+from archon.engine.runner import Runner, pad_packed
+
+_PAD_BUCKET = 64  # L is rounded up to this so few distinct schedules (one per L) are ever built
+
+
+@dataclass
+class PipelineInfo:
+    """What the runner needs to know about this rank's stages (attached to the model as `.pipeline`)."""
+
+    layout: Any  # archon_parallel.pipeline.StageLayout
+    stages: list[nn.Module]  # one Decoder per local stage, in layout.stage_ids order
+    group: Any  # the pp ProcessGroup
+    act_dtype: torch.dtype  # dtype of hidden states sent between stages
+    tp: int  # sequence-parallel degree: stage hidden states hold L / tp rows
+    microbatches: int  # minimum pipeline micro-batches per step
+
+
+class PipelineModel(nn.Module):
+    """Several stages of one rank (interleaved schedules) behind one module with the whole model's
+    parameter names: `state_dict` / `named_parameters` merge the stages without a prefix."""
+
+    def __init__(self, stages: list[nn.Module]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        first = stages[0]
+        self.args, self.head_kind, self.hf_config = first.args, first.head_kind, first.hf_config
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for stage in self.stages:
+            yield from stage.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for stage in self.stages:
+            yield from stage.named_buffers(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = OrderedDict() if destination is None else destination
+        for stage in self.stages:
+            out.update(stage.state_dict(prefix=prefix, keep_vars=keep_vars))
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        for stage in self.stages:
+            mine = {k: v for k, v in state_dict.items() if k in stage.state_dict()}
+            stage.load_state_dict(mine, strict=strict, assign=assign)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline-parallel model runs through PipelineRunner, not model(...)")
+
+
+def build_pipeline_model(cfg, dims, meshes, device: torch.device, num_layers: int,
+                         build_stage: Callable[[Callable], nn.Module]) -> nn.Module:
+    """This rank's stage module(s). `build_stage(prune)` builds one stage, calling `prune(model, plan)` on the
+    meta model before parallelizing it. Returns the Decoder itself for one stage per rank."""
+    from archon_parallel.pipeline import prune_to_stage, stage_layout
+
+    a = cfg.archon
+    pp_rank = meshes["pp"].get_local_rank()
+    layout = stage_layout(a.pp_schedule, num_layers, pp_rank, dims.pp, a.pp_stages_per_rank,
+                          first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)
+    stages = []
+    for sid, layers in zip(layout.stage_ids, layout.layers):
+        first, last = layout.is_first(sid), layout.is_last(sid)
+
+        def prune(model, plan, layers=layers, first=first, last=last):
+            prune_to_stage(model, plan, layers, first=first, last=last)
+            if not last:
+                model.output, model.score = None, None
+
+        stages.append(build_stage(prune))
+    model = stages[0] if len(stages) == 1 else PipelineModel(stages)
+    bf16 = cfg.dtype in ("bfloat16", "bf16")
+    model.pipeline = PipelineInfo(
+        layout=layout, stages=stages, group=meshes.group("pp"),
+        act_dtype=torch.bfloat16 if bf16 and dims.fsdp_enabled else torch.float32, tp=dims.tp,
+        microbatches=a.pp_microbatches or 2 * dims.pp)
+    return model
+
+
+class _AddAuxGrad(torch.autograd.Function):
+    """Identity on `x`; in backward also sends `scale` into `aux` (the stage's MoE load-balancing loss), so
+    each stage back-propagates its own aux loss without it travelling to the last stage."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale: float):
+        ctx.scale = scale
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, dev = ctx.aux_meta
+        return g, torch.full(shape, ctx.scale, dtype=dtype, device=dev), None
+
+
+@dataclass
+class _Step:
+    """Per-step state the stage hooks and the loss read, indexed by micro-batch."""
+
+    mbs: list[PackedBatch]
+    packed: list[Any]  # PackedInput per micro-batch (padded to L)
+    labels_ML: torch.Tensor
+    ids_ML: torch.Tensor
+    cu: list[torch.Tensor]  # padded cu_seqlens per micro-batch
+    want_entropy: bool
+    loss_fn: Any = None
+    scales: list[float] = dataclasses.field(default_factory=list)
+    aux_scales: list[float] = dataclasses.field(default_factory=list)
+    results: dict[int, tuple[float, dict]] = dataclasses.field(default_factory=dict)
+
+
+class PipelineRunner(Runner):
+    """Runs micro-batches through this rank's pipeline stages with a torch.distributed.pipelining schedule
+    (train) or a forward-only p2p sweep (`forward_batch`)."""
+
+    def __init__(self, model: nn.Module, *, logprob_chunk_size: int = 4096, **kw) -> None:
+        super().__init__(model, logprob_chunk_size=logprob_chunk_size, **kw)
+        self.info: PipelineInfo = model.pipeline
+        self.layout = self.info.layout
+        self.pp_size = dist.get_world_size(self.info.group)
+        self.pp_rank = dist.get_rank(self.info.group)
+        self._schedules: dict[tuple[int, int], Any] = {}
+        self._step: _Step | None = None
+        self._cur: list[int | None] = [None] * len(self.info.stages)
+        for k, stage in enumerate(self.info.stages):
+            stage.register_forward_pre_hook(self._pre_hook(k), with_kwargs=True)
+            stage.register_forward_hook(self._post_hook(k))
+
+    # -- micro-batches --------------------------------------------------------------------------------
+    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
+                           ) -> list[list[int]]:
+        n = len(super().plan_micro_batches(batch, max_tokens)) if num_micro_batches is None else num_micro_batches
+        n = max(n, self.info.microbatches, self.pp_size)
+        n = -(-n // self.pp_size) * self.pp_size  # every schedule accepts a multiple of pp
+        return super().plan_micro_batches(batch, max_tokens, num_micro_batches=n)
+
+    def _prepare(self, mbs: list[PackedBatch], want_entropy: bool) -> _Step:
+        from archon.models.common.packing import pack_inputs
+
+        multiple = _PAD_BUCKET * self.pad_multiple
+        L = -(-max(mb.num_tokens for mb in mbs) // multiple) * multiple
+        packed, ids, cus = [], [], []
+        for mb in mbs:
+            ids_L, cu = pad_packed(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), L)  # to L exactly
+            packed.append(pack_inputs(ids_L, None, cu))
+            ids.append(ids_L)
+            cus.append(cu)
+        return _Step(mbs, packed, torch.stack([next_token_labels(x) for x in ids]), torch.stack(ids), cus, want_entropy)
+
+    # -- stage hooks ----------------------------------------------------------------------------------
+    def _pre_hook(self, k: int):
+        def hook(module, args, kwargs):
+            if "pp_mb" not in kwargs:
+                return None
+            kwargs = dict(kwargs)
+            i = int(kwargs.pop("pp_mb").reshape(-1)[0])
+            self._cur[k] = i
+            st = self._step
+            packed = st.packed[i]
+            x = args[0]
+            if x.is_floating_point():  # hidden states from the previous stage
+                packed = dataclasses.replace(packed, tokens=x)
+            new = {"packed": packed}
+            if module.output is not None:
+                new.update(labels=st.labels_ML[i], want_entropy=st.want_entropy, logprob_chunk_size=self.chunk)
+            return (x,), new
+        return hook
+
+    def _post_hook(self, k: int):
+        sid = self.layout.stage_ids[k]
+        last = self.layout.is_last(sid)
+
+        def hook(module, args, output):
+            i, self._cur[k] = self._cur[k], None
+            if i is None:
+                return None
+            if last:
+                out = tuple(o.float() for o in output) if isinstance(output, tuple) else output.float().reshape(-1)
+            else:
+                out = output.to(self.info.act_dtype)
+            aux = module.moe_aux_loss() if torch.is_grad_enabled() else None
+            st = self._step
+            if aux is not None and st.aux_scales and st.aux_scales[i] != 0.0:
+                if isinstance(out, tuple):
+                    out = (_AddAuxGrad.apply(out[0], aux, st.aux_scales[i]), *out[1:])
+                else:
+                    out = _AddAuxGrad.apply(out, aux, st.aux_scales[i])
+            return out
+        return hook
+
+    def _token_outputs(self, out: Any, i: int) -> dict[str, torch.Tensor]:
+        st = self._step
+        T = st.mbs[i].num_tokens
+        if self.head == "value":
+            return {"values": out.reshape(-1)[:T]}
+        lp, ent = out
+        res = {"logprobs": shift_to_tokens(lp, st.cu[i])[:T]}
+        if st.want_entropy:
+            res["entropy"] = shift_to_tokens(ent, st.cu[i])[:T]
+        return res
+
+    # -- train ----------------------------------------------------------------------------------------
+    def _loss(self, out: Any, target: torch.Tensor) -> torch.Tensor:
+        i = int(target.reshape(-1)[0])
+        st = self._step
+        res = st.loss_fn(self._token_outputs(out, i), st.mbs[i])
+        loss, stats = res if isinstance(res, tuple) else (res, {})
+        st.results[i] = (float(loss.detach()), {k: float(v) for k, v in stats.items()})
+        return loss * st.scales[i]
+
+    def _schedule(self, L: int, M: int):
+        key = (L, M)
+        if key not in self._schedules:
+            from archon_parallel.pipeline import build_schedule, validate_microbatches
+            from torch.distributed.pipelining import PipelineStage
+
+            validate_microbatches(self.layout.schedule, M, self.pp_size, len(self.info.stages))
+            if len(self._schedules) >= 4:
+                self._schedules.clear()
+            stages = [PipelineStage(mod, sid, self.layout.num_stages, self.device, input_args=self._in_meta(sid, L),
+                                    output_args=self._out_meta(sid, L), group=self.info.group)
+                      for sid, mod in zip(self.layout.stage_ids, self.info.stages)]
+            self._schedules[key] = build_schedule(self.layout.schedule, stages, M, self._loss)
+        return self._schedules[key]
+
+    def _hidden_meta(self, L: int) -> torch.Tensor:
+        # requires_grad: torch >= 2.12 sizes recv buffers (and whether they track grads) from this metadata
+        return torch.empty(L // self.info.tp, self.model.args.dim, dtype=self.info.act_dtype, device="meta",
+                           requires_grad=True)
+
+    def _in_meta(self, sid: int, L: int) -> torch.Tensor:
+        if self.layout.is_first(sid):
+            return torch.empty(1, L, dtype=torch.long, device="meta")
+        return self._hidden_meta(L)
+
+    def _out_meta(self, sid: int, L: int):
+        if not self.layout.is_last(sid):
+            return self._hidden_meta(L)
+        v = torch.empty(L, dtype=torch.float32, device="meta", requires_grad=True)
+        return v if self.head == "value" else (v, v.clone())
+
+    def forward_backward_all(self, mbs: list[PackedBatch], loss_fn, scales: list[float], aux_scales: list[float]
+                             ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        st = self._step = self._prepare(mbs, want_entropy=True)
+        st.loss_fn, st.scales, st.aux_scales = loss_fn, list(scales), list(aux_scales)
+        M, L = st.ids_ML.shape
+        schedule = self._schedule(L, M)
+        owns_first = any(self.layout.is_first(s) for s in self.layout.stage_ids)
+        owns_last = any(self.layout.is_last(s) for s in self.layout.stage_ids)
+        args = (st.ids_ML,) if owns_first else ()
+        extra = {"target": torch.arange(M), "losses": []} if owns_last else {}
+        with self.autocast():
+            schedule.step(*args, pp_mb=torch.arange(M), **extra)
+        results = [st.results.get(i) for i in range(M)] if owns_last else None
+        results = self._from_last_stage(results)
+        self._step = None
+        return [(torch.tensor(loss), stats) for loss, stats in results]
+
+    def forward_backward(self, mb: PackedBatch, loss_fn, scale: float, aux_scale: float, want_entropy: bool = True):
+        raise RuntimeError("a pipeline runs all micro-batches of a step together; call forward_backward_all")
+
+    # -- forward only ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_all(self, mbs: list[PackedBatch], want_entropy: bool) -> list[dict[str, torch.Tensor]]:
+        """Forward every micro-batch through the stages (micro-batch-major order, async sends so ranks
+        overlap), then broadcast the last stage's per-token outputs [M, L] over the pp group."""
+        st = self._step = self._prepare(mbs, want_entropy)
+        M, L = st.ids_ML.shape
+        layout, group = self.layout, self.info.group
+        local = dict(zip(layout.stage_ids, self.info.stages))
+        last_sid = layout.num_stages - 1
+        outs: list[Any] = [None] * M
+        sends = []
+        with self.autocast():
+            for i in range(M):
+                carry = None
+                for sid in range(layout.num_stages):
+                    if sid not in local:
+                        continue
+                    if layout.is_first(sid):
+                        x = st.ids_ML[i:i + 1]
+                    elif layout.owner[sid - 1] == self.pp_rank:
+                        x = carry
+                    else:
+                        x = torch.empty_like(self._hidden_meta(L), device=self.device)
+                        dist.recv(x, src=dist.get_global_rank(group, layout.owner[sid - 1]), group=group)
+                    y = local[sid](x, pp_mb=torch.tensor([i]))
+                    if sid == last_sid:
+                        outs[i] = y
+                    elif layout.owner[sid + 1] == self.pp_rank:
+                        carry = y
+                    else:
+                        y = y.contiguous()
+                        sends.append((y, dist.isend(y, dst=dist.get_global_rank(group, layout.owner[sid + 1]),
+                                                    group=group)))
+        for _, work in sends:
+            work.wait()
+        src = dist.get_global_rank(group, layout.owner[last_sid])
+        width = 1 if self.head == "value" else 2
+        buf = torch.empty(width, M, L, dtype=torch.float32, device=self.device)
+        if layout.owner[last_sid] == self.pp_rank:
+            for i, y in enumerate(outs):
+                for j, t in enumerate(y if isinstance(y, tuple) else (y,)):
+                    buf[j, i] = t.reshape(-1)
+        dist.broadcast(buf, src=src, group=group)
+        res = [self._token_outputs(buf[0, i] if width == 1 else (buf[0, i], buf[1, i]), i) for i in range(M)]
+        self._step = None
+        return res
+
+    def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
+        return self.forward_all([mb], want_entropy)[0]
+
+    def _from_last_stage(self, results: list | None) -> list:
+        """The last stage's per-micro-batch (loss, stats) on every pp rank."""
+        holder = [results]
+        src = dist.get_global_rank(self.info.group, self.layout.owner[self.layout.num_stages - 1])
+        dist.broadcast_object_list(holder, src=src, group=self.info.group,
+                                   device=self.device if self.device.type == "cuda" else None)
+        return holder[0]
+
