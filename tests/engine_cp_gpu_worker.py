@@ -11,11 +11,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import global_batch  # noqa: E402
-
 from archon.config.schema import ActorConfig  # noqa: E402
 from archon.engine.engine import ArchonEngine  # noqa: E402
 from archon.train import sft_loss, target_tokens  # noqa: E402
+from engine_parallel_common import global_batch  # noqa: E402
 
 
 def main(model_dir: str, allocation: str, cp_impl: str, dtype: str, out: str, device: str = "cuda") -> None:

@@ -12,30 +12,32 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import assert_same, global_batch, train_steps  # noqa: E402
-
 from archon.config.schema import ActorConfig  # noqa: E402
 from archon.config.validate import validate_cp, validate_engine  # noqa: E402
 from archon.engine.engine import ArchonEngine  # noqa: E402
 from archon.testing import hf_model, tiny_hf_config  # noqa: E402
 from archon_parallel.dims import ParallelDims  # noqa: E402
 from archon_parallel.testing import run_ranks  # noqa: E402
+from engine_parallel_common import assert_same, global_batch, train_steps  # noqa: E402
 
 
-def forward_outputs(model_dir: str, allocation: str, **archon_kw) -> dict[str, torch.Tensor]:
-    actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=64, seed=5)
+def forward_outputs(model_dir: str, allocation: str, head: str = "lm", **archon_kw) -> dict[str, torch.Tensor]:
+    # a value head is not in the HF checkpoint: seeded random init, identical on every layout
+    actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=64, seed=5, init_from_scratch=head == "value")
     for k, v in archon_kw.items():
         setattr(actor.archon, k, v)
-    eng = ArchonEngine(actor, allocation_mode=allocation, device="cpu").initialize()
+    eng = ArchonEngine(actor, allocation_mode=allocation, device="cpu", head=head).initialize()
     return eng.forward_batch(global_batch(7), want_entropy=True)
 
 
-def _layouts(rank, world, model_dir, layouts):
+def _layouts(rank, world, model_dir, layouts, value_head=()):
     sys.path.insert(0, str(Path(__file__).parent))
     out = {}
-    for alloc, impl in layouts:
+    for alloc, impl, ac in layouts:
         out[f"{alloc}/{impl}/fwd"] = forward_outputs(model_dir, alloc, cp_impl=impl)
-        out[f"{alloc}/{impl}"] = train_steps(model_dir, alloc, cp_impl=impl)
+        out[f"{alloc}/{impl}"] = train_steps(model_dir, alloc, ac, cp_impl=impl)
+    for alloc, impl in value_head:
+        out[f"{alloc}/{impl}/value"] = forward_outputs(model_dir, alloc, head="value", cp_impl=impl)
     return out
 
 
@@ -48,7 +50,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    return {"train": train_steps(model_dir, "archon:d1"), "fwd": forward_outputs(model_dir, "archon:d1")}
+    return {"train": train_steps(model_dir, "archon:d1"), "fwd": forward_outputs(model_dir, "archon:d1"),
+            "value": forward_outputs(model_dir, "archon:d1", head="value")}
 
 
 def _check(reference, res, key):
@@ -59,16 +62,20 @@ def _check(reference, res, key):
 
 
 def test_cp2_ulysses_and_ring(model_dir, reference):
-    layouts = [("archon:c2", "ulysses"), ("archon:c2", "ring")]
-    for res in run_ranks(_layouts, 2, model_dir, layouts, timeout=400):
-        for alloc, impl in layouts:
+    layouts = [("archon:c2", "ulysses", "none"), ("archon:c2", "ring", "none")]
+    for res in run_ranks(_layouts, 2, model_dir, layouts, [("archon:c2", "ring")], timeout=400):
+        for alloc, impl, _ in layouts:
             _check(reference, res, f"{alloc}/{impl}")
+        # a critic (value head) runs through the same runner
+        torch.testing.assert_close(res["archon:c2/ring/value"]["values"], reference["value"]["values"],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_cp2_with_tp2_and_fsdp2(model_dir, reference):
-    layouts = [("archon:c2t2", "ulysses"), ("archon:d2c2", "ring")]
+    # full activation checkpointing recomputes the ring's send/recv in backward: same result as no AC
+    layouts = [("archon:c2t2", "ulysses", "none"), ("archon:d2c2", "ring", "full")]
     for res in run_ranks(_layouts, 4, model_dir, layouts, timeout=600):
-        for alloc, impl in layouts:
+        for alloc, impl, _ in layouts:
             _check(reference, res, f"{alloc}/{impl}")
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from archon.testing import hf_model, tiny_hf_config
 
 WORKER = str(Path(__file__).with_name("engine_cp_gpu_worker.py"))

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import FlatRunner
@@ -55,9 +54,8 @@ class ContextParallelRunner(FlatRunner):
         return super().plan_micro_batches(batch, max_tokens * self.cp_size, num_micro_batches)
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        from archon_parallel.context_parallel import gather_sequence, shard_packed_batch
-
         from archon.models.common.packing import PackedInput
+        from archon_parallel.context_parallel import gather_sequence, shard_packed_batch
 
         ids_T, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)
         shard = shard_packed_batch(cu, ids_T, next_token_labels(ids_T), cp_rank=self.cp_rank,
