@@ -86,3 +86,20 @@ def test_sharded_index_directories(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 11))
     with torch.no_grad():
         assert (back(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
+def test_attention_runs_in_autocast_dtype():
+    """Under bf16 autocast the attention kernel must see bf16 q/k/v (fp32 RoPE tables must not promote q/k:
+    the varlen backend would fall back to its dense fp32 path)."""
+    model = archon.from_pretrained(tiny_hf_config("qwen3"))
+    seen = []
+    inner = model.attn_backend
+
+    def spy(q, k, v, meta, scale=None):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return inner(q, k, v, meta, scale=scale)
+
+    model.set_attention_backend(spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 100, (1, 9)))
+    assert seen and all(dt == (torch.bfloat16,) * 3 for dt in seen), seen

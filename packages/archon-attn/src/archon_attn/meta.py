@@ -30,7 +30,9 @@ class AttnMeta:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
+        if "num_tokens" not in self.cache:
+            self.cache["num_tokens"] = int(self.cu_seqlens[-1])
+        return self.cache["num_tokens"]
 
     @property
     def num_docs(self) -> int:
@@ -78,9 +80,12 @@ def build_attn_meta(cu_seqlens: torch.Tensor) -> AttnMeta:
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     lengths_N = cu_seqlens[1:] - cu_seqlens[:-1]
-    stats = torch.stack([cu_seqlens[0].long(), lengths_N.min().long(), lengths_N.max().long()]).tolist()
+    stats = torch.stack([cu_seqlens[0].long(), lengths_N.min().long(), lengths_N.max().long(),
+                         cu_seqlens[-1].long()]).tolist()
     if stats[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {stats[0]}")
     if stats[1] < 0:
         raise ValueError("cu_seqlens must be non-decreasing (document lengths >= 0)")
-    return AttnMeta(cu_seqlens=cu_seqlens.to(torch.int32), max_seqlen=int(stats[2]))
+    meta = AttnMeta(cu_seqlens=cu_seqlens.to(torch.int32), max_seqlen=int(stats[2]))
+    meta.cache["num_tokens"] = int(stats[3])  # read here, in the one sync, not per layer
+    return meta

@@ -33,7 +33,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
         cos_TD, sin_TD = rope
-        q_THD, k_TGD = apply_rope(q_THD, cos_TD, sin_TD), apply_rope(k_TGD, cos_TD, sin_TD)
+        # RoPE tables are fp32 under autocast; keep q/k in the projection dtype (bf16) so the attention
+        # kernel runs in low precision, as SDPA's autocast cast does for the HF reference.
+        q_THD = apply_rope(q_THD, cos_TD, sin_TD).to(v_TGD.dtype)
+        k_TGD = apply_rope(k_TGD, cos_TD, sin_TD).to(v_TGD.dtype)
         if kv_hook is not None:  # KV-cache users (sampler, prefix reuse) take over the attention call
             o_THD = kv_hook(self, q_THD, k_TGD, v_TGD)
         else:

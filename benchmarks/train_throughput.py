@@ -1,0 +1,202 @@
+"""Training throughput: Archon vs Hugging Face transformers on one GPU, measured in the same run.
+
+Same Qwen3 config, same random tokens, bf16 compute with fp32 master weights and fused AdamW for both.
+Prints one JSON line per measurement and a table: tokens/s, MFU against the measured bf16 matmul peak,
+peak memory and step time; ratios are against the HF peer of the same model/shape/compile setting.
+
+    python benchmarks/train_throughput.py                       # 0.6B + 1.7B, seq 4096 + packed 16K
+    python benchmarks/train_throughput.py --models qwen3-1.7b --shapes seq4096 --compile on
+    torchrun --nproc-per-node 4 benchmarks/train_throughput.py --models qwen3-1.7b --fsdp   # per-GPU numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+CONFIGS = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+VOCAB = 151936
+
+
+def peak_matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(cfg: dict, attn_len: float) -> float:
+    """6N (lm head counted, embedding lookup not) + causal attention over documents of mean length attn_len."""
+    h, L, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n = L * (h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i) + h * VOCAB
+    return 6 * n + 12 * L * nh * hd * attn_len / 2
+
+
+def doc_lengths(shape: str, gen: torch.Generator) -> list[int]:
+    if shape == "seq4096":
+        return [4096]
+    total, out = 16384, []  # packed: mixed-length documents totalling 16K tokens
+    while sum(out) < total:
+        out.append(int(torch.randint(128, 3072, (1,), generator=gen)))
+    out[-1] -= sum(out) - total
+    return [n for n in out if n > 0]
+
+
+def mean_attn_len(lengths: list[int]) -> float:
+    return sum(n * n for n in lengths) / sum(lengths)
+
+
+def hf_config(name: str):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rope_theta=1e6, **CONFIGS[name])
+
+
+def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str) -> dict:
+    from archon.config.schema import ActorConfig
+    from archon.engine.batch import PackedBatch
+    from archon.engine.engine import ArchonEngine
+    from archon.train import sft_loss, target_tokens
+
+    d = tempfile.mkdtemp()
+    hf_config(name).save_pretrained(d)
+    actor = ActorConfig(path=d, init_from_scratch=True, dtype="bfloat16", mb_max_tokens=16384)
+    actor.optimizer.lr = 1e-5
+    actor.archon.enable_compile = compile_on
+    eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=warm + steps, device="cuda").initialize()
+    gen = torch.Generator().manual_seed(0)
+    lengths = doc_lengths(shape, gen)
+    world = eng.dims.dp_cp
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    batch = PackedBatch.from_sequences(seqs)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warm + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.train_batch(batch, sft_loss, target_tokens)
+        torch.cuda.synchronize()
+        if i >= warm:
+            times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    tokens = sum(lengths)
+    res = dict(engine="archon", model=name, shape=shape, compile=compile_on, layout=allocation,
+               step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
+               tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), world=world)
+    del eng
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int) -> dict:
+    from transformers import Qwen3ForCausalLM
+
+    cfg = hf_config(name)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    fwd = torch.compile(model) if compile_on else model
+    gen = torch.Generator().manual_seed(0)
+    lengths = doc_lengths(shape, gen)
+    tokens = sum(lengths)
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=gen).cuda()
+    kwargs = {}
+    if len(lengths) > 1:  # HF packed form: position ids restart per document (flash/sdpa varlen detection)
+        kwargs["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warm + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fwd(input_ids=ids, labels=ids, **kwargs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warm:
+            times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    res = dict(engine="hf", model=name, shape=shape, compile=compile_on, step_s=round(med, 4),
+               tokens_per_s_per_gpu=round(tokens / med),
+               tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    del model, opt, fwd, out
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(CONFIGS))
+    p.add_argument("--shapes", nargs="+", default=["seq4096", "packed16k"])
+    p.add_argument("--compile", choices=["on", "off", "both"], default="both")
+    p.add_argument("--engines", nargs="+", default=["hf", "archon"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warm", type=int, default=3)
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: Archon with archon:dN (HF skipped)")
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    a = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    allocation = f"archon:d{world}" if a.fsdp or world > 1 else "archon:d1"
+    import transformers
+
+    peak = peak_matmul_tflops()
+    if rank == 0:
+        print(f"torch {torch.__version__} transformers {transformers.__version__} {torch.cuda.get_device_name()} "
+              f"peak bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    compiles = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
+    rows = []
+    for name in a.models:
+        for shape in a.shapes:
+            for c in compiles:
+                for eng in a.engines:
+                    if eng == "hf" and world > 1:
+                        continue
+                    try:
+                        r = (run_hf(name, shape, c, a.steps, a.warm) if eng == "hf"
+                             else run_archon(name, shape, c, a.steps, a.warm, allocation))
+                    except Exception as ex:  # report and go on: one failing shape must not hide the rest
+                        r = dict(engine=eng, model=name, shape=shape, compile=c, error=repr(ex)[:400])
+                    r["mfu"] = round(r.get("tflops", 0.0) / peak, 3)
+                    rows.append(r)
+                    if rank == 0:
+                        print(json.dumps(r), flush=True)
+    if rank == 0:
+        peers = {(r["model"], r["shape"], r["compile"]): r for r in rows if r["engine"] == "hf" and "error" not in r}
+        print(f"\n{'model':<11} {'shape':<10} {'compile':<7} {'engine':<6} {'tok/s/gpu':>10} {'MFU':>6} "
+              f"{'mem GB':>7} {'step s':>7} {'vs HF':>6}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<6} ERROR {r['error'][:80]}")
+                continue
+            peer = peers.get((r["model"], r["shape"], r["compile"]))
+            ratio = f"{r['tokens_per_s_per_gpu'] / peer['tokens_per_s_per_gpu']:.2f}" if peer else "-"
+            print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<6} "
+                  f"{r['tokens_per_s_per_gpu']:>10} {r['mfu']:>6.1%} {r['peak_mem_gb']:>7} {r['step_s']:>7} {ratio:>6}")
+        with open(a.json, "w") as f:
+            json.dump(dict(peak_tflops=peak, torch=torch.__version__, results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
