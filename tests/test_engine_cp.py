@@ -3,6 +3,8 @@ equals one process: forward logprobs/entropy, and losses + parameters after 3 Ad
 
 The tiny qwen3 has 4 query heads and 2 kv heads, so c2t2 Ulysses repeats each tp rank's single kv head
 for the two cp ranks. Batches are varlen packed documents whose lengths need padding for every layout.
+Also: a value head (critic) under c2 ring, full AC under d2c2 ring, and qwen3_moe with EP on the cp ranks
+(c2e2).
 """
 
 import sys
@@ -30,7 +32,7 @@ def forward_outputs(model_dir: str, allocation: str, head: str = "lm", **archon_
     return eng.forward_batch(global_batch(7), want_entropy=True)
 
 
-def _layouts(rank, world, model_dir, layouts, value_head=()):
+def _layouts(rank, world, model_dir, layouts, value_head=(), moe=None):
     sys.path.insert(0, str(Path(__file__).parent))
     out = {}
     for alloc, impl, ac in layouts:
@@ -38,6 +40,9 @@ def _layouts(rank, world, model_dir, layouts, value_head=()):
         out[f"{alloc}/{impl}"] = train_steps(model_dir, alloc, ac, cp_impl=impl)
     for alloc, impl in value_head:
         out[f"{alloc}/{impl}/value"] = forward_outputs(model_dir, alloc, head="value", cp_impl=impl)
+    if moe is not None:
+        moe_dir, alloc = moe
+        out["moe"] = train_steps(moe_dir, alloc, cp_impl="ulysses")
     return out
 
 
@@ -45,6 +50,14 @@ def _layouts(rank, world, model_dir, layouts, value_head=()):
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
     hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2)).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    # aux loss off: CP computes it per rank on its own tokens (averaged over cp), not on the whole batch
+    d = tmp_path_factory.mktemp("moe")
+    hf_model(tiny_hf_config("qwen3_moe", vocab_size=64, num_hidden_layers=2, router_aux_loss_coef=0.0)).save_pretrained(d)
     return str(d)
 
 
@@ -61,9 +74,13 @@ def _check(reference, res, key):
     assert_same(reference["train"], res[key])
 
 
-def test_cp2_ulysses_and_ring(model_dir, reference):
+def test_cp2_ulysses_and_ring(model_dir, moe_dir, reference):
     layouts = [("archon:c2", "ulysses", "none"), ("archon:c2", "ring", "none")]
-    for res in run_ranks(_layouts, 2, model_dir, layouts, [("archon:c2", "ring")], timeout=400):
+    moe_ref = train_steps(moe_dir, "archon:d1")
+    for res in run_ranks(_layouts, 2, model_dir, layouts, [("archon:c2", "ring")], (moe_dir, "archon:c2e2"),
+                         timeout=400):
+        # qwen3_moe with EP borrowing the cp ranks (c2e2)
+        assert_same(moe_ref, res["moe"])
         for alloc, impl, _ in layouts:
             _check(reference, res, f"{alloc}/{impl}")
         # a critic (value head) runs through the same runner
