@@ -1,6 +1,6 @@
 """Worker for tests/test_engine_cp_gpu.py: train 3 steps + forward on CUDA, save the results.
 
-Run as `python engine_cp_gpu_worker.py MODEL_DIR ALLOCATION CP_IMPL DTYPE OUT.pt [DEVICE]` (one GPU) or under
+Run as `python engine_cp_gpu_worker.py MODEL_DIR ALLOCATION CP_IMPL DTYPE OUT.pt [DEVICE [COMPILE]]` (one GPU) or under
 `torchrun --nproc_per_node 2` (the engine initialises NCCL from the torchrun environment).
 """
 
@@ -17,13 +17,14 @@ from archon.train import sft_loss, target_tokens  # noqa: E402
 from engine_parallel_common import global_batch  # noqa: E402
 
 
-def main(model_dir: str, allocation: str, cp_impl: str, dtype: str, out: str, device: str = "cuda") -> None:
+def main(model_dir: str, allocation: str, cp_impl: str, dtype: str, out: str, device: str = "cuda",
+         compile: str = "0") -> None:
     actor = ActorConfig(path=model_dir, dtype=dtype, mb_max_tokens=96, seed=5)
     actor.optimizer.lr = 1e-3
     actor.optimizer.eps = 1e-6
     actor.archon.cp_impl = cp_impl
     actor.archon.attn_impl = "varlen"
-    actor.archon.enable_compile = False
+    actor.archon.enable_compile = compile == "1"
     eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=3, device=device).initialize()
     fwd = eng.forward_batch(global_batch(7), want_entropy=True)
     losses = []
@@ -41,4 +42,4 @@ def main(model_dir: str, allocation: str, cp_impl: str, dtype: str, out: str, de
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:7])
+    main(*sys.argv[1:8])

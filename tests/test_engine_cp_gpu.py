@@ -3,7 +3,8 @@
 Each run is a fresh process (torchrun for cp2) so the engine initialises NCCL itself. fp32 losses match
 at 1e-5; parameters after 3 AdamW steps at 1e-4, because cuBLAS / SDPA pick reduction orders by shape
 (a cp rank multiplies [T/cp, D] matrices, one GPU [T, D]) and AdamW turns that noise in near-zero
-gradients into small sign flips. bf16 is a smoke check against the fp32 reference (2e-2 on the loss).
+gradients into small sign flips. bf16 + torch.compile is a smoke check against the fp32 reference (2e-2 on
+the loss).
 """
 
 import subprocess
@@ -17,10 +18,11 @@ from archon.testing import hf_model, tiny_hf_config
 WORKER = str(Path(__file__).with_name("engine_cp_gpu_worker.py"))
 
 
-def _run(tmp_path, model_dir, allocation, impl, dtype, nproc):
-    out = tmp_path / f"{allocation.replace(':', '_')}_{impl}_{dtype}.pt"
+def _run(tmp_path, model_dir, allocation, impl, dtype, nproc, compile=False):
+    out = tmp_path / f"{allocation.replace(':', '_')}_{impl}_{dtype}_{int(compile)}.pt"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launch if nproc > 1 else [sys.executable]) + [WORKER, model_dir, allocation, impl, dtype, str(out)]
+    cmd = (launch if nproc > 1 else [sys.executable]) + [WORKER, model_dir, allocation, impl, dtype, str(out), "cuda",
+                                                         str(int(compile))]
     subprocess.run(cmd, check=True, timeout=400)
     return torch.load(out)
 
@@ -40,5 +42,6 @@ def test_cp2_nccl_equals_one_gpu(tmp_path):
         for n, a in ref["params"].items():
             rel = float((a - got["params"][n]).norm() / a.norm())
             assert rel <= 1e-4, f"{impl} {n}: relative diff {rel:.2e}"
-    bf16 = _run(tmp_path, str(model_dir), "archon:c2", "ulysses", "bfloat16", 2)
-    assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(ref["losses"], bf16["losses"])), bf16["losses"]
+    for impl in ("ulysses", "ring"):  # bf16 with torch.compile on the blocks (the CUDA default)
+        bf16 = _run(tmp_path, str(model_dir), "archon:c2", impl, "bfloat16", 2, compile=True)
+        assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(ref["losses"], bf16["losses"])), bf16["losses"]
