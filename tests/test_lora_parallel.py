@@ -1,5 +1,6 @@
-"""LoRA on the real Qwen3 model under FSDP2, TP2 and FSDP2 x TP2 (CPU gloo) equals one process: losses, the LoRA
-factors after 3 AdamW steps and their gradients on a 4th batch, <= 1e-5 relative (fp32)."""
+"""LoRA on the real Qwen3 model under FSDP2, TP2 and FSDP2 x TP2, and expert LoRA on Qwen3-MoE under EP2 x FSDP2
+(CPU gloo), equals one process: losses, the LoRA factors after 3 AdamW steps and their gradients on a 4th batch,
+<= 1e-5 relative (fp32)."""
 
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3) -> dict:
+def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3, moe: bool = False) -> dict:
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=96, seed=5)
     actor.optimizer.lr = 1e-3
     actor.optimizer.eps = 1e-6  # see engine_parallel_common.train_steps
@@ -28,7 +29,11 @@ def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3
     actor.lora.enabled = True
     actor.lora.r = 4
     actor.lora.alpha = 8.0
-    actor.lora.modules_to_save = ["lm_head"]  # a fully trainable, vocab-parallel module next to the LoRA pairs
+    if moe:  # expert LoRA on every expert's w1/w2/w3 plus attention LoRA
+        actor.lora.target_modules = ["q_proj", "o_proj"]
+        actor.lora.expert_lora = True
+    else:
+        actor.lora.modules_to_save = ["lm_head"]  # a fully trainable, vocab-parallel module next to the LoRA pairs
     eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=steps + 1, device="cpu").initialize()
     losses = []
     for step in range(steps + 1):
@@ -45,44 +50,53 @@ def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3
             "grads": {n: _full(p.grad) for n, p in clean.items()}}
 
 
-def _layouts(rank, world, model_dir, layouts):
+def _layouts(rank, world, model_dirs, layouts):
     sys.path.insert(0, str(Path(__file__).parent))
-    return {f"{alloc}/{ac}": lora_steps(model_dir, alloc, ac) for alloc, ac in layouts}
+    return {f"{kind}:{alloc}/{ac}": lora_steps(model_dirs[kind], alloc, ac, moe=kind == "moe")
+            for kind, alloc, ac in layouts}
 
 
-def _assert_same(ref: dict, got: dict, tol: float = 1e-5) -> None:
+def _assert_same(ref: dict, got: dict, layout: str, tol: float = 1e-5) -> None:
     for i, (a, b) in enumerate(zip(ref["losses"], got["losses"])):
-        assert abs(a - b) <= tol * abs(a), f"step {i}: loss {b} vs single-process {a}"
+        assert abs(a - b) <= tol * abs(a), f"{layout} step {i}: loss {b} vs single-process {a}"
     for kind in ("params", "grads"):
         assert ref[kind].keys() == got[kind].keys()
         for n, a in ref[kind].items():
             rel = float((a - got[kind][n]).norm() / a.norm().clamp(min=1e-30))
-            assert rel <= tol, f"{kind} {n}: relative diff {rel:.2e}"
+            assert rel <= tol, f"{layout} {kind} {n}: relative diff {rel:.2e}"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dirs(tmp_path_factory):
     d = tmp_path_factory.mktemp("m")
-    hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2)).save_pretrained(d)
-    return str(d)
+    hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2)).save_pretrained(d / "dense")
+    # The load-balancing aux loss is computed per micro-batch, so it depends on how tokens are split across ranks
+    # and micro-batches (and its gradient reaches attention LoRA through the router input): off for equality.
+    moe = tiny_hf_config("qwen3_moe", vocab_size=64, num_hidden_layers=2, router_aux_loss_coef=0.0)
+    hf_model(moe).save_pretrained(d / "moe")
+    return {"dense": str(d / "dense"), "moe": str(d / "moe")}
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-    ref = lora_steps(model_dir, "archon:d1")
-    assert len(ref["grads"]) == 2 * 7 * 2 + 1  # A/B x 7 linears x 2 layers + lm_head copy
-    assert all(g.abs().sum() > 0 for g in ref["grads"].values())
-    return ref
+def reference(model_dirs):
+    dense = lora_steps(model_dirs["dense"], "archon:d1")
+    assert len(dense["grads"]) == 2 * 7 * 2 + 1  # A/B x 7 linears x 2 layers + lm_head copy
+    moe = lora_steps(model_dirs["moe"], "archon:d1", moe=True)
+    assert len(moe["grads"]) == 2 * (2 + 3) * 2  # A/B x (2 linears + 3 expert weights) x 2 layers
+    for ref in (dense, moe):
+        assert all(g.abs().sum() > 0 for g in ref["grads"].values())
+    return {"dense": dense, "moe": moe}
 
 
-def test_lora_fsdp2_and_tp2(model_dir, reference):
-    res = run_ranks(_layouts, 2, model_dir, [("archon:d2", "none"), ("archon:t2", "selective")], timeout=400)
+def test_lora_fsdp2_tp2_and_ep2(model_dirs, reference):
+    layouts = [("dense", "archon:d2", "none"), ("dense", "archon:t2", "selective"), ("moe", "archon:d2e2", "none")]
+    res = run_ranks(_layouts, 2, model_dirs, layouts, timeout=500)
     for r in res:
-        _assert_same(reference, r["archon:d2/none"])
-        _assert_same(reference, r["archon:t2/selective"])
+        for kind, alloc, ac in layouts:
+            _assert_same(reference[kind], r[f"{kind}:{alloc}/{ac}"], f"{kind}:{alloc}/{ac}")
 
 
-def test_lora_fsdp2_x_tp2(model_dir, reference):
-    res = run_ranks(_layouts, 4, model_dir, [("archon:d2t2", "none")], timeout=500)
+def test_lora_fsdp2_x_tp2(model_dirs, reference):
+    res = run_ranks(_layouts, 4, model_dirs, [("dense", "archon:d2t2", "none")], timeout=500)
     for r in res:
-        _assert_same(reference, r["archon:d2t2/none"])
+        _assert_same(reference["dense"], r["dense:archon:d2t2/none"], "d2t2")

@@ -86,11 +86,13 @@ def lora_config_of(model: nn.Module):
 
 @contextlib.contextmanager
 def lora_tp_styles(enabled: bool) -> Iterator[None]:
-    """While active, archon_parallel's colwise/rowwise TP styles also place LoRA A/B like their base.
+    """While active, archon_parallel's colwise/rowwise TP styles also place LoRA A/B like their base, every TP
+    style keeps the frozen base frozen, and expert parallel shards expert LoRA pairs like the expert weights.
 
-    archon_parallel builds styles by name (`make_style`) and must not import archon_lora, and LoRA factors must
-    be placed between TP and FSDP2 inside one `parallelize` call; wrapping the style factory for that call is
-    the one seam. `LoRATensorParallel` behaves exactly like the wrapped style on plain linears.
+    archon_parallel builds styles by name (`make_style`) and looks up its EP hook at call time, and must not
+    import archon_lora, while LoRA factors must be placed between TP/EP and FSDP2 inside one `parallelize`
+    call; wrapping those two factories for that call is the one seam. `LoRATensorParallel` behaves exactly
+    like the wrapped style on plain linears.
     """
     if not enabled:
         yield
@@ -107,11 +109,22 @@ def lora_tp_styles(enabled: bool) -> Iterator[None]:
             style = LoRATensorParallel(style)
         return None if style is None else _KeepRequiresGrad(style)
 
-    tp_mod.make_style = make_style
+    from archon_lora import ExpertLoRA, place_lora_like_base
+    from archon_parallel import expert_parallel as ep_mod
+
+    original_ep = ep_mod.apply_expert_parallel
+
+    def apply_expert_parallel(moe, ep_mesh, etp_mesh=None):
+        out = original_ep(moe, ep_mesh, etp_mesh)
+        if isinstance(moe.experts, ExpertLoRA):
+            place_lora_like_base(moe.experts)  # expert pairs sharded on experts like w1/w2/w3, before FSDP
+        return out
+
+    tp_mod.make_style, ep_mod.apply_expert_parallel = make_style, apply_expert_parallel
     try:
         yield
     finally:
-        tp_mod.make_style = original
+        tp_mod.make_style, ep_mod.apply_expert_parallel = original, original_ep
 
 
 def _hf_name_fn(model: nn.Module):

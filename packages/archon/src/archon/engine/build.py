@@ -66,7 +66,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
             apply_vocab_parallel_head(model.output, meshes["tp"])
     if lora:
         li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
-        with li.lora_tp_styles(dims.tp_enabled):
+        with li.lora_tp_styles(dims.tp_enabled or dims.ep_enabled):
             parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
     else:
         parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
