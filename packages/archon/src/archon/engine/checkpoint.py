@@ -5,8 +5,44 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger("archon")
+
+
+class AdapterState(Stateful):
+    """Only the trainable parameters (LoRA factors, `modules_to_save` copies): `checkpoint.adapter_only`.
+
+    The frozen base is not saved; a resume rebuilds it from `actor.path` like the first run did.
+    """
+
+    def __init__(self, model) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        if not any(p.requires_grad for p in model.parameters()) or all(p.requires_grad for p in model.parameters()):
+            raise ValueError("checkpoint.adapter_only=true needs a LoRA engine (actor.lora.enabled=true)")
+        self.model = model
+        self.options = StateDictOptions(strict=False)
+
+    def _trainable(self) -> set[str]:
+        from archon_lora.merge import clean_name
+
+        return {clean_name(n) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        keep = self._trainable()
+        return {k: v for k, v in get_model_state_dict(self.model, options=self.options).items() if k in keep}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        missing = self._trainable() - set(state_dict)
+        if missing:
+            raise ValueError(f"adapter-only checkpoint lacks trainable parameters {sorted(missing)[:5]}; was it "
+                             "saved with the same actor.lora target_modules / modules_to_save?")
+        set_model_state_dict(self.model, state_dict, options=self.options)
 
 
 class EngineCheckpointer:
@@ -24,7 +60,8 @@ class EngineCheckpointer:
         from archon_ckpt import ModelState, OptimizerState, RNGState, SchedulerState
 
         e = self.engine
-        return {"model": ModelState(e.model), "optim": OptimizerState(e.model, e.optimizer),
+        model = AdapterState(e.model) if getattr(self.cfg, "adapter_only", False) else ModelState(e.model)
+        return {"model": model, "optim": OptimizerState(e.model, e.optimizer),
                 "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state}
 
     def save(self, step: int) -> None:
@@ -58,10 +95,9 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
     import json
     import os
 
-    from archon_ckpt import Checkpointer, atomic_write_text, iter_dcp_tensors, save_safetensors_sharded
-
-    from archon.hf import hf_config_dict, load_hf_config, build_model
+    from archon.hf import build_model, hf_config_dict, load_hf_config
     from archon.spec import get_model_spec
+    from archon_ckpt import Checkpointer, atomic_write_text, iter_dcp_tensors, save_safetensors_sharded
 
     step_dir = checkpoint
     if not os.path.exists(os.path.join(checkpoint, ".metadata")):
