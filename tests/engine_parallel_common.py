@@ -47,3 +47,8 @@ def assert_same(ref: dict, got: dict, tol: float = 1e-5) -> None:
         b = got["params"][n]
         rel = float((a - b).norm() / a.norm().clamp(min=1e-30))
         assert rel <= tol, f"{n}: relative diff {rel:.2e}"
+
+
+def run_layouts(rank: int, world: int, model_dir: str, layouts: list[tuple[str, str]]) -> dict:
+    """run_ranks target: train every (allocation, ac mode) layout in this spawn."""
+    return {f"{alloc}/{ac}": train_steps(model_dir, alloc, ac) for alloc, ac in layouts}

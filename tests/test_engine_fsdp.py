@@ -3,41 +3,25 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import assert_same, train_steps  # noqa: E402
+from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
 
-from archon.testing import hf_model, tiny_hf_config  # noqa: E402
 from archon_parallel.testing import run_ranks  # noqa: E402
 
 
-def _layouts(rank, world, model_dir, layouts):
-    sys.path.insert(0, str(Path(__file__).parent))
-    return {f"{alloc}/{ac}": train_steps(model_dir, alloc, ac) for alloc, ac in layouts}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("m")
-    hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2)).save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return {ac: train_steps(model_dir, "archon:d1", ac) for ac in ("none", "selective")}
-
-
-def test_fsdp2_two_ranks(model_dir, reference):
-    res = run_ranks(_layouts, 2, model_dir, [("archon:d2", "none"), ("archon:d2", "selective")], timeout=400)
+def test_fsdp2_two_ranks(dense_model_dir):
+    ref = {ac: train_steps(dense_model_dir, "archon:d1", ac) for ac in ("none", "selective")}
+    res = run_ranks(run_layouts, 2, dense_model_dir, [("archon:d2", "none"), ("archon:d2", "selective")],
+                    timeout=400)
     for r in res:
-        assert_same(reference["none"], r["archon:d2/none"])
-        assert_same(reference["selective"], r["archon:d2/selective"])
+        assert_same(ref["none"], r["archon:d2/none"])
+        assert_same(ref["selective"], r["archon:d2/selective"])
 
 
-def test_fsdp4_and_hsdp_2x2(model_dir, reference):
-    res = run_ranks(_layouts, 4, model_dir, [("archon:d4", "none"), ("archon:r2d2", "selective")], timeout=500)
+def test_fsdp4_and_hsdp_2x2(dense_model_dir):
+    ref = {ac: train_steps(dense_model_dir, "archon:d1", ac) for ac in ("none", "selective")}
+    res = run_ranks(run_layouts, 4, dense_model_dir, [("archon:d4", "none"), ("archon:r2d2", "selective")],
+                    timeout=500)
     for r in res:
-        assert_same(reference["none"], r["archon:d4/none"])
-        assert_same(reference["selective"], r["archon:r2d2/selective"])
+        assert_same(ref["none"], r["archon:d4/none"])
+        assert_same(ref["selective"], r["archon:r2d2/selective"])
