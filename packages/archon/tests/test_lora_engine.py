@@ -113,3 +113,16 @@ def test_bad_lora_config_errors(model_dir):
     eng = ArchonEngine(ActorConfig(path=model_dir, dtype="float32"), device="cpu").initialize()
     with pytest.raises(ValueError, match="lora.enabled"):
         eng.save_adapter("/tmp/never")
+
+
+def test_sampler_state_dict_is_merged(model_dir):
+    from archon.hf import build_model, load_hf_config
+
+    eng = _engine(model_dir, target_modules=["q_proj", "up_proj"])
+    _train(eng)
+    sd = eng.state_dict_for_sampler()
+    plain = build_model(load_hf_config(model_dir), device="cpu")
+    plain.init_buffers()
+    plain.load_state_dict(sd)  # strict: base keys only, no LoRA factors
+    with torch.no_grad():
+        assert (plain.eval()(IDS) - eng.model.eval()(IDS)).abs().max().item() <= 1e-5

@@ -39,6 +39,13 @@ def to_lora_config(cfg):
                       target_modules=targets, modules_to_save=list(cfg.modules_to_save))
 
 
+def validate_lora(cfg, dims) -> None:
+    """Reject LoRA settings the parallel layout cannot run, with the rule named."""
+    if cfg.dropout > 0 and dims.tp > 1:
+        raise ValueError("rule lora-dropout-with-tp: actor.lora.dropout > 0 under tensor parallel would draw the "
+                         "dropout mask from DTensor's RNG (untested); set actor.lora.dropout=0 or use t1")
+
+
 def inject_engine_lora(model: nn.Module, cfg) -> None:
     """Inject LoRA into a (meta) model per `actor.lora`; skips targets a model lacks only for `experts`
     on a dense model (an explicit typo still raises). Stores the LoRAConfig as `model.lora_config`."""

@@ -46,6 +46,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     if lora:
         from archon import lora_integration as li
 
+        li.validate_lora(cfg.lora, dims)
         li.inject_engine_lora(model, cfg.lora)
     spec = get_model_spec(hf_cfg.model_type)
     plan = spec.parallel_plan(model.args)

@@ -266,8 +266,15 @@ class ArchonEngine:
         save_adapter(self.model, out_dir, base_path=self.cfg.path or None)
 
     def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) native state dict in memory, for an embedded sampler."""
+        """Full (unsharded) native state dict in memory, for an embedded sampler (LoRA folded into the base)."""
         from torch.distributed.tensor import DTensor
+
+        from archon.lora_integration import lora_config_of
+
+        if lora_config_of(self.model) is not None:
+            from archon_lora import merged_state_dict
+
+            return merged_state_dict(self.model)
 
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
                 for k, v in self.model.state_dict().items()}
