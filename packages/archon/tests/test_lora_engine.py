@@ -126,3 +126,20 @@ def test_sampler_state_dict_is_merged(model_dir):
     plain.load_state_dict(sd)  # strict: base keys only, no LoRA factors
     with torch.no_grad():
         assert (plain.eval()(IDS) - eng.model.eval()(IDS)).abs().max().item() <= 1e-5
+
+
+def test_tied_model_with_saved_lm_head(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    d = str(tmp_path / "tied")
+    hf = hf_model(tiny_hf_config("qwen3", vocab_size=VOCAB, tie_word_embeddings=True))
+    hf.save_pretrained(d)
+    eng = _engine(d, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():  # the lm_head copy starts from the tied embedding
+        assert (eng.model.eval()(IDS) - hf(input_ids=IDS).logits).abs().max().item() <= 1e-5
+    _train(eng)
+    assert not torch.equal(eng.model.output.weight, eng.model.tok_embeddings.weight)
+    eng.export_weights(str(tmp_path / "merged"), dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ref(input_ids=IDS).logits - eng.model.eval()(IDS)).abs().max().item() <= 1e-5

@@ -58,6 +58,8 @@ def inject_engine_lora(model: nn.Module, cfg) -> None:
         lcfg.target_modules.remove("experts")
     inject_lora(model, lcfg, name_aliases=QWEN_ALIASES)
     model.lora_config = lcfg
+    if head_untied(model):  # the trainable lm_head copy must survive Decoder.to_empty's re-tying
+        model.tie_weights = lambda: None
     model.lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -176,6 +178,13 @@ def from_hf_name_fn(model: nn.Module):
     return from_hf_name
 
 
+def head_untied(model: nn.Module) -> bool:
+    """True when `modules_to_save` turned a tied LM head into its own trainable copy."""
+    from archon_lora.inject import SAVED_MODULE_ATTR
+
+    return bool(model.args.tie_embeddings and getattr(model.output, SAVED_MODULE_ATTR, False))
+
+
 def load_base_weights(model: nn.Module, path: str) -> None:
     """`archon.hf.load_hf_weights` for a model with LoRA injected: LoRA factors are not in the base checkpoint."""
     from archon_ckpt import HFSource, SafetensorsReader, load_into_module
@@ -184,7 +193,9 @@ def load_base_weights(model: nn.Module, path: str) -> None:
     tied_head = model.args.tie_embeddings and model.output is not None
 
     def native_to_hf(name: str):
-        if is_lora_param(name) or adapter.is_native_only(name) or (tied_head and name == "output.weight"):
+        if tied_head and name == "output.weight":  # a modules_to_save copy of a tied head starts from the embedding
+            return HFSource(("model.embed_tokens.weight",), None) if head_untied(model) else None
+        if is_lora_param(name) or adapter.is_native_only(name):
             return None
         keys, combine = adapter.hf_sources(name)
         return HFSource(tuple(keys), combine if len(keys) > 1 else None)
@@ -243,7 +254,7 @@ def iter_merged_hf_tensors(model: nn.Module, dtype: torch.dtype | None) -> Itera
     from archon_lora import merged_state_dict
 
     adapter, _ = _hf_name_fn(model)
-    tied = model.args.tie_embeddings
+    tied = model.args.tie_embeddings and not head_untied(model)
     for name, t in merged_state_dict(model).items():
         if adapter.is_native_only(name) or (tied and name == "output.weight"):
             continue

@@ -32,10 +32,12 @@ def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch
 
 def _save_merged(model, out_dir: str, dtype: torch.dtype | None) -> None:
     from archon.hf import hf_config_dict
-    from archon.lora_integration import iter_merged_hf_tensors
+    from archon.lora_integration import head_untied, iter_merged_hf_tensors
     from archon_ckpt import atomic_write_text, save_safetensors_sharded
 
     cfg = hf_config_dict(model)
+    if head_untied(model):  # a trained lm_head copy: the export carries its own lm_head tensor
+        cfg["tie_word_embeddings"] = False
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")
     save_safetensors_sharded(iter_merged_hf_tensors(model, dtype), out_dir)
