@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import Runner, pad_packed
+from torch import nn
 
 _PAD_BUCKET = 64  # L is rounded up to this so few distinct schedules (one per L) are ever built
 
@@ -123,10 +123,9 @@ class _Step:
     """Per-step state the stage hooks and the loss read, indexed by micro-batch."""
 
     mbs: list[PackedBatch]
-    packed: list[Any]  # PackedInput per micro-batch (padded to L)
-    labels_ML: torch.Tensor
-    ids_ML: torch.Tensor
-    cu: list[torch.Tensor]  # padded cu_seqlens per micro-batch
+    packed: list[Any]  # PackedInput per micro-batch: its own tokens, padded only to a multiple of tp
+    labels: list[torch.Tensor]  # next-token labels per micro-batch
+    ids_ML: torch.Tensor  # token ids zero-padded to L (the first stage's static input)
     want_entropy: bool
     loss_fn: Any = None
     scales: list[float] = dataclasses.field(default_factory=list)
@@ -162,15 +161,17 @@ class PipelineRunner(Runner):
     def _prepare(self, mbs: list[PackedBatch], want_entropy: bool) -> _Step:
         from archon.models.common.packing import pack_inputs
 
-        multiple = _PAD_BUCKET * self.pad_multiple
-        L = -(-max(mb.num_tokens for mb in mbs) // multiple) * multiple
-        packed, ids, cus = [], [], []
+        # Stages compute only each micro-batch's own tokens (padded to a multiple of tp, exactly as FlatRunner) and
+        # zero-fill the rest of the static [L] buffers, so padding never reaches attention, MoE routing or the loss.
+        packed, ids = [], []
         for mb in mbs:
-            ids_L, cu = pad_packed(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), L)  # to L exactly
-            packed.append(pack_inputs(ids_L, None, cu))
-            ids.append(ids_L)
-            cus.append(cu)
-        return _Step(mbs, packed, torch.stack([next_token_labels(x) for x in ids]), torch.stack(ids), cus, want_entropy)
+            ids_T, cu = pad_packed(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), self.pad_multiple)
+            packed.append(pack_inputs(ids_T, None, cu))
+            ids.append(ids_T)
+        multiple = _PAD_BUCKET * self.pad_multiple
+        L = -(-max(x.shape[0] for x in ids) // multiple) * multiple
+        ids_ML = torch.stack([torch.cat([x, x.new_zeros(L - x.shape[0])]) for x in ids])
+        return _Step(mbs, packed, [next_token_labels(x) for x in ids], ids_ML, want_entropy)
 
     # -- stage hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, k: int):
@@ -183,11 +184,11 @@ class PipelineRunner(Runner):
             st = self._step
             packed = st.packed[i]
             x = args[0]
-            if x.is_floating_point():  # hidden states from the previous stage
-                packed = dataclasses.replace(packed, tokens=x)
+            if x.is_floating_point():  # hidden states from the previous stage: this micro-batch's rows only
+                packed = dataclasses.replace(packed, tokens=x[:packed.tokens.shape[0] // self.info.tp])
             new = {"packed": packed}
             if module.output is not None:
-                new.update(labels=st.labels_ML[i], want_entropy=st.want_entropy, logprob_chunk_size=self.chunk)
+                new.update(labels=st.labels[i], want_entropy=st.want_entropy, logprob_chunk_size=self.chunk)
             return (x,), new
         return hook
 
@@ -199,10 +200,12 @@ class PipelineRunner(Runner):
             i, self._cur[k] = self._cur[k], None
             if i is None:
                 return None
+            L = self._step.ids_ML.shape[1]
             if last:
-                out = tuple(o.float() for o in output) if isinstance(output, tuple) else output.float().reshape(-1)
+                out = tuple(_pad_rows(o.float(), L) for o in output) if isinstance(output, tuple) else (
+                    _pad_rows(output.float().reshape(-1), L))
             else:
-                out = output.to(self.info.act_dtype)
+                out = _pad_rows(output.to(self.info.act_dtype), L // self.info.tp)
             aux = module.moe_aux_loss() if torch.is_grad_enabled() else None
             st = self._step
             if aux is not None and st.aux_scales and st.aux_scales[i] != 0.0:
@@ -215,13 +218,14 @@ class PipelineRunner(Runner):
 
     def _token_outputs(self, out: Any, i: int) -> dict[str, torch.Tensor]:
         st = self._step
-        T = st.mbs[i].num_tokens
+        T, cu = st.mbs[i].num_tokens, st.packed[i].cu_seqlens
+        Tp = st.packed[i].tokens.shape[0]
         if self.head == "value":
             return {"values": out.reshape(-1)[:T]}
         lp, ent = out
-        res = {"logprobs": shift_to_tokens(lp, st.cu[i])[:T]}
+        res = {"logprobs": shift_to_tokens(lp[:Tp], cu)[:T]}
         if st.want_entropy:
-            res["entropy"] = shift_to_tokens(ent, st.cu[i])[:T]
+            res["entropy"] = shift_to_tokens(ent[:Tp], cu)[:T]
         return res
 
     # -- train ----------------------------------------------------------------------------------------
@@ -343,3 +347,8 @@ class PipelineRunner(Runner):
                                    device=self.device if self.device.type == "cuda" else None)
         return holder[0]
 
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-fill `x` along dim 0 up to `rows` (a stage's static output shape)."""
+    pad = rows - x.shape[0]
+    return x if pad == 0 else torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
