@@ -104,7 +104,7 @@ def test_export_hf_qwen3_moe(tmp_path):
     _export_and_compare(eng, str(tmp_path / "ckpt"), d, str(tmp_path / "hf"))
 
 
-def test_adapter_only_checkpoint(dense_dir, tmp_path):
+def test_adapter_only_checkpoint(dense_dir, tmp_path, capsys):
     from archon_ckpt import Checkpointer, iter_dcp_tensors
 
     cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), adapter_only=True)
@@ -121,3 +121,10 @@ def test_adapter_only_checkpoint(dense_dir, tmp_path):
     assert EngineCheckpointer(again, cfg).maybe_resume() == 2
     assert _steps(again, 2, 2) == straight  # same process, same layout: bitwise
     assert os.path.getsize(os.path.join(step_dir, ".metadata")) > 0
+
+    from archon.cli import main
+
+    assert main(["export-hf", cfg.dir, str(tmp_path / "hf"), "--model", dense_dir]) == 2
+    assert "LoRA training checkpoint" in capsys.readouterr().err
+    assert main(["export-hf", cfg.dir, str(tmp_path / "hf"), "--model", dense_dir, "--dtype", "fp8"]) == 2
+    assert "export dtype 'fp8'" in capsys.readouterr().err

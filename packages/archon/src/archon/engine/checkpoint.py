@@ -106,10 +106,14 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
         if step is None:
             raise ValueError(f"{checkpoint!r} has no checkpoint (no `latest` and no .metadata)")
         step_dir = str(c.step_path(step))
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"export dtype {dtype!r} is not one of {sorted(dtypes)}")
+    torch_dtype = dtypes[dtype]
+    _reject_lora_checkpoint(step_dir)
     hf_cfg = load_hf_config(model_config)
     model = build_model(hf_cfg, device="meta")
     adapter = get_model_spec(hf_cfg.model_type).state_dict_adapter(model.args)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     tied = model.args.tie_embeddings
 
     def tensors():
@@ -122,3 +126,13 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
     cfg = hf_config_dict(model)
     cfg["dtype"] = dtype
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def _reject_lora_checkpoint(step_dir: str) -> None:
+    from archon.lora_integration import is_lora_param
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    if any(k.startswith("model.") and is_lora_param(k) for k in keys):
+        raise ValueError(f"{step_dir!r} is a LoRA training checkpoint: export-hf converts full-model checkpoints; "
+                         "export a LoRA run with engine.export_weights(dir, merged=True) or engine.save_adapter(dir)")
