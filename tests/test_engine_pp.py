@@ -10,8 +10,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from archon.testing import hf_model, tiny_hf_config  # noqa: E402
+from archon_parallel.pipeline import available_schedules  # noqa: E402
 from archon_parallel.testing import run_ranks  # noqa: E402
 from engine_parallel_common import assert_same, global_batch  # noqa: E402
+
+_ZB = "ZBVZeroBubble" if "ZBVZeroBubble" in available_schedules() else "1F1B"
 
 
 def _run(model_dir: str, allocation: str, steps: int = 3, **archon_kw) -> dict:
@@ -84,8 +87,10 @@ def reference(dense_dir, moe_dir):
 def test_pp2_schedules_and_moe(dense_dir, moe_dir, reference):
     layouts = [("1f1b", dense_dir, "archon:p2", {"pp_schedule": "1F1B"}),
                ("interleaved", dense_dir, "archon:p2", {"pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2}),
-               # the MoE aux loss depends on how tokens are grouped into micro-batches: keep the reference's 2
-               ("moe", moe_dir, "archon:p2", {"pp_schedule": "1F1B", "pp_microbatches": 2})]
+               # the MoE aux loss depends on how tokens are grouped into micro-batches: keep the reference's 2.
+               # ZBV: V placement (stages 1 and 2 share rank 1), split input/weight backward, embedding-only stage 0
+               ("moe", moe_dir, "archon:p2", {"pp_schedule": _ZB, "pp_stages_per_rank": 2 if _ZB != "1F1B" else 1,
+                                              "pp_microbatches": 2})]
     res = run_ranks(_layouts, 2, layouts, timeout=500)
     _check(reference["dense"], _merged(res, "1f1b"))
     _check(reference["dense"], _merged(res, "interleaved"))
@@ -98,3 +103,30 @@ def test_pp2_with_fsdp2_and_tp2(dense_dir, reference):
     res = run_ranks(_layouts, 4, layouts, timeout=600)
     _check(reference["dense"], _merged(res, "pp_dp"))
     _check(reference["dense"], _merged(res, "pp_tp"))
+
+
+def test_pipeline_config_rules(tmp_path, dense_dir):
+    from archon.config.schema import ActorConfig
+    from archon.config.validate import validate_engine
+    from archon_parallel.dims import ParallelDims
+
+    dims = ParallelDims(pp=2, dp_shard=1, world_size=2)
+    tied_dir = tmp_path / "tied"
+    hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2, tie_word_embeddings=True)).save_pretrained(
+        tied_dir)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="pp-tied-embeddings"):
+        validate_engine(ActorConfig(path=str(tied_dir)), dims, cpu)
+    cfg = ActorConfig(path=dense_dir)
+    cfg.archon.pp_microbatches = 1
+    with pytest.raises(ValueError, match="at least pp=2 micro-batches"):
+        validate_engine(cfg, dims, cpu)
+    cfg.archon.pp_microbatches, cfg.archon.pp_schedule, cfg.archon.pp_stages_per_rank = 3, "Interleaved1F1B", 2
+    with pytest.raises(ValueError, match="multiple of pp=2"):
+        validate_engine(cfg, dims, cpu)
+    cfg.archon.pp_microbatches, cfg.archon.pp_stages_per_rank = 4, 4  # 8 stages for 4 layers
+    with pytest.raises(ValueError, match="cannot fill"):
+        validate_engine(cfg, dims, cpu)
+    cfg.archon.pp_schedule, cfg.archon.pp_stages_per_rank = "1F1B", 2
+    with pytest.raises(ValueError, match="one stage per rank"):
+        validate_engine(cfg, dims, cpu)

@@ -110,7 +110,7 @@ class _AddAuxGrad(torch.autograd.Function):
     def forward(ctx, x, aux, scale: float):
         ctx.scale = scale
         ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
-        return x.view_as(x)
+        return x.clone()  # not a view: zero-bubble schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, g):
