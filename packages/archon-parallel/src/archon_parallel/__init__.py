@@ -10,3 +10,4 @@ from archon_parallel.tensor_parallel import GatherSequence, apply_tp, make_style
 from archon_parallel.vocab_parallel import logprobs_entropy, vocab_parallel_logprobs_entropy  # noqa: F401
 from archon_parallel.context_parallel import PackedShard, RingAttention, UlyssesAttention, cp_token_index, gather_sequence, get_cp_attention, shard_packed_batch, ulysses_kv_repeat  # noqa: E501
 from archon_parallel.expert_parallel import ExpertParallelRunner, all_to_all_autograd, apply_expert_parallel, copy_to_tp, reduce_from_tp  # noqa: F401, E501
+from archon_parallel.pipeline import StageLayout, available_schedules, build_schedule, prune_to_stage, split_layers, stage_ids_for_rank, stage_layout, validate_microbatches  # noqa: F401, E501
