@@ -1,4 +1,4 @@
-"""LoRA on the real Qwen3 model under FSDP2, TP2 and FSDP2 x TP2, and expert LoRA on Qwen3-MoE under EP2 x FSDP2
+"""LoRA on the real Qwen3 model under FSDP2, TP2, PP2 and FSDP2 x TP2, and expert LoRA on Qwen3-MoE under EP2
 (CPU gloo), equals one process: losses, the LoRA factors after 3 AdamW steps and their gradients on a 4th batch,
 <= 1e-5 relative (fp32)."""
 
@@ -24,7 +24,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3, moe: bool = False) -> dict:
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=96, seed=5)
     actor.optimizer.lr = 1e-3
-    actor.optimizer.eps = 1e-6  # see engine_parallel_common.train_steps
+    # see engine_parallel_common.train_steps; LoRA factors (A random, B ~ lr after one step) need a larger eps
+    actor.optimizer.eps = 1e-5
     actor.archon.ac_mode = ac
     actor.lora.enabled = True
     actor.lora.r = 4
@@ -57,6 +58,8 @@ def _layouts(rank, world, model_dirs, layouts):
 
 
 def _assert_same(ref: dict, got: dict, layout: str, tol: float = 1e-5) -> None:
+    if "p2" in layout:  # each stage holds its own layers' factors
+        ref = {**ref, **{k: {n: v for n, v in ref[k].items() if n in got[k]} for k in ("params", "grads")}}
     for i, (a, b) in enumerate(zip(ref["losses"], got["losses"])):
         assert abs(a - b) <= tol * abs(a), f"{layout} step {i}: loss {b} vs single-process {a}"
     for kind in ("params", "grads"):
@@ -88,8 +91,9 @@ def reference(model_dirs):
     return {"dense": dense, "moe": moe}
 
 
-def test_lora_fsdp2_tp2_and_ep2(model_dirs, reference):
-    layouts = [("dense", "archon:d2", "none"), ("dense", "archon:t2", "selective"), ("moe", "archon:d2e2", "none")]
+def test_lora_fsdp2_tp2_ep2_and_pp2(model_dirs, reference):
+    layouts = [("dense", "archon:d2", "none"), ("dense", "archon:t2", "selective"), ("moe", "archon:d2e2", "none"),
+               ("dense", "archon:p2", "none")]
     res = run_ranks(_layouts, 2, model_dirs, layouts, timeout=500)
     for r in res:
         for kind, alloc, ac in layouts:

@@ -8,8 +8,10 @@ Order inside `build_parallel_model`: inject (meta) -> parallelize with LoRA-awar
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -46,9 +48,19 @@ def validate_lora(cfg, dims) -> None:
                          "dropout mask from DTensor's RNG (untested); set actor.lora.dropout=0 or use t1")
 
 
-def inject_engine_lora(model: nn.Module, cfg) -> None:
-    """Inject LoRA into a (meta) model per `actor.lora`; skips targets a model lacks only for `experts`
-    on a dense model (an explicit typo still raises). Stores the LoRAConfig as `model.lora_config`."""
+def _matches_any(model: nn.Module, target: str) -> bool:
+    head, _, leaf = target.rpartition(".")
+    native = f"{head}.{QWEN_ALIASES.get(leaf, leaf)}" if head else QWEN_ALIASES.get(leaf, leaf)
+    return any(p == native or p.endswith("." + native) for p, _ in model.named_modules() if p)
+
+
+def inject_engine_lora(model: nn.Module, cfg, *, stage: bool = False) -> None:
+    """Inject LoRA into a (meta) model per `actor.lora` and store the LoRAConfig as `model.lora_config`.
+
+    `experts` on a dense model is dropped when it came from `expert_lora`. On a pipeline stage (`stage`), names
+    are checked against the whole model (a typo still raises) and each stage keeps the targets it holds; a
+    stage with none is rejected (its optimizer would be empty).
+    """
     from archon_lora import inject_lora, is_grouped_experts
 
     lcfg = to_lora_config(cfg)
@@ -56,7 +68,20 @@ def inject_engine_lora(model: nn.Module, cfg) -> None:
         if not cfg.expert_lora:
             raise ValueError("actor.lora.target_modules names 'experts' but the model has no MoE experts; remove it")
         lcfg.target_modules.remove("experts")
-    inject_lora(model, lcfg, name_aliases=QWEN_ALIASES)
+    local = lcfg
+    if stage:
+        from archon.hf import build_model, load_hf_config
+
+        inject_lora(build_model(load_hf_config(model.hf_config), device="meta"), lcfg, name_aliases=QWEN_ALIASES)
+        local = copy.copy(lcfg)
+        local.target_modules = [t for t in lcfg.target_modules if _matches_any(model, t)]
+        local.modules_to_save = [t for t in lcfg.modules_to_save if _matches_any(model, t)]
+    if not local.target_modules:
+        layers = sorted(model.layers.keys(), key=int) if getattr(model, "layers", None) is not None else []
+        raise ValueError(f"rule lora-stage-without-adapter: the pipeline stage with layers {layers} holds none of "
+                         f"actor.lora.target_modules {lcfg.target_modules}; every stage needs a LoRA target "
+                         "(use leaf names such as q_proj) or use p1")
+    inject_lora(model, local, name_aliases=QWEN_ALIASES)
     model.lora_config = lcfg
     if head_untied(model):  # the trainable lm_head copy must survive Decoder.to_empty's re-tying
         model.tie_weights = lambda: None
@@ -185,7 +210,7 @@ def head_untied(model: nn.Module) -> bool:
     return bool(model.args.tie_embeddings and getattr(model.output, SAVED_MODULE_ATTR, False))
 
 
-def load_base_weights(model: nn.Module, path: str) -> None:
+def load_base_weights(model: nn.Module, path: str, *, strict: bool = True) -> None:
     """`archon.hf.load_hf_weights` for a model with LoRA injected: LoRA factors are not in the base checkpoint."""
     from archon_ckpt import HFSource, SafetensorsReader, load_into_module
 
@@ -201,18 +226,21 @@ def load_base_weights(model: nn.Module, path: str) -> None:
         return HFSource(tuple(keys), combine if len(keys) > 1 else None)
 
     ignore = [r"rotary_emb\.inv_freq$"] + ([r"^lm_head\.weight$"] if tied_head else [])
-    load_into_module(model, SafetensorsReader(path), native_to_hf=native_to_hf, ignore_unexpected=ignore)
+    load_into_module(model, SafetensorsReader(path), native_to_hf=native_to_hf, strict=strict,
+                     ignore_unexpected=ignore)
 
 
 @torch.no_grad()
 def init_lora_like_single_process(model: nn.Module, seed: int) -> None:
-    """A kaiming-uniform(a=sqrt(5)) (per expert for expert LoRA) and B zero, drawn on full CPU tensors from one
-    seeded generator in module order, so every layout starts from the same adapter as one process."""
+    """A kaiming-uniform(a=sqrt(5)) (per expert for expert LoRA) and B zero, drawn on full CPU tensors from a
+    generator seeded by (seed, module path), so every layout starts from the same adapter as one process."""
     from archon_lora import ExpertLoRA, LoRALinear, lora_modules
+    from archon_lora.merge import clean_name
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    gen = torch.Generator().manual_seed(seed + 7919)
-    for _path, module in lora_modules(model).items():
+    for path, module in lora_modules(model).items():
+        # one generator per module, seeded by its path: a pipeline stage draws what one process draws
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(clean_name(path).encode()))
         if isinstance(module, LoRALinear):
             pairs = [(module.lora_A, module.lora_B)]
         else:
@@ -228,6 +256,20 @@ def init_lora_like_single_process(model: nn.Module, seed: int) -> None:
                     param.to_local().copy_(local)
                 else:
                     param.copy_(full.to(param.device, param.dtype))
+
+
+def check_same_trainable_per_stage(model: nn.Module, dims, meshes) -> None:
+    """Every rank that runs collectives with this one (same pipeline stage) has the same trainable set."""
+    from archon_lora import check_same_trainable
+
+    if meshes is None:
+        return
+    if dims.pp <= 1:
+        check_same_trainable(model)
+        return
+    for name, size in (("dp_cp", dims.dp_cp), ("tp", dims.tp)):  # pipeline stages differ by design
+        if size > 1:
+            check_same_trainable(model, meshes.group(name))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> None:

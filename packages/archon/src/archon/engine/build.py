@@ -47,7 +47,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         from archon import lora_integration as li
 
         li.validate_lora(cfg.lora, dims)
-        li.inject_engine_lora(model, cfg.lora)
+        li.inject_engine_lora(model, cfg.lora, stage=stage_prune is not None)
     spec = get_model_spec(hf_cfg.model_type)
     plan = spec.parallel_plan(model.args)
     ac = cfg.archon.ac_mode
@@ -75,7 +75,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:
         if lora:
-            li.load_base_weights(model, cfg.path)
+            li.load_base_weights(model, cfg.path, strict=stage_prune is None)
         else:  # a pipeline stage holds only its own layers
             load_hf_weights(model, cfg.path, strict=stage_prune is None)
     else:
@@ -84,9 +84,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         li.init_lora_like_single_process(model, cfg.seed)
         if cfg.lora.adapter_path:
             li.load_adapter(model, cfg.lora.adapter_path)
-        from archon_lora import check_same_trainable
-
-        check_same_trainable(model)
+        li.check_same_trainable_per_stage(model, dims, meshes)
     return model
 
 
