@@ -281,10 +281,17 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> None:
     load_peft_adapter(model, adapter_dir, from_hf_name=from_hf_name_fn(model))
 
 
+def _reject_pipeline(model: nn.Module, what: str) -> None:
+    if getattr(model, "pipeline", None) is not None:  # each rank holds one stage: rank 0 alone would write a part
+        raise ValueError(f"{what} under pipeline parallelism (p>1) is not supported yet; save a checkpoint and "
+                         "reload it with p1 (archon:d1 or d/t layouts) to export the LoRA adapter")
+
+
 def save_adapter(model: nn.Module, out_dir: str, base_path: str | None = None) -> None:
     """PEFT-format adapter with HF names (collective under FSDP2/TP; rank 0 writes)."""
     from archon_lora import save_peft_adapter
 
+    _reject_pipeline(model, "saving the adapter")
     lcfg = lora_config_of(model)
     if lcfg is None:
         raise ValueError("the engine has no LoRA adapter; set actor.lora.enabled=true")
@@ -295,6 +302,7 @@ def iter_merged_hf_tensors(model: nn.Module, dtype: torch.dtype | None) -> Itera
     """HF (name, tensor) of the base weights with every LoRA update folded in (collective: all ranks)."""
     from archon_lora import merged_state_dict
 
+    _reject_pipeline(model, "a merged export")
     adapter, _ = _hf_name_fn(model)
     tied = model.args.tie_embeddings and not head_untied(model)
     for name, t in merged_state_dict(model).items():
