@@ -1,8 +1,9 @@
 """LoRA in the engine: config -> archon_lora, injection on the meta model, TP placements, init that equals one
 process, base-weight loading, PEFT adapter save/load with HF names, and merged / adapter-only export.
 
-Order inside `build_parallel_model`: inject (meta) -> parallelize with LoRA-aware TP styles (TP -> FSDP2)
--> to_empty -> base weights -> `init_lora_like_single_process` -> optional `actor.lora.adapter_path`.
+Order inside `build_parallel_model` (per pipeline stage when p>1): inject (meta) -> parallelize with
+LoRA-aware TP styles and EP hook (TP -> EP -> AC -> compile -> FSDP2) -> to_empty -> base weights ->
+`init_lora_like_single_process` -> optional `actor.lora.adapter_path` -> trainable-set check across ranks.
 """
 
 from __future__ import annotations
