@@ -64,8 +64,8 @@ def _check(ref: dict, got: dict) -> None:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5)
 
 
-def _save(d, model_type: str, layers: int):
-    hf_model(tiny_hf_config(model_type, vocab_size=64, num_hidden_layers=layers)).save_pretrained(d)
+def _save(d, model_type: str, layers: int, **kw):
+    hf_model(tiny_hf_config(model_type, vocab_size=64, num_hidden_layers=layers, **kw)).save_pretrained(d)
     return str(d)
 
 
@@ -80,8 +80,16 @@ def moe_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(dense_dir, moe_dir):
-    return {"dense": _run(dense_dir, "archon:d1"), "moe": _run(moe_dir, "archon:d1")}
+def moe_noaux_dir(tmp_path_factory):
+    # without the aux loss, MoE training does not depend on how tokens are grouped (data-parallel shards,
+    # micro-batches), so pp x dp x ep can equal one process
+    return _save(tmp_path_factory.mktemp("moe0"), "qwen3_moe", 2, router_aux_loss_coef=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference(dense_dir, moe_dir, moe_noaux_dir):
+    return {"dense": _run(dense_dir, "archon:d1"), "moe": _run(moe_dir, "archon:d1"),
+            "moe_noaux": _run(moe_noaux_dir, "archon:d1")}
 
 
 def test_pp2_schedules_and_moe(dense_dir, moe_dir, reference):
@@ -97,12 +105,14 @@ def test_pp2_schedules_and_moe(dense_dir, moe_dir, reference):
     _check(reference["moe"], _merged(res, "moe"))
 
 
-def test_pp2_with_fsdp2_and_tp2(dense_dir, reference):
+def test_pp2_with_fsdp2_tp2_and_ep2(dense_dir, moe_noaux_dir, reference):
     layouts = [("pp_dp", dense_dir, "archon:p2d2", {"pp_schedule": "1F1B"}),
-               ("pp_tp", dense_dir, "archon:p2t2", {"pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2})]
+               ("pp_tp", dense_dir, "archon:p2t2", {"pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2}),
+               ("pp_dp_ep", moe_noaux_dir, "archon:p2d2e2", {"pp_schedule": "1F1B"})]
     res = run_ranks(_layouts, 4, layouts, timeout=600)
     _check(reference["dense"], _merged(res, "pp_dp"))
     _check(reference["dense"], _merged(res, "pp_tp"))
+    _check(reference["moe_noaux"], _merged(res, "pp_dp_ep"))
 
 
 def test_pipeline_config_rules(tmp_path, dense_dir):
