@@ -147,6 +147,9 @@ class PipelineRunner(Runner):
         self._step: _Step | None = None
         self._cur: list[int | None] = [None] * len(self.info.stages)
         for k, stage in enumerate(self.info.stages):
+            # read the index first, while it is still a CPU tensor (FSDP's root pre-forward moves inputs to the
+            # device, and reading it there would sync), then swap it for the packed metadata
+            stage.register_forward_pre_hook(self._index_hook(k), with_kwargs=True, prepend=True)
             stage.register_forward_pre_hook(self._pre_hook(k), with_kwargs=True)
             stage.register_forward_hook(self._post_hook(k))
 
@@ -174,13 +177,17 @@ class PipelineRunner(Runner):
         return _Step(mbs, packed, [next_token_labels(x) for x in ids], ids_ML, want_entropy)
 
     # -- stage hooks ----------------------------------------------------------------------------------
+    def _index_hook(self, k: int):
+        def hook(module, args, kwargs):
+            if "pp_mb" in kwargs:
+                self._cur[k] = int(kwargs["pp_mb"].reshape(-1)[0])
+        return hook
+
     def _pre_hook(self, k: int):
         def hook(module, args, kwargs):
             if "pp_mb" not in kwargs:
                 return None
-            kwargs = dict(kwargs)
-            i = int(kwargs.pop("pp_mb").reshape(-1)[0])
-            self._cur[k] = i
+            i = self._cur[k]
             st = self._step
             packed = st.packed[i]
             x = args[0]
