@@ -1,8 +1,10 @@
 """How one micro-batch runs through the model: the strategy objects behind `forward_batch` / `train_batch`.
 
-The engine calls `runner.forward(mb, want_entropy)` and `runner.forward_backward(mb, loss_fn, scale, ...)`
-and never asks which runner it holds. `FlatRunner` runs the packed batch as is; tree modes (prefix sharing)
-and pipeline schedules provide their own runners with the same interface.
+The engine calls `runner.forward_all(mbs, want_entropy)` and `runner.forward_backward_all(mbs, loss_fn, scales,
+aux_scales)` with every micro-batch of a step and never asks which runner it holds. By default these run
+`forward` / `forward_backward` one micro-batch at a time; `FlatRunner` runs the packed batch as is, tree modes
+(prefix sharing) override the per-micro-batch methods, and `PipelineRunner` (pipeline_runner.py) overrides the
+batch methods to run a pipeline schedule over all micro-batches together.
 """
 
 from __future__ import annotations
