@@ -13,7 +13,6 @@ M: pipeline micro-batches, L: padded tokens per micro-batch, T: tokens, D: model
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,33 +40,26 @@ class PipelineInfo:
 
 
 class PipelineModel(nn.Module):
-    """Several stages of one rank (interleaved schedules) behind one module with the whole model's
-    parameter names: `state_dict` / `named_parameters` merge the stages without a prefix."""
+    """Several stages of one rank (interleaved schedules) behind one module with the whole model's parameter
+    names: `layers` / `tok_embeddings` / `norm` / `output` / `score` are the stages' own modules, registered
+    again here (the stages themselves are not children), so `state_dict`, DCP's `get_model_state_dict` and
+    checkpoint names see `layers.7...` exactly as without pipelining."""
 
     def __init__(self, stages: list[nn.Module]) -> None:
         super().__init__()
-        self.stages = nn.ModuleList(stages)
+        self._stages = list(stages)  # a plain list: not submodules, so no name is registered twice
+        self.layers = nn.ModuleDict({k: block for stage in stages for k, block in stage.layers.items()})
+        for name in ("tok_embeddings", "norm", "output", "score"):
+            found = [getattr(stage, name) for stage in stages if getattr(stage, name, None) is not None]
+            setattr(self, name, found[0] if found else None)
         first = stages[0]
         self.args, self.head_kind, self.hf_config = first.args, first.head_kind, first.hf_config
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for stage in self.stages:
-            yield from stage.named_parameters(prefix, recurse, remove_duplicate)
-
-    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for stage in self.stages:
-            yield from stage.named_buffers(prefix, recurse, remove_duplicate)
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        out = OrderedDict() if destination is None else destination
-        for stage in self.stages:
-            out.update(stage.state_dict(prefix=prefix, keep_vars=keep_vars))
-        return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        for stage in self.stages:
-            mine = {k: v for k, v in state_dict.items() if k in stage.state_dict()}
-            stage.load_state_dict(mine, strict=strict, assign=assign)
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for stage in self._stages:
+            stage.train(mode)
+        return self
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a pipeline-parallel model runs through PipelineRunner, not model(...)")
