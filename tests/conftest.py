@@ -1,7 +1,6 @@
 """Shared fixtures of the cross-package integration tests: tiny HF checkpoints written once per session."""
 
 import pytest
-
 from archon.testing import hf_model, tiny_hf_config
 
 

@@ -1,7 +1,6 @@
 """Shared pieces of the multi-rank engine tests: a deterministic global batch and a train loop."""
 
 import torch
-
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine

@@ -4,9 +4,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
-
 from archon_parallel.testing import run_ranks  # noqa: E402
+from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
 
 
 def test_fsdp2_two_ranks(dense_model_dir):

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
-
 from archon_parallel.testing import run_ranks  # noqa: E402
+from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
 
 
 def test_expert_parallel_layouts(moe_model_dir):

@@ -12,7 +12,6 @@ import pathlib
 import pytest
 import torch
 import torch.distributed as dist
-
 from archon_parallel.dims import ParallelDims
 from archon_parallel.fsdp import FSDPConfig
 from archon_parallel.parallelize import parallelize

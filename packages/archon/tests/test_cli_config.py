@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from archon.cli import main
 from archon.config.fields import load_config
 from archon.config.schema import TrainConfig

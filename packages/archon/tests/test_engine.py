@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine

@@ -3,11 +3,10 @@
 import json
 import os
 
+import archon
 import pytest
 import torch
 from archon.testing import hf_model, tiny_hf_config
-
-import archon
 
 CASES = [
     ("qwen2", dict()),

@@ -1,11 +1,10 @@
 """Bad checkpoints and bad inputs give clear errors and never leave a half-loaded model."""
 
+import archon
 import pytest
 import torch
 from archon.testing import hf_model, tiny_hf_config
 from safetensors.torch import load_file, save_file
-
-import archon
 
 
 @pytest.fixture

@@ -1,9 +1,8 @@
 """Qwen3-MoE equals HF Qwen3MoeForCausalLM (fp32 logits) and round-trips through HF safetensors."""
 
+import archon
 import pytest
 import torch
-
-import archon
 from archon.testing import hf_model, tiny_hf_config
 
 CASES = [

@@ -17,6 +17,7 @@ from torch import nn
 from archon.models.common.decoder import Decoder
 from archon.spec import get_model_spec
 
+
 def load_hf_config(path_or_config: Any):
     """An HF config object from a directory, a config.json path, a dict, or a config object."""
     from transformers import AutoConfig, PretrainedConfig

@@ -12,9 +12,9 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch import nn
 
 
 def _full_sequence(h: torch.Tensor, mesh: DeviceMesh) -> DTensor:

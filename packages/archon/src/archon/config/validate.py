@@ -67,9 +67,8 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     if cfg.optimizer.gradient_clipping < 0:
         raise ValueError(f"actor.optimizer.gradient_clipping must be >= 0, got {cfg.optimizer.gradient_clipping}")
     if dims.tp > 1 and cfg.path:
-        from archon_parallel.tensor_parallel import validate_tp
-
         from archon.hf import load_hf_config
+        from archon_parallel.tensor_parallel import validate_tp
 
         c = load_hf_config(cfg.path)
         validate_tp(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.tp)

@@ -6,9 +6,8 @@ import glob
 import os
 
 import torch
-from torch import nn
-
 from archon.hf import build_model, load_hf_config, load_hf_weights
+from torch import nn
 
 
 def _has_weights(path: str) -> bool:
@@ -25,10 +24,9 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
                          stage_prune=None) -> nn.Module:
     """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
+    from archon.spec import get_model_spec
     from archon_parallel.fsdp import FSDPConfig
     from archon_parallel.parallelize import parallelize
-
-    from archon.spec import get_model_spec
 
     if not cfg.path:
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")

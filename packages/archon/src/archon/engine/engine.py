@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.optim import build_optimizer, build_scheduler
@@ -267,9 +266,8 @@ class ArchonEngine:
 
     def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) native state dict in memory, for an embedded sampler (LoRA folded into the base)."""
-        from torch.distributed.tensor import DTensor
-
         from archon.lora_integration import lora_config_of
+        from torch.distributed.tensor import DTensor
 
         if lora_config_of(self.model) is not None:
             from archon_lora import merged_state_dict
