@@ -63,11 +63,10 @@ def run_train(cfg: TrainConfig) -> list[dict]:
                      peak_mem_gb=peak_memory_gb(engine.device))
         metrics.log(step + 1, stats)
         history.append(stats)
-        if ckpt is not None and cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
-            ckpt.save(step + 1)
+        if ckpt is not None:
+            ckpt.after_step(step + 1)
     if ckpt is not None:
-        ckpt.save(cfg.total_train_steps)
-        ckpt.close()
+        ckpt.finish(cfg.total_train_steps)
     metrics.close()
     if engine.rank == 0:
         log.info("done: %d steps, metrics in %s", cfg.total_train_steps, os.path.join(cfg.log.dir, "metrics.jsonl"))

@@ -76,14 +76,20 @@ class PackedBatch:
     def select(self, seq_idx: Sequence[int] | torch.Tensor) -> PackedBatch:
         """The sub-batch of sequences `seq_idx`, in that order."""
         idx = torch.as_tensor(seq_idx, dtype=torch.long)
-        starts, lengths = self.cu_seqlens[:-1].long()[idx], self.lengths[idx]
-        offs = torch.repeat_interleave(starts - torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]]), lengths)
-        tok = torch.arange(int(lengths.sum())) + offs
+        lengths = self.lengths[idx]
+        tok = self.token_index(idx)
         cu = torch.zeros(len(idx) + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0)
         return PackedBatch(self.input_ids[tok], cu, self.loss_mask[tok],
                            {k: v[tok] for k, v in self.token_extras.items()},
                            {k: v[idx] for k, v in self.seq_extras.items()})
+
+    def token_index(self, seq_idx: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Indices into the flat token dim of the tokens of sequences `seq_idx`, in that order."""
+        idx = torch.as_tensor(seq_idx, dtype=torch.long)
+        starts, lengths = self.cu_seqlens[:-1].long()[idx], self.lengths[idx]
+        base = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+        return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - base, lengths)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.loss_mask.to(device),

@@ -86,6 +86,17 @@ class EngineCheckpointer:
         log.info("resumed from step %d", step)
         return step
 
+    def after_step(self, step: int) -> None:
+        """Save if `checkpoint.every_n_steps` says step `step` (1-based, completed) is a checkpoint step."""
+        if self.cfg.every_n_steps and step % self.cfg.every_n_steps == 0:
+            self.save(step)
+
+    def finish(self, total_steps: int) -> None:
+        """Save the final state (unless that step was just saved) and wait for pending async saves."""
+        if self.train_state.get("step") != total_steps:
+            self.save(total_steps)
+        self.close()
+
     def close(self) -> None:
         self.ckpt.close()
 

@@ -153,7 +153,7 @@ class ArchonEngine:
             for k, v in res.items():
                 outs.setdefault(k, []).append(v.detach().float().cpu())
         cat = {k: torch.cat(v) for k, v in outs.items()}
-        inv = _token_permutation(batch, order)  # back to the caller's sequence order
+        inv = batch.token_index(order)  # back to the caller's sequence order
         return {k: torch.empty_like(v).index_copy_(0, inv, v) for k, v in cat.items()}
 
     # -- train ----------------------------------------------------------------------------------------
@@ -310,11 +310,3 @@ def _dummy_batch(like: PackedBatch) -> PackedBatch:
     return PackedBatch(ids, torch.tensor([0, 2], dtype=torch.int32), torch.zeros(2),
                        {k: v[:1].repeat(2) for k, v in like.token_extras.items()},
                        {k: v[:1] for k, v in like.seq_extras.items()})
-
-
-def _token_permutation(batch: PackedBatch, order: list[int]) -> torch.Tensor:
-    """For tokens laid out in sequence order `order`, the index of each in the original batch."""
-    idx = torch.as_tensor(order, dtype=torch.long)
-    starts, lengths = batch.cu_seqlens[:-1].long()[idx], batch.lengths[idx]
-    base = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
-    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - base, lengths)

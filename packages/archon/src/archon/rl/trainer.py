@@ -171,11 +171,10 @@ class RLTrainer:
             stats = self.step(step, next(prompts))
             metrics.log(step + 1, stats)
             history.append(stats)
-            if ckpt is not None and cfg.checkpoint.every_n_steps and (step + 1) % cfg.checkpoint.every_n_steps == 0:
-                ckpt.save(step + 1)
+            if ckpt is not None:
+                ckpt.after_step(step + 1)
         if ckpt is not None:
-            ckpt.save(cfg.total_train_steps)
-            ckpt.close()
+            ckpt.finish(cfg.total_train_steps)
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history

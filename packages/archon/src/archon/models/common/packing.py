@@ -22,22 +22,13 @@ class PackedInput:
         return x_T.reshape(*self.out_shape, *x_T.shape[1:])
 
 
-def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.detach().cpu()
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens ends at {cu[-1].item()} but there are {total} tokens; "
-                         "the last entry must equal the number of packed tokens")
-    if (cu[1:] < cu[:-1]).any():
-        raise ValueError("cu_seqlens must be non-decreasing")
-
-
 def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, *, validate: bool = True) -> PackedInput:
-    """Accept [B, S] (B documents of length S), [1, T] or [T] with cu_seqlens, and return the packed form."""
+                cu_seqlens: torch.Tensor | None = None) -> PackedInput:
+    """Accept [B, S] (B documents of length S), [1, T] or [T] with cu_seqlens, and return the packed form.
+
+    `cu_seqlens` is validated by `build_attn_meta` in its one device->host read (start at 0, non-decreasing,
+    max length) plus a check that it ends at the number of tokens; no other host sync happens here.
+    """
     from archon_attn import build_attn_meta, positions_from_cu_seqlens
 
     if input_ids.numel() == 0:
@@ -65,13 +56,15 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
         out_shape = tuple(input_ids.shape)
         tokens = input_ids.reshape(-1)
     T = tokens.shape[0]
-    if validate:
-        validate_cu_seqlens(cu_seqlens, T)
     cu_seqlens = cu_seqlens.to(device=tokens.device, dtype=torch.int32)
+    meta = build_attn_meta(cu_seqlens)
+    if meta.num_tokens != T:
+        raise ValueError(f"cu_seqlens ends at {meta.num_tokens} but there are {T} tokens; "
+                         "the last entry must equal the number of packed tokens")
     if position_ids is None:
         position_ids = positions_from_cu_seqlens(cu_seqlens)
     else:
         position_ids = position_ids.reshape(-1)
         if position_ids.shape[0] != T:
             raise ValueError(f"position_ids has {position_ids.shape[0]} entries for {T} tokens")
-    return PackedInput(tokens, position_ids, cu_seqlens, build_attn_meta(cu_seqlens), out_shape)
+    return PackedInput(tokens, position_ids, meta.cu_seqlens, meta, out_shape)
