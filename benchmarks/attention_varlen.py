@@ -71,18 +71,25 @@ def main() -> None:
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}: T={T} tokens in {len(lengths)} docs "
           f"(max {max(lengths)}, {sum(n == 1 for n in lengths)} of length 1), H={H} G={G} D={D}, bf16, fwd+bwd")
 
-    names = ["sdpa", "varlen", "flex"]
+    from archon_attn.varlen import VarlenBackend, has_public_varlen_attn
+
+    backends = {"sdpa": get_attention_backend("sdpa"), "varlen": get_attention_backend("varlen"),
+                "flex": get_attention_backend("flex")}
+    if has_public_varlen_attn():  # the same flash kernel through the ATen ops, to see the public API's overhead
+        backends["varlen-aten"] = VarlenBackend(impl="aten")
+    names = list(backends)
     results, seconds = {}, {}
     for name in names:
-        backend = get_attention_backend(name)
+        backend = backends[name]
         out, grads = fwd_bwd(backend, q, k, v, meta, do)
         results[name] = [t.detach().float() for t in (out, *grads)]
         seconds[name] = time_backend(backend, q, k, v, meta, do, args.warmup, args.iters)
     for name in names:
         tok_s = T / seconds[name]
-        print(f"{name:>7}: {seconds[name] * 1e3:8.2f} ms/iter  {tok_s / 1e6:8.3f} M tokens/s  "
+        print(f"{name:>11}: {seconds[name] * 1e3:8.2f} ms/iter  {tok_s / 1e6:8.3f} M tokens/s  "
               f"{seconds['sdpa'] / seconds[name]:5.2f}x padded sdpa")
-    for a, b in [("varlen", "sdpa"), ("flex", "sdpa"), ("varlen", "flex")]:
+    for a, b in [("varlen", "sdpa"), ("flex", "sdpa"), ("varlen", "flex")] + [("varlen-aten", "varlen")] * (
+            "varlen-aten" in results):
         diffs = [(x - y).abs().max().item() for x, y in zip(results[a], results[b])]
         print(f"max abs diff {a} vs {b}: out {diffs[0]:.3e}  dq {diffs[1]:.3e}  dk {diffs[2]:.3e}  dv {diffs[3]:.3e}")
 

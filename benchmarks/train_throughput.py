@@ -69,7 +69,30 @@ def hf_config(name: str):
     return Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rope_theta=1e6, **CONFIGS[name])
 
 
-def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str) -> dict:
+def profile_step(step, tag: str, out_dir: str | None) -> None:
+    """One more step under the profiler: kernel table plus GPU-busy vs wall time (host-bound check)."""
+    if not out_dir:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    avg = prof.key_averages()
+    from torch.autograd import DeviceType
+
+    busy = sum(e.self_device_time_total for e in avg if e.device_type == DeviceType.CUDA) / 1e3
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
+        f.write(f"{tag}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels busy {busy:.1f} ms\n")
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+
+
+def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,
+               profile_dir: str | None = None) -> dict:
     from archon.config.schema import ActorConfig
     from archon.engine.batch import PackedBatch
     from archon.engine.engine import ArchonEngine
@@ -96,17 +119,20 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
         if i >= warm:
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
+    if int(os.environ.get("RANK", "0")) == 0:
+        profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens),
+                     f"archon_{name}_{shape}_{'compiled' if compile_on else 'eager'}", profile_dir)
     tokens = sum(lengths)
     res = dict(engine="archon", model=name, shape=shape, compile=compile_on, layout=allocation,
                step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
                tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), world=world)
-    del eng
+    eng = None  # free GPU memory before the next run
     torch.cuda.empty_cache()
     return res
 
 
-def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int) -> dict:
+def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int, profile_dir: str | None = None) -> dict:
     from transformers import Qwen3ForCausalLM
 
     cfg = hf_config(name)
@@ -122,25 +148,29 @@ def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int) -> di
     kwargs = {}
     if len(lengths) > 1:  # HF packed form: position ids restart per document (flash/sdpa varlen detection)
         kwargs["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(warm + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fwd(input_ids=ids, labels=ids, **kwargs)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warm + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
         torch.cuda.synchronize()
         if i >= warm:
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
+    profile_step(step, f"hf_{name}_{shape}_{'compiled' if compile_on else 'eager'}", profile_dir)
     res = dict(engine="hf", model=name, shape=shape, compile=compile_on, step_s=round(med, 4),
                tokens_per_s_per_gpu=round(tokens / med),
                tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1))
-    del model, opt, fwd, out
+    model = opt = fwd = None  # free GPU memory before the next run
     torch.cuda.empty_cache()
     return res
 
@@ -154,6 +184,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: Archon with archon:dN (HF skipped)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile one more step of each run and write kernel tables to DIR")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -174,8 +206,8 @@ def main() -> None:
                     if eng == "hf" and world > 1:
                         continue
                     try:
-                        r = (run_hf(name, shape, c, a.steps, a.warm) if eng == "hf"
-                             else run_archon(name, shape, c, a.steps, a.warm, allocation))
+                        r = (run_hf(name, shape, c, a.steps, a.warm, a.profile) if eng == "hf"
+                             else run_archon(name, shape, c, a.steps, a.warm, allocation, a.profile))
                     except Exception as ex:  # report and go on: one failing shape must not hide the rest
                         r = dict(engine=eng, model=name, shape=shape, compile=c, error=repr(ex)[:400])
                     r["mfu"] = round(r.get("tflops", 0.0) / peak, 3)
