@@ -228,7 +228,9 @@ class Checkpointer:
         state is touched, the files (present, not truncated), keys (missing always an error,
         unexpected ones an error when ``strict``) and global shapes are checked, and data is read
         into fresh tensors. ``CheckpointError`` names the offending file or key. An ``RNGState``
-        entry is skipped when the world size changed (its per-rank streams cannot map).
+        entry is skipped when the world size changed (its per-rank streams cannot map). A Stateful
+        whose ``rank_subset`` attribute is true (e.g. a ZeRO-1 optimizer: each rank asks only for the
+        parameters it owns) is exempt from the unexpected-key check; its missing keys are still errors.
 
         ``copy_on_success=False`` reads straight into the live tensors instead (no extra memory);
         all the checks above still run before any read, so only an I/O error in the middle of
@@ -258,7 +260,8 @@ class Checkpointer:
                 raise TypeError(f"state[{name!r}] must be Stateful or a dict, got {type(obj).__name__}")
             to_load[name] = obj.state_dict() if isinstance(obj, Stateful) else obj
         shadow = _alloc_like(to_load) if copy_on_success else dict(to_load)
-        strict_prefixes = [f"{n}." for n in to_load if n not in per_rank] if strict else []
+        strict_prefixes = [f"{n}." for n in to_load if n not in per_rank
+                           and not getattr(state[n], "rank_subset", False)] if strict else []
         planner = ValidatingLoadPlanner(path, strict_prefixes)
         try:
             dcp.load(shadow, checkpoint_id=str(path), planner=planner, no_dist=not _dist_on())

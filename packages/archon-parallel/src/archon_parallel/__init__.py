@@ -35,5 +35,6 @@ from archon_parallel.pipeline import (  # noqa: F401, E501
     validate_microbatches,
 )
 from archon_parallel.plan import ParallelPlan  # noqa: F401
+from archon_parallel.replicate import all_reduce_grads  # noqa: F401
 from archon_parallel.tensor_parallel import GatherSequence, apply_tp, make_style, validate_tp  # noqa: F401
 from archon_parallel.vocab_parallel import logprobs_entropy, vocab_parallel_logprobs_entropy  # noqa: F401

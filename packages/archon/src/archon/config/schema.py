@@ -28,6 +28,10 @@ class ArchonEngineConfig:
     pp_last_stage_less_layers: int = doc(1, "pipeline: the last stage holds this many fewer decoder layers "
                                          "(the final norm + head count as layers)")
     offload_params: bool = doc(False, "FSDP2 CPU offload of parameters, grads and optimizer state")
+    dp_layout: str = doc("fsdp", "data-parallel layout: fsdp (FSDP2: parameters, grads and optimizer state sharded "
+                         "over d) | zero1 (AReaL's: a full model replica per rank, grads all-reduced once per "
+                         "step, AdamW state sharded by ZeroRedundancyOptimizer); zero1 needs pure data "
+                         "parallel (archon:dN, no r/t/c/p/e)")
     attn_impl: str = doc("auto", "attention backend: auto | sdpa | varlen | flex (auto = varlen on CUDA, sdpa on CPU)")
     cp_impl: str = doc("ulysses", "context-parallel attention: ulysses | ring")
     reshard_after_forward: str = doc("default", "FSDP2 reshard after forward: default | always | never")

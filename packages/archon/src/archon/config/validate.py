@@ -9,6 +9,7 @@ PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubb
 ATTN_IMPLS = ("auto", "sdpa", "varlen", "flex")
 CP_IMPLS = ("ulysses", "ring")
 TREE_MODES = ("disabled", "sparse", "dta")
+DP_LAYOUTS = ("fsdp", "zero1")
 
 
 def validate_engine(cfg, dims, device: torch.device) -> None:
@@ -36,6 +37,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
         raise ValueError(f"actor.archon.cp_impl {a.cp_impl!r} is not one of {CP_IMPLS}")
     if a.attn_impl == "varlen" and device.type != "cuda":
         pass  # the varlen backend has a CPU reference path
+    validate_dp_layout(cfg, dims)
     if a.offload_params and dims.pp > 1:
         raise ValueError("rule offload-with-pp: actor.archon.offload_params cannot be combined with pipeline "
                          "parallelism (p>1 in allocation_mode); drop one of them")
@@ -82,6 +84,31 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
             c = load_hf_config(cfg.path)
             validate_cp(a.cp_impl, c.num_attention_heads,
                         getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.cp, dims.tp)
+
+
+def validate_dp_layout(cfg, dims) -> None:
+    """Rule zero1-pure-dp: dp_layout=zero1 keeps a full replica per rank, so every other parallel degree
+    (which would shard the model) is 1, and FSDP-only knobs are rejected rather than ignored."""
+    a = cfg.archon
+    if a.dp_layout not in DP_LAYOUTS:
+        raise ValueError(f"actor.archon.dp_layout {a.dp_layout!r} is not one of {DP_LAYOUTS}")
+    if a.dp_layout != "zero1":
+        return
+    others = {"t (tensor)": dims.tp, "c (context)": dims.cp, "p (pipeline)": dims.pp, "e (expert)": dims.ep,
+              "etp (expert tensor)": dims.etp, "r (FSDP replicate)": dims.dp_replicate}
+    bad = [f"{name}={size}" for name, size in others.items() if size > 1]
+    if bad or dims.hybrid:
+        what = ", ".join(bad) if bad else "a hybrid attn/ffn allocation"
+        raise ValueError(f"rule zero1-pure-dp: actor.archon.dp_layout=zero1 keeps a full model replica on every "
+                         f"rank and needs pure data parallelism (allocation_mode archon:dN), but the allocation "
+                         f"has {what}; use archon:d{dims.world_size} or dp_layout=fsdp")
+    if a.offload_params:
+        raise ValueError("rule offload-needs-fsdp: actor.archon.offload_params uses FSDP2's CPUOffloadPolicy; "
+                         "dp_layout=zero1 has no FSDP, so set offload_params=false or dp_layout=fsdp")
+    if a.reshard_after_forward != "default":
+        raise ValueError(f"rule zero1-no-reshard: actor.archon.reshard_after_forward={a.reshard_after_forward} "
+                         "is an FSDP2 knob; dp_layout=zero1 never shards parameters, so leave it at 'default' "
+                         "or use dp_layout=fsdp")
 
 
 def validate_cp(cp_impl: str, num_heads: int, num_kv_heads: int, cp: int, tp: int = 1) -> None:

@@ -65,6 +65,11 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
             apply_vocab_parallel_head(model.output, meshes["tp"])
     if lora:
         li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
+    if cfg.archon.dp_layout == "zero1":  # full replicas, no FSDP: validate_engine allowed pure dp only
+        from archon.engine.zero1 import apply_replicas
+
+        apply_replicas(model, plan, ac=ac, compile_on=compile_on)
+    elif lora:
         with li.lora_tp_styles(dims.tp_enabled or dims.ep_enabled):
             parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
     else:

@@ -61,7 +61,12 @@ class EngineCheckpointer:
 
         e = self.engine
         model = AdapterState(e.model) if getattr(self.cfg, "adapter_only", False) else ModelState(e.model)
-        return {"model": model, "optim": OptimizerState(e.model, e.optimizer),
+        optim = OptimizerState(e.model, e.optimizer)
+        if getattr(e, "zero1", False):  # ZeRO-1 shards: each rank writes the state of the parameters it owns
+            from archon.engine.zero1 import Zero1OptimizerState
+
+            optim = Zero1OptimizerState(e.model, e.optimizer)
+        return {"model": model, "optim": optim,
                 "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state}
 
     def save(self, step: int) -> None:

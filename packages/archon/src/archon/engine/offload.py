@@ -19,7 +19,9 @@ def _engine_tensors(engine):
         yield _local(t)
         if t.grad is not None:
             yield _local(t.grad)
-    for state in engine.optimizer.state.values():
+    from archon.engine.zero1 import local_optimizer  # zero1: the state lives in ZeRO's per-rank AdamW
+
+    for state in local_optimizer(engine.optimizer).state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
                 yield _local(v)

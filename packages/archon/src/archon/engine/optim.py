@@ -10,7 +10,9 @@ from torch import nn
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, device_type: str, *, zero1_group=None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (no weight decay on 1-D ones); with `zero1_group` (a process group
+    over full replicas) its state is sharded over that group (`actor.archon.dp_layout=zero1`)."""
     # foreach/fused kernels cannot mix DTensors of different meshes with plain tensors: group by mesh too.
     buckets: dict = {}
     for _name, p in model.named_parameters():
@@ -26,6 +28,10 @@ def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Opti
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
+    if zero1_group is not None:
+        from archon.engine.zero1 import build_zero1_optimizer
+
+        return build_zero1_optimizer(groups, zero1_group, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
 
