@@ -89,6 +89,7 @@ def profile_step(step, tag: str, out_dir: str | None) -> None:
     with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
         f.write(f"{tag}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels busy {busy:.1f} ms\n")
         f.write(avg.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+        f.write(avg.table(sort_by="cpu_time_total", row_limit=35, max_name_column_width=70))
 
 
 def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,

@@ -65,6 +65,26 @@ def multiturn_batch(g: torch.Generator, vocab: int, chains: int, turns: int, tur
     return PackedBatch.from_sequences(seqs)
 
 
+def _profile_step(step, tag: str, out_dir: str) -> None:
+    """One more step under the profiler: kernel table, CPU-side table and GPU-busy vs wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    avg = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in avg if e.device_type == DeviceType.CUDA) / 1e3
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
+        f.write(f"{tag}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels busy {busy:.1f} ms\n")
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
+        f.write(avg.table(sort_by="cpu_time_total", row_limit=35, max_name_column_width=70))
+
+
 def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
     actor = ActorConfig(path=cfg_path, init_from_scratch=True, dtype=args.dtype, mb_max_tokens=args.mb_max_tokens,
                         seed=1)
@@ -88,10 +108,12 @@ def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    if args.profile:
+        _profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens), f"tree_{mode}", args.profile)
     res = dict(mode=mode, step_s=dt, tokens_per_s=batch.num_tokens / dt,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, first_loss=first_loss,
                compression=stats.get("tree_compression", 1.0), tree_tokens=stats.get("tree_tokens", batch.num_tokens))
-    del eng
+    eng = None  # free GPU memory before the next mode
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -109,6 +131,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--ac", default="none", help="actor.archon.ac_mode for every mode")
     p.add_argument("--compile", action="store_true", help="torch.compile blocks (off by default for all modes)")
+    p.add_argument("--prompts", type=int, default=16, help="GRPO batch: prompts (x --samples responses each)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--profile", default=None, metavar="DIR", help="profile one extra step per mode into DIR")
     p.add_argument("--json", default=None, help="also write the JSON here")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda", help="cpu only to check the script's logic with --quick")
@@ -124,7 +149,7 @@ def main() -> None:
         batches = {"grpo": lambda: grpo_batch(g, vocab, 4, 4, 256, (64, 128)),
                    "multiturn": lambda: multiturn_batch(g, vocab, 4, 3, (64, 128))}
     else:
-        batches = {"grpo": lambda: grpo_batch(g, vocab, 16, 8, 4096, (512, 2048)),
+        batches = {"grpo": lambda: grpo_batch(g, vocab, args.prompts, args.samples, 4096, (512, 2048)),
                    "multiturn": lambda: multiturn_batch(g, vocab, 16, 4, (512, 1536))}
     results = []
     with tempfile.TemporaryDirectory() as d:

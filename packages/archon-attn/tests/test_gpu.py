@@ -64,6 +64,19 @@ def test_varlen_matches_sdpa_bf16():
         assert (x - y).abs().max().item() < BF16_ATOL * max(1.0, y.abs().max().item())
 
 
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+def test_one_document_batches_take_sdpa_and_match_flash(heads):
+    H, G = heads
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 2048], dtype=torch.int32)
+    q, k, v = (torch.randn(2048, n, 128, generator=g) for n in (H, G, G))
+    do = torch.randn(2048, H, 128, generator=g)
+    one_doc = _run(VarlenBackend(), cu, q, k, v, do, torch.bfloat16)
+    flash = _run(VarlenBackend(one_document_sdpa=False), cu, q, k, v, do, torch.bfloat16)
+    for x, y in zip(one_doc, flash):
+        assert (x - y).abs().max().item() < BF16_ATOL * max(1.0, y.abs().max().item())
+
+
 def test_fp32_cuda_varlen_uses_dense_path_exactly():
     cu, q, k, v, do = _case(4, 2, D=16, seed=2)
     got = _run(VarlenBackend(), cu, q, k, v, do, torch.float32)

@@ -7,6 +7,10 @@ CUDA kernels, picked by feature detection (never by version string):
    autograd, so torch.compile traces it as one opaque op.
 Other inputs (CPU, fp32) take the dense block-diagonal SDPA path (`dense_mask_attention`).
 
+A micro-batch of exactly one document (a static shape property, so it is a compile guard, not a
+branch on data) needs no varlen kernel: it goes to causal SDPA, which on Hopper picks cuDNN's
+attention, measured about 2x faster than the bundled FlashAttention-2 varlen kernel on one 4K sequence.
+
 Legend: T packed tokens, H query heads, G key/value heads, D head dim.
 """
 
@@ -17,12 +21,13 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 
 from archon_attn.backend import AttentionBackend, check_qkv, register_attention_backend
 from archon_attn.meta import AttnMeta
 from archon_attn.sdpa import dense_mask_attention, repeat_kv
 
-__all__ = ["VarlenBackend", "flash_varlen_attention", "has_public_varlen_attn"]
+__all__ = ["VarlenBackend", "causal_sdpa_one_document", "flash_varlen_attention", "has_public_varlen_attn"]
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +133,37 @@ def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torc
     raise ValueError(f"flash varlen impl must be 'auto', 'public' or 'aten', got {impl!r}")
 
 
+def causal_sdpa_one_document(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, *,
+                             scale: float | None = None) -> torch.Tensor:
+    """Causal attention over one document as a [1, H, T, D] SDPA call (GQA native, no copies of k/v)."""
+    H, G = q_THD.shape[1], k_TGD.shape[1]
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q_THD, k_TGD, v_TGD))
+    o_1HTD = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != G)
+    return o_1HTD[0].transpose(0, 1)
+
+
 class VarlenBackend(AttentionBackend):
     """Packed documents via cu_seqlens. CUDA fp16/bf16: FlashAttention varlen; otherwise (CPU, fp32)
-    the dense block-diagonal SDPA reference path, with a one-time log line saying so."""
+    the dense block-diagonal SDPA reference path, with a one-time log line saying so.
+    `one_document_sdpa`: send single-document micro-batches to causal SDPA (cuDNN on Hopper)."""
 
     name = "varlen"
 
-    def __init__(self, impl: str = "auto") -> None:
+    def __init__(self, impl: str = "auto", one_document_sdpa: bool = True) -> None:
         if impl not in ("auto", "public", "aten"):
             raise ValueError(f"VarlenBackend impl must be 'auto', 'public' or 'aten', got {impl!r}")
         self.impl = impl
+        self.one_document_sdpa = one_document_sdpa
         self._logged_fallback = False
 
     def __call__(self, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, meta: AttnMeta, *,
                  scale: float | None = None) -> torch.Tensor:
         check_qkv(q_THD, k_TGD, v_TGD, meta)
         if q_THD.is_cuda and q_THD.dtype in _FLASH_DTYPES:
+            if self.one_document_sdpa and meta.num_docs == 1:
+                return causal_sdpa_one_document(q_THD, k_TGD, v_TGD, scale=scale)
             return flash_varlen_attention(q_THD, k_TGD, v_TGD, meta, scale=scale, impl=self.impl)
-        if not self._logged_fallback:
+        if not self._logged_fallback and not torch.compiler.is_compiling():  # logging does not trace
             log.info("varlen attention: no flash kernel for %s/%s, using the dense-mask SDPA path",
                      q_THD.device.type, q_THD.dtype)
             self._logged_fallback = True
