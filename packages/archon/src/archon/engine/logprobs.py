@@ -8,17 +8,21 @@ T: packed tokens, D: model dim, V: vocab (local shard under TP).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_dense(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor, want_entropy: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    # cross_entropy / log_softmax are single fused kernels forward and backward; a hand-written
+    # logsumexp - gather takes several passes over the [T, V] fp32 logits each way.
     logits_TV = (h_TD @ w_VD.t()).float()
-    lse_T = torch.logsumexp(logits_TV, dim=-1)
-    lp_T = logits_TV.gather(-1, labels_T[:, None]).squeeze(-1) - lse_T
     if not want_entropy:
+        lp_T = -F.cross_entropy(logits_TV, labels_T, reduction="none")
         return lp_T, torch.zeros_like(lp_T)
-    ent_T = lse_T - (logits_TV.softmax(-1) * logits_TV).sum(-1)
+    logp_TV = logits_TV.log_softmax(-1)
+    lp_T = logp_TV.gather(-1, labels_T[:, None]).squeeze(-1)
+    ent_T = -(logp_TV.exp() * logp_TV).sum(-1)
     return lp_T, ent_T
 
 
