@@ -4,8 +4,14 @@ Expert and context parallel live in sibling modules and are looked up lazily:
 
 - EP (``dims.ep > 1``): ``archon_parallel.expert_parallel.apply_expert_parallel(moe, ep_mesh, etp_mesh)``
   on the parent of ``plan.experts`` in every block that has one (etp_mesh only when ``dims.etp > 1``);
-  expert weights are then FSDP-sharded over ``edp``. Plain allocation form only: hybrid attn/ffn
-  folding builds the meshes but is not wired here yet.
+  expert weights are then FSDP-sharded over ``edp``. The router gate and shared experts stay dense
+  (replicated over ep and tp, FSDP over the dense mesh).
+- Hybrid attn/ffn form (MoE parallel folding, ``archon:(attn:d2t2|ffn:e4)``): the same, on the expert
+  mesh ``(edp, ep, etp)`` that re-splits a stage's ranks, so ep groups may take tp (and cp) ranks. The
+  MoE keeps the plan's tp layout (tokens replicated over tp inside it); when ep folds onto tp ranks
+  (``etp < tp``) ``expert_folding.fold_expert_runner`` makes each of the ``tp / etp`` ranks that share
+  tokens dispatch a distinct slice of the rows and all-gather the outputs, so each row is computed
+  once. ``etp`` must divide ``tp`` (``expert_folding.validate_folding``, checked before any mesh).
 - CP (``dims.cp > 1``): attention picks its CP backend at runtime (``context_parallel.get_cp_attention``
   with ``meshes.group("cp")``); if ``archon_parallel.context_parallel.apply_context_parallel(model,
   meshes, plan, dims)`` exists it is called here. FSDP shards over dp_shard x cp either way.
@@ -22,6 +28,7 @@ from torch import nn
 from .checkpointing import ACConfig, apply_ac
 from .compile import CompileConfig, apply_compile
 from .dims import ParallelDims, ParallelMeshes
+from .expert_folding import fold_expert_runner, fold_mesh, validate_folding
 from .fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy
 from .plan import ParallelPlan
 from .tensor_parallel import apply_tp, validate_tp
@@ -42,18 +49,20 @@ def _hook(module: str, name: str, feature: str) -> Callable[..., Any]:
     return fn
 
 
-def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan: ParallelPlan) -> None:
-    if dims.hybrid:
-        raise ValueError("hybrid attn/ffn folding is parsed and its meshes are built, but parallelize does not "
-                         "wire folded MoE yet; use the plain form (e.g. archon:d4t2e2)")
+def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan: ParallelPlan,
+              device_type: str) -> None:
     if plan.experts is None:
         raise ValueError("expert parallelism (ep > 1) needs ParallelPlan.experts, the experts module name")
     apply_ep = _hook("expert_parallel", "apply_expert_parallel", "expert parallelism")
     parent, _, _ = plan.experts.rpartition(".")
     etp_mesh = meshes["etp"] if dims.etp > 1 else None
+    fold = fold_mesh(dims, meshes, device_type)  # None unless hybrid ep folds onto tp ranks
     for _, block in plan.block_list(model):
         if plan.optional_module(block, plan.experts) is not None:
-            apply_ep(block.get_submodule(parent) if parent else block, meshes["ep"], etp_mesh)
+            moe = block.get_submodule(parent) if parent else block
+            apply_ep(moe, meshes["ep"], etp_mesh)
+            if fold is not None:
+                fold_expert_runner(moe, fold.get_group())
 
 
 def _fsdp_groups(model: nn.Module, plan: ParallelPlan) -> list[nn.Module | list[nn.Module]]:
@@ -94,6 +103,7 @@ def parallelize(
     """
     if dims.tp_enabled and plan.num_heads is not None:
         validate_tp(plan.num_heads, plan.num_kv_heads or plan.num_heads, dims.tp)
+    validate_folding(dims)
     meshes: ParallelMeshes = dims.build_meshes(device_type)
     compile_cfg = CompileConfig(enabled=compile) if isinstance(compile, bool) else (compile or CompileConfig())
     ac_cfg = ACConfig.parse(ac)
@@ -103,7 +113,7 @@ def parallelize(
     if dims.tp_enabled:
         apply_tp(model, meshes["tp"], plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     if dims.ep_enabled:
-        _apply_ep(model, dims, meshes, plan)
+        _apply_ep(model, dims, meshes, plan, device_type)
     if dims.cp_enabled:
         cp_module = importlib.import_module("archon_parallel.context_parallel")
         if (apply_cp := getattr(cp_module, "apply_context_parallel", None)) is not None:

@@ -135,8 +135,14 @@ class ArchonEngine:
             p.grad = g if p.grad is None else p.grad.add_(g)
 
     def _fix_expert_grad_scale(self) -> None:
-        """Experts are FSDP-sharded over `edp` (dp_cp / ep ranks), so FSDP averaged their grads over fewer
-        ranks than the dp_cp the loss was scaled by; the ep all-to-all already summed the token parts."""
+        """Rescale expert grads from FSDP's mean over `edp` to the dp_cp mean the loss was scaled for.
+
+        Each rank's loss is multiplied by dp_cp (dense grads are averaged over dp_cp, tp ranks compute one copy
+        of the loss). An expert's grad arrives already summed over every (token, choice) row of its ep group by
+        the all-to-all, each row once: in the plain form tp ranks are ep_rep replicas (same rows, same grads), in
+        the hybrid form the ranks of a tp group that share an ep group each dispatch a distinct slice of the rows
+        (`archon_parallel.expert_folding`). The edp groups together cover every row once, so FSDP's mean over
+        edp leaves `dp_cp / edp` times the global-token mean in both forms."""
         if self.meshes is None or not self.dims.ep_enabled:
             return
         factor = self.dims.edp / self.dims.dp_cp
