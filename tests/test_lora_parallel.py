@@ -1,7 +1,9 @@
 """LoRA on the real Qwen3 model under FSDP2, TP2, PP2 and FSDP2 x TP2, and expert LoRA on Qwen3-MoE under EP2
 (CPU gloo), equals one process: losses, the LoRA factors after 3 AdamW steps and their gradients on a 4th batch,
-<= 1e-5 relative (fp32)."""
+<= 1e-5 relative (fp32); the merged export (every pipeline stage's layers under PP2) loads in transformers with the
+logits of one process's merged export."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +23,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3, moe: bool = False) -> dict:
+def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3, moe: bool = False,
+               export_dir: str | None = None) -> dict:
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=96, seed=5)
     actor.optimizer.lr = 1e-3
     # see engine_parallel_common.train_steps; LoRA factors (A random, B ~ lr after one step) need a larger eps
@@ -47,14 +50,33 @@ def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3
             eng.accumulate_grads(mine, sft_loss, target_tokens)
     clean = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p
              for n, p in eng.model.named_parameters() if p.requires_grad}
-    return {"losses": losses, "params": {n: _full(p) for n, p in clean.items()},
-            "grads": {n: _full(p.grad) for n, p in clean.items()}}
+    out = {"losses": losses, "params": {n: _full(p) for n, p in clean.items()},
+           "grads": {n: _full(p.grad) for n, p in clean.items()}}
+    if export_dir is not None:
+        eng.export_weights(export_dir, dtype=torch.float32, merged=True)
+        if eng.dims.pp > 1:
+            with pytest.raises(ValueError, match=r"export_weights\(dir, merged=True\)"):
+                eng.export_weights(export_dir + "_adapter", merged=False)
+    return out
 
 
-def _layouts(rank, world, model_dirs, layouts):
+def _layouts(rank, world, model_dirs, layouts, out_root=None):
     sys.path.insert(0, str(Path(__file__).parent))
-    return {f"{kind}:{alloc}/{ac}": lora_steps(model_dirs[kind], alloc, ac, moe=kind == "moe")
+    return {f"{kind}:{alloc}/{ac}": lora_steps(model_dirs[kind], alloc, ac, moe=kind == "moe",
+                                               export_dir=os.path.join(out_root, alloc) if out_root else None)
             for kind, alloc, ac in layouts}
+
+
+_IDS = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+
+
+def _hf_logits(model_dir: str) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(input_ids=_IDS).logits
 
 
 def _assert_same(ref: dict, got: dict, layout: str, tol: float = 1e-5) -> None:
@@ -77,27 +99,30 @@ def model_dirs(tmp_path_factory):
     # and micro-batches (and its gradient reaches attention LoRA through the router input): off for equality.
     moe = tiny_hf_config("qwen3_moe", vocab_size=64, num_hidden_layers=2, router_aux_loss_coef=0.0)
     hf_model(moe).save_pretrained(d / "moe")
-    return {"dense": str(d / "dense"), "moe": str(d / "moe")}
+    return {"dense": str(d / "dense"), "moe": str(d / "moe"), "root": str(d)}
 
 
 @pytest.fixture(scope="module")
 def reference(model_dirs):
-    dense = lora_steps(model_dirs["dense"], "archon:d1")
+    dense = lora_steps(model_dirs["dense"], "archon:d1", export_dir=os.path.join(model_dirs["root"], "merged_dense"))
     assert len(dense["grads"]) == 2 * 7 * 2 + 1  # A/B x 7 linears x 2 layers + lm_head copy
-    moe = lora_steps(model_dirs["moe"], "archon:d1", moe=True)
+    moe = lora_steps(model_dirs["moe"], "archon:d1", moe=True, export_dir=os.path.join(model_dirs["root"], "merged_moe"))
     assert len(moe["grads"]) == 2 * (2 + 3) * 2  # A/B x (2 linears + 3 expert weights) x 2 layers
     for ref in (dense, moe):
         assert all(g.abs().sum() > 0 for g in ref["grads"].values())
     return {"dense": dense, "moe": moe}
 
 
-def test_lora_fsdp2_tp2_ep2_and_pp2(model_dirs, reference):
+def test_lora_fsdp2_tp2_ep2_and_pp2(model_dirs, reference, tmp_path):
     layouts = [("dense", "archon:d2", "none"), ("dense", "archon:t2", "selective"), ("moe", "archon:d2e2", "none"),
                ("dense", "archon:p2", "none")]
-    res = run_ranks(_layouts, 2, model_dirs, layouts, timeout=500)
+    res = run_ranks(_layouts, 2, model_dirs, layouts, str(tmp_path), timeout=500)
     for r in res:
         for kind, alloc, ac in layouts:
             _assert_same(reference[kind], r[f"{kind}:{alloc}/{ac}"], f"{kind}:{alloc}/{ac}")
+    for kind, alloc, _ in layouts:  # merged exports, p2 included (each stage writes its layers' shards)
+        got, want = _hf_logits(str(tmp_path / alloc)), _hf_logits(os.path.join(model_dirs["root"], f"merged_{kind}"))
+        assert (got - want).abs().max().item() <= 1e-5, alloc
 
 
 def test_lora_fsdp2_x_tp2(model_dirs, reference):

@@ -10,6 +10,7 @@ from archon_ckpt import (
     ModelState,
     SafetensorsReader,
     load_into_module,
+    save_safetensors_multi_writer,
     save_safetensors_sharded,
 )
 from archon_ckpt.testing import (
@@ -96,9 +97,29 @@ def _hf_io(rank, world, root):
     return out
 
 
+def _multi_writer(rank, world, root):
+    """Each rank writes its own half of the layers (as a pipeline stage does) into one indexed directory; a
+    duplicate name and a rank-1-only writer group fail on every rank with the reason."""
+    import torch.distributed as dist
+
+    hf = hf_reference(make_model(3))
+    mine = {k: v for k, v in hf.items() if f"layers.{rank}." in k or (rank == 0 and "layers." not in k)}
+    out = {"files": save_safetensors_multi_writer(mine, f"{root}/multi", writers=dist.group.WORLD,
+                                                  max_shard_size=8000)}
+    errors = []
+    only_rank1 = dist.new_group([1])
+    for tensors, group in ((hf, dist.group.WORLD), (mine, only_rank1 if rank == 1 else None)):
+        try:
+            save_safetensors_multi_writer(tensors, f"{root}/bad", writers=group)
+        except (RuntimeError, ValueError) as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    return out
+
+
 def _phase2(rank, world, root):
     return {"drop": _resume(rank, world, root, "drop", DROP), "tp_to_dp": _resume(rank, world, root, "tp", 0.0),
-            "hf": _hf_io(rank, world, root)}
+            "hf": _hf_io(rank, world, root), "multi": _multi_writer(rank, world, root)}
 
 
 def _mismatch(rank, world, root):
@@ -142,6 +163,14 @@ def test_fsdp_exact_resume_and_resharding(tmp_path):
     assert exported.keys() == expected.keys()
     for k, v in expected.items():
         assert torch.equal(exported[k], v), k
+    # several writers, one index: the same tensors as the single-writer export
+    multi = SafetensorsReader(f"{root}/multi")
+    assert sorted(multi.keys()) == sorted(expected) and len(multi.files()) > 2 and p2[1]["multi"]["files"] == []
+    for k, v in expected.items():
+        assert torch.equal(multi.get(k), v), k
+    for r in p2:
+        dup, no_rank0 = r["multi"]["errors"]
+        assert "failed: rank 0: ValueError: duplicate tensor name" in dup and "rank 0" in no_rank0, (dup, no_rank0)
     # exact resume: 3 + save + (new processes) load + 3 == 6 straight, bitwise
     for r in range(2):
         assert p1[r]["first"] + p2[r]["drop"][0] == p1[r]["straight"]

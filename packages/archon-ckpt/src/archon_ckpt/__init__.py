@@ -12,11 +12,13 @@ HF weights::
 
     load_into_module(model, SafetensorsReader(hf_dir), native_to_hf=adapter)
     save_safetensors_sharded(named_tensors, out_dir, max_shard_size="5GB", dtype=torch.bfloat16)
+    save_safetensors_multi_writer(stage_tensors, out_dir, writers=pp_group)  # each pipeline stage its shards
 """
 
 from archon_ckpt.atomic import atomic_directory, atomic_write_text
 from archon_ckpt.checkpointer import Checkpointer, CheckpointError, iter_dcp_tensors, step_dir_name
 from archon_ckpt.hf_load import HFSource, LoadReport, clean_fqn, load_into_module
+from archon_ckpt.multi_writer import save_safetensors_multi_writer
 from archon_ckpt.safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -39,6 +41,7 @@ __all__ = [
     "load_into_module",
     "SafetensorsReader",
     "save_safetensors_sharded",
+    "save_safetensors_multi_writer",
     "parse_size",
     "SAFE_WEIGHTS_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",

@@ -323,19 +323,31 @@ def _write_shards(
     dtype: torch.dtype | None,
     meta: dict[str, str],
 ) -> list[Path]:
+    return name_shards(tmp, write_parts(items, tmp, limit, dtype, meta))
+
+
+def write_parts(
+    items: Iterable[tuple[str, torch.Tensor]],
+    tmp: Path,
+    limit: int,
+    dtype: torch.dtype | None,
+    meta: dict[str, str],
+    prefix: str = "part",
+) -> list[tuple[Path, list[str], int]]:
+    """Stream ``items`` into ``tmp/<prefix>-0000i.safetensors`` files of at most ``limit`` bytes (a larger
+    tensor gets its own); returns (file, tensor names, bytes) per file, for `name_shards`."""
     seen: set[str] = set()
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
-    parts: list[tuple[Path, list[str]]] = []
-    total = 0
+    parts: list[tuple[Path, list[str], int]] = []
 
     def flush() -> None:
         nonlocal shard, shard_bytes
         if not shard:
             return
-        part = tmp / f"part-{len(parts) + 1:05d}.safetensors"
+        part = tmp / f"{prefix}-{len(parts) + 1:05d}.safetensors"
         save_file(shard, str(part), metadata=meta)
-        parts.append((part, list(shard)))
+        parts.append((part, list(shard), shard_bytes))
         shard, shard_bytes = {}, 0
 
     for name, t in items:
@@ -350,9 +362,13 @@ def _write_shards(
             flush()
         shard[name] = host
         shard_bytes += nbytes
-        total += nbytes
     flush()
+    return parts
 
+
+def name_shards(tmp: Path, parts: list[tuple[Path, list[str], int]]) -> list[Path]:
+    """Rename `write_parts` files (of one or several writers, all under ``tmp``) to HF's names: one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
     if not parts:
         raise ValueError("no tensors given; refusing to write an empty checkpoint")
     if len(parts) == 1:
@@ -362,11 +378,15 @@ def _write_shards(
     n = len(parts)
     weight_map: dict[str, str] = {}
     files = []
-    for i, (part, names) in enumerate(parts, start=1):
+    for i, (part, names, _) in enumerate(parts, start=1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
         os.rename(part, tmp / fname)
         files.append(tmp / fname)
-        weight_map.update({k: fname for k in names})
+        for k in names:
+            if k in weight_map:
+                raise ValueError(f"duplicate tensor name {k!r} in {weight_map[k]} and {fname}")
+            weight_map[k] = fname
+    total = sum(nbytes for _, _, nbytes in parts)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return files

@@ -284,8 +284,9 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> None:
 
 def _reject_pipeline(model: nn.Module, what: str) -> None:
     if getattr(model, "pipeline", None) is not None:  # each rank holds one stage: rank 0 alone would write a part
-        raise ValueError(f"{what} under pipeline parallelism (p>1) is not supported yet; save a checkpoint and "
-                         "reload it with p1 (archon:d1 or d/t layouts) to export the LoRA adapter")
+        raise ValueError(f"{what} under pipeline parallelism (p>1) is not supported yet; export the merged weights "
+                         "with engine.export_weights(dir, merged=True) (complete under p>1), or save a checkpoint "
+                         "and reload it with p1 (archon:d1 or d/t layouts) to write the PEFT adapter")
 
 
 def save_adapter(model: nn.Module, out_dir: str, base_path: str | None = None) -> None:
@@ -300,10 +301,10 @@ def save_adapter(model: nn.Module, out_dir: str, base_path: str | None = None) -
 
 
 def iter_merged_hf_tensors(model: nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) of the base weights with every LoRA update folded in (collective: all ranks)."""
+    """HF (name, tensor) of the base weights with every LoRA update folded in (collective: all ranks); a pipeline
+    stage yields its own layers (see `archon.engine.export.write_hf_dir`)."""
     from archon_lora import merged_state_dict
 
-    _reject_pipeline(model, "a merged export")
     adapter, _ = _hf_name_fn(model)
     tied = model.args.tie_embeddings and not head_untied(model)
     for name, t in merged_state_dict(model).items():

@@ -297,17 +297,11 @@ class ArchonEngine:
         save_adapter(self.model, out_dir, base_path=self.cfg.path or None)
 
     def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) native state dict in memory, for an embedded sampler (LoRA folded into the base)."""
-        from archon.lora_integration import lora_config_of
-        from torch.distributed.tensor import DTensor
+        """Full (unsharded) native state dict in memory on every rank, for an embedded sampler (LoRA folded into
+        the base; every pipeline stage's layers under p>1). Collective."""
+        from archon.engine.export import sampler_state_dict
 
-        if lora_config_of(self.model) is not None:
-            from archon_lora import merged_state_dict
-
-            return merged_state_dict(self.model)
-
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
-                for k, v in self.model.state_dict().items()}
+        return sampler_state_dict(self.model, self.device)
 
 
 def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, **kw) -> Runner:

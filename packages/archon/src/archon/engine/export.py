@@ -13,36 +13,92 @@ def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch
     """Write `out_dir` atomically (collective on every rank); `out_dir/READY` names the weight version last.
 
     A LoRA engine writes the base weights with the adapter folded in (`merged=True`) or the PEFT adapter alone.
+    Under pipeline parallelism every stage writes its own shards (see `write_hf_dir`).
     """
-    from archon.hf import save_pretrained
     from archon.lora_integration import lora_config_of
     from archon_ckpt import atomic_write_text
 
-    if lora_config_of(engine.model) is None:
-        save_pretrained(engine.model, out_dir, dtype=dtype)
-    elif merged:
-        _save_merged(engine.model, out_dir, dtype)
-    else:
+    if lora_config_of(engine.model) is not None and not merged:
         engine.save_adapter(out_dir)
+    else:
+        write_hf_dir(engine.model, out_dir, dtype=dtype)
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_write_text(os.path.join(out_dir, "READY"), json.dumps({"version": engine.version}))
     if dist.is_initialized():
         dist.barrier()
 
 
-def _save_merged(model, out_dir: str, dtype: torch.dtype | None) -> None:
-    from archon.hf import hf_config_dict
-    from archon.lora_integration import head_untied, iter_merged_hf_tensors
-    from archon_ckpt import atomic_write_text, save_safetensors_sharded
+def write_hf_dir(model, out_dir: str, *, dtype: torch.dtype | None, max_shard_size: str | int = "5GB") -> None:
+    """HF safetensors + config.json (last) of the whole model, LoRA folded in (collective on every rank).
+
+    Without pipelining rank 0 writes everything (FSDP/TP DTensors are gathered tensor by tensor). With pipeline
+    stages, the pp group holding rank 0 writes: each of its ranks streams its own stages' tensors (global layer
+    names, since stages keep their layers' keys) into its own shards of one directory, and rank 0 writes a
+    `model.safetensors.index.json` over all of them, so no weight moves between stages. The other data-parallel
+    replicas only take part in their stage's DTensor gathers. `out_dir` must be on a filesystem that every
+    stage's writer sees.
+    """
+    from archon_ckpt import atomic_write_text, save_safetensors_multi_writer, save_safetensors_sharded
+
+    tensors, cfg = _hf_tensors_and_config(model, dtype)
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is None:
+        save_safetensors_sharded(tensors, out_dir, max_shard_size=max_shard_size)
+    else:
+        writes = 0 in dist.get_process_group_ranks(pipeline.group)  # one replica's pp group: the one of rank 0
+        save_safetensors_multi_writer(tensors, out_dir, writers=pipeline.group if writes else None,
+                                      max_shard_size=max_shard_size)
+    if not (dist.is_initialized() and dist.get_rank() != 0):  # a directory with a config.json is complete
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def _hf_tensors_and_config(model, dtype: torch.dtype | None):
+    from archon.hf import hf_config_dict, iter_hf_tensors
+    from archon.lora_integration import head_untied, iter_merged_hf_tensors, lora_config_of
 
     cfg = hf_config_dict(model)
-    if head_untied(model):  # a trained lm_head copy: the export carries its own lm_head tensor
-        cfg["tie_word_embeddings"] = False
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")
-    save_safetensors_sharded(iter_merged_hf_tensors(model, dtype), out_dir)
-    if not (dist.is_initialized() and dist.get_rank() != 0):
-        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    if lora_config_of(model) is None:
+        return iter_hf_tensors(model, dtype), cfg
+    if head_untied(model):  # a trained lm_head copy: the export carries its own lm_head tensor
+        cfg["tie_word_embeddings"] = False
+    return iter_merged_hf_tensors(model, dtype), cfg
+
+
+def sampler_state_dict(model, device: torch.device) -> dict[str, torch.Tensor]:
+    """The full native state dict (LoRA folded in) on every rank, for an embedded sampler (collective).
+
+    Under pipeline parallelism each pp rank's stage tensors are broadcast over its pp group in turn, so every
+    rank ends with every layer (as every rank does without pipelining)."""
+    from archon.lora_integration import lora_config_of
+    from torch.distributed.tensor import DTensor
+
+    if lora_config_of(model) is not None:
+        from archon_lora import merged_state_dict
+
+        local = {k: v.detach() for k, v in merged_state_dict(model).items()}
+    else:
+        local = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+    pipeline = getattr(model, "pipeline", None)
+    return local if pipeline is None else _from_every_stage(local, pipeline.group, device)
+
+
+def _from_every_stage(local: dict[str, torch.Tensor], group, device: torch.device) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    me = dist.get_rank(group)
+    obj_device = device if device.type == "cuda" else None
+    for src in range(dist.get_world_size(group)):
+        src_global = dist.get_global_rank(group, src)
+        meta = [[(k, v.shape, v.dtype) for k, v in local.items()] if src == me else None]
+        dist.broadcast_object_list(meta, src=src_global, group=group, device=obj_device)
+        for name, shape, dt in meta[0]:
+            if name in out:
+                raise RuntimeError(f"pipeline stages {src} and an earlier one both hold {name!r}")
+            t = local[name].to(device).contiguous() if src == me else torch.empty(shape, dtype=dt, device=device)
+            dist.broadcast(t, src=src_global, group=group)
+            out[name] = t if src != me else local[name]
+    return out
 
 
 def read_ready_version(out_dir: str) -> int | None:
