@@ -77,6 +77,22 @@ def test_one_document_batches_take_sdpa_and_match_flash(heads):
         assert (x - y).abs().max().item() < BF16_ATOL * max(1.0, y.abs().max().item())
 
 
+@pytest.mark.parametrize("impl", _impls())
+def test_flash_varlen_with_seqlen_bound_is_exact(impl):
+    """pad_to_maximum hands flash the padded length as its max_seqlen (a bound): the same results (up to the
+    order of flash's atomic dq accumulation)."""
+    cu, q, k, v, do = _case(8, 2, seed=2)
+    xs = [x.to("cuda", torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    results = []
+    for bound in (None, 4096):
+        meta = build_attn_meta(cu.cuda())
+        meta.seqlen_bound = bound
+        out = VarlenBackend(impl=impl, one_document_sdpa=False)(*xs, meta)
+        results.append([out, *torch.autograd.grad(out, xs, do.to("cuda", torch.bfloat16))])
+    for x, y in zip(*results):
+        assert (x - y).abs().max().item() < BF16_ATOL * max(1.0, y.abs().max().item())
+
+
 def test_fp32_cuda_varlen_uses_dense_path_exactly():
     cu, q, k, v, do = _case(4, 2, D=16, seed=2)
     got = _run(VarlenBackend(), cu, q, k, v, do, torch.float32)

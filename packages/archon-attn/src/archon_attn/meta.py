@@ -25,6 +25,11 @@ class AttnMeta:
     """int32 [N+1], document boundaries in the packed token dim; T = cu_seqlens[-1]."""
     max_seqlen: int
     """Length of the longest document."""
+    seqlen_bound: int | None = None
+    """A static upper bound on every document's length, set for micro-batches padded to a fixed token count
+    (`actor.archon.pad_to_maximum`). Kernels that need only a bound (FlashAttention varlen sizes its launch
+    grid with it) use it instead of `max_seqlen`, so a compiled graph does not specialize on each micro-batch's
+    longest document."""
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     """Per-batch cache of derived masks / indices, keyed by backend; never part of the contract."""
 

@@ -45,13 +45,17 @@ def padded_sdpa_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch
 
 
 def _dense_mask(meta: AttnMeta, device: torch.device) -> torch.Tensor:
-    """bool [T, T]: same document and causal (cached on the meta)."""
+    """bool [T, T]: same document and causal (cached on the meta, except inside a compiled block: a cache
+    written by the first block's graph would make every later block compile a second graph)."""
     key = ("dense_doc_causal_mask", device)
-    if key not in meta.cache:
-        doc_T = meta.doc_ids().to(device)
-        arange_T = torch.arange(doc_T.numel(), device=device)
-        meta.cache[key] = (doc_T[:, None] == doc_T[None, :]) & (arange_T[:, None] >= arange_T[None, :])
-    return meta.cache[key]
+    if key in meta.cache:
+        return meta.cache[key]
+    doc_T = meta.doc_ids().to(device)
+    arange_T = torch.arange(doc_T.numel(), device=device)
+    mask_TT = (doc_T[:, None] == doc_T[None, :]) & (arange_T[:, None] >= arange_T[None, :])
+    if not torch.compiler.is_compiling():
+        meta.cache[key] = mask_TT
+    return mask_TT
 
 
 def dense_mask_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, meta: AttnMeta, *,

@@ -121,15 +121,16 @@ def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torc
     """FlashAttention varlen (CUDA, fp16/bf16). impl: "auto" (public API if present) | "public" | "aten"."""
     scale = 1.0 / math.sqrt(q_THD.shape[-1]) if scale is None else scale
     cu_seqlens = meta.cu_seqlens.to(device=q_THD.device, dtype=torch.int32)
+    max_seqlen = meta.max_seqlen if meta.seqlen_bound is None else meta.seqlen_bound  # a bound is enough
     if impl == "auto":
         impl = "public" if has_public_varlen_attn() else "aten"
     if impl == "public":
         if not has_public_varlen_attn():
             raise ValueError("torch.nn.attention.varlen.varlen_attn is not available in this torch; use impl='aten'")
-        return _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, meta.max_seqlen, scale)
+        return _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale)
     if impl == "aten":
         return _aten_flash_fwd(q_THD.contiguous(), k_TGD.contiguous(), v_TGD.contiguous(), cu_seqlens,
-                               meta.max_seqlen, scale)[0]
+                               max_seqlen, scale)[0]
     raise ValueError(f"flash varlen impl must be 'auto', 'public' or 'aten', got {impl!r}")
 
 

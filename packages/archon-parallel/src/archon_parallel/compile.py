@@ -1,4 +1,4 @@
-"""Per-block ``torch.compile``: each decoder block is compiled on its own (fullgraph, static shapes).
+"""Per-block ``torch.compile``: each decoder block is compiled on its own (fullgraph).
 
 Compiling blocks rather than the whole model keeps FSDP2's per-block hooks outside the graphs and
 reuses one compiled graph for all identical blocks.
@@ -25,8 +25,11 @@ class CompileConfig:
     """torch.compile backend ('inductor'; 'aot_eager' for debugging / CPU tests)."""
     fullgraph: bool = True
     """Fail on graph breaks instead of silently splitting the block."""
-    dynamic: bool = False
-    """Static shapes; pad micro-batches to fixed token budgets to avoid recompiles."""
+    dynamic: bool | None = None
+    """torch.compile's ``dynamic``. None (automatic dynamic): the first shape compiles static, a dim that
+    later changes is made dynamic (one recompile, not one per shape). False: static shapes, right only when
+    every micro-batch is padded to the same token count (otherwise each new shape recompiles until dynamo's
+    recompile limit)."""
 
 
 def apply_compile(model: nn.Module, plan: ParallelPlan, config: CompileConfig | bool | None = None) -> None:

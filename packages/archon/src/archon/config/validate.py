@@ -17,7 +17,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     a = cfg.archon
     if a.ac_mode not in AC_MODES:
         raise ValueError(f"actor.archon.ac_mode {a.ac_mode!r} is not one of {AC_MODES}")
-    compile_on = a.enable_compile if a.enable_compile is not None else device.type == "cuda"
+    compile_on = compile_enabled(cfg, device)
     if a.ac_mode == "memory_budget":
         if not compile_on:
             raise ValueError("rule ac-memory-budget-needs-compile: actor.archon.ac_mode=memory_budget works through "
@@ -38,6 +38,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     if a.attn_impl == "varlen" and device.type != "cuda":
         pass  # the varlen backend has a CPU reference path
     validate_dp_layout(cfg, dims)
+    validate_pad_to_maximum(cfg, dims)
     if a.offload_params and dims.pp > 1:
         raise ValueError("rule offload-with-pp: actor.archon.offload_params cannot be combined with pipeline "
                          "parallelism (p>1 in allocation_mode); drop one of them")
@@ -84,6 +85,48 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
             c = load_hf_config(cfg.path)
             validate_cp(a.cp_impl, c.num_attention_heads,
                         getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.cp, dims.tp)
+
+
+def compile_enabled(cfg, device: torch.device) -> bool:
+    """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere."""
+    a = cfg.archon
+    return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
+
+
+def pad_to_maximum_enabled(cfg, dims, device: torch.device, *, moe: bool) -> bool:
+    """`actor.archon.pad_to_maximum` resolved: an explicit value (checked by `validate_pad_to_maximum`), or
+    None = on exactly when the blocks are compiled and padding is supported (the flat runner of a dense model:
+    no cp, pp or tree mode)."""
+    a = cfg.archon
+    if a.pad_to_maximum is not None:
+        return a.pad_to_maximum
+    flat = dims.cp == 1 and dims.pp == 1 and a.tree_training_mode == "disabled"
+    return compile_enabled(cfg, device) and flat and not moe
+
+
+def validate_pad_to_maximum(cfg, dims) -> None:
+    """Rules pad-to-maximum-*: only the flat runner pads a micro-batch to the token budget, and only a dense
+    model leaves the padding out of every real result; an explicit `pad_to_maximum: true` elsewhere is
+    rejected rather than ignored."""
+    a = cfg.archon
+    if not a.pad_to_maximum:
+        return
+    fix = "set actor.archon.pad_to_maximum=false, or leave it unset (None = on only where supported)"
+    if dims.cp > 1:
+        raise ValueError("rule pad-to-maximum-with-cp: context parallelism (c>1) pads each micro-batch only to a "
+                         f"multiple of cp x tp before sharding it, not to the token budget; {fix}")
+    if dims.pp > 1:
+        raise ValueError("rule pad-to-maximum-with-pp: the pipeline runner pads stage inputs to its own 64-token "
+                         f"bucket and runs the blocks on each micro-batch's own tokens; {fix}")
+    if a.tree_training_mode != "disabled":
+        raise ValueError(f"rule pad-to-maximum-with-tree: tree_training_mode={a.tree_training_mode} runs each "
+                         f"micro-batch as a trie with its own attention mask and does not pad it; {fix}")
+    if cfg.path:
+        from archon.hf import load_hf_config
+
+        if getattr(load_hf_config(cfg.path), "num_experts", 0):
+            raise ValueError("rule pad-to-maximum-moe: padding tokens would be routed to experts and counted in "
+                             f"the load-balancing loss and expert-load statistics, changing the loss; {fix}")
 
 
 def validate_dp_layout(cfg, dims) -> None:

@@ -21,6 +21,18 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
     return name
 
 
+def block_compile_config(cfg, dims, device: torch.device, *, moe: bool):
+    """Per-block torch.compile settings. With pad_to_maximum every micro-batch has the same token count, so the
+    blocks compile once with static shapes (dynamic=False); without it dynamic=None (automatic dynamic): the
+    first shape compiles static and the first change marks the changed dims dynamic (one recompile, not one
+    per micro-batch shape until dynamo's recompile limit)."""
+    from archon.config.validate import compile_enabled, pad_to_maximum_enabled
+    from archon_parallel.compile import CompileConfig
+
+    static = pad_to_maximum_enabled(cfg, dims, device, moe=moe)
+    return CompileConfig(enabled=compile_enabled(cfg, device), dynamic=False if static else None)
+
+
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
                          stage_prune=None) -> nn.Module:
     """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
@@ -53,7 +65,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         ac = "full"
     if ac == "selective" and cfg.archon.ac_selective_every > 1:
         ac = f"selective:{cfg.archon.ac_selective_every}"
-    compile_on = cfg.archon.enable_compile if cfg.archon.enable_compile is not None else device.type == "cuda"
+    compile_cfg = block_compile_config(cfg, dims, device, moe=model.args.num_experts > 0)
     param_dtype = "bfloat16" if cfg.dtype in ("bfloat16", "bf16") else "float32"
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
@@ -68,12 +80,12 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     if cfg.archon.dp_layout == "zero1":  # full replicas, no FSDP: validate_engine allowed pure dp only
         from archon.engine.zero1 import apply_replicas
 
-        apply_replicas(model, plan, ac=ac, compile_on=compile_on)
+        apply_replicas(model, plan, ac=ac, compile=compile_cfg)
     elif lora:
         with li.lora_tp_styles(dims.tp_enabled or dims.ep_enabled):
-            parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
+            parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp)
     else:
-        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_on, fsdp=fsdp)
+        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:

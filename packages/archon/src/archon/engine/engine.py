@@ -86,7 +86,8 @@ class ArchonEngine:
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
                                   dp_group=self.dp_group, pad_multiple=self.dims.tp,
-                                  cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None)
+                                  cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None,
+                                  pad_to_tokens=self.cfg.mb_max_tokens if self.pads_to_maximum else None)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type,
                                          zero1_group=self.dp_group if self.zero1 else None)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
@@ -94,6 +95,13 @@ class ArchonEngine:
             log.info("archon engine: %s | model %s (%s head) built in %.1fs on %s", describe_dims(self.dims),
                      self.model.args.model_type, self.head, time.perf_counter() - t0, self.device)
         return self
+
+    @property
+    def pads_to_maximum(self) -> bool:
+        """Whether micro-batches are padded to `mb_max_tokens` (`actor.archon.pad_to_maximum` resolved)."""
+        from archon.config.validate import pad_to_maximum_enabled
+
+        return pad_to_maximum_enabled(self.cfg, self.dims, self.device, moe=_is_moe(self.model))
 
     @property
     def dp_group(self):
@@ -304,9 +312,15 @@ class ArchonEngine:
         return sampler_state_dict(self.model, self.device)
 
 
-def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, **kw) -> Runner:
+def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, pad_to_tokens: int | None = None, **kw) -> Runner:
     """The micro-batch runner for this config: flat packed batches, context parallel (`cp_mesh` of size > 1),
-    or a tree mode (`tree_training_mode`)."""
+    or a tree mode (`tree_training_mode`). Only the flat runner pads to `pad_to_tokens` (pad_to_maximum);
+    validate_engine rejects it with the others, and a bypassed check fails here rather than being ignored."""
+    flat = ((cp_mesh is None or cp_mesh.size() == 1) and getattr(model, "pipeline", None) is None
+            and cfg.archon.tree_training_mode == "disabled")
+    if pad_to_tokens is not None and not flat:
+        raise ValueError("pad_to_maximum pads micro-batches in the flat runner only (no cp, pp or tree mode); "
+                         "see the pad-to-maximum-* rules in archon.config.validate")
     if cp_mesh is not None and cp_mesh.size() > 1:  # validate_engine rejects tree modes with cp
         from archon.engine.cp_runner import ContextParallelRunner
 
@@ -318,7 +332,7 @@ def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, **kw) -> Runner:
         return PipelineRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
     mode = cfg.archon.tree_training_mode
     if mode == "disabled":
-        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
+        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, pad_to_tokens=pad_to_tokens, **kw)
     from archon.tree import make_tree_runner
 
     return make_tree_runner(mode, cfg, model, dp_group=dp_group, **kw)
@@ -328,6 +342,10 @@ def describe_dims(dims) -> str:
     """One line with every parallel degree, logged at start-up."""
     return (f"pp={dims.pp}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, tp={dims.tp}, "
             f"cp={dims.cp}, ep={dims.ep}, etp={dims.etp}, world_size={dims.world_size}")
+
+
+def _is_moe(model) -> bool:
+    return getattr(model.args, "num_experts", 0) > 0
 
 
 def _dummy_batch(like: PackedBatch) -> PackedBatch:

@@ -9,6 +9,8 @@ batch methods to run a pipeline schedule over all micro-batches together.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -69,20 +71,40 @@ class Runner:
 
 
 class FlatRunner(Runner):
-    """The packed batch through the whole model: one forward (and backward) per micro-batch."""
+    """The packed batch through the whole model: one forward (and backward) per micro-batch.
+
+    `pad_to_tokens` (`actor.archon.pad_to_maximum`: the micro-batch token budget) pads every micro-batch to
+    that many tokens, so compiled blocks see one static shape; without it a micro-batch is padded only to a
+    multiple of `pad_multiple` (tp, for sequence parallel).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, pad_to_tokens: int | None = None, **kw) -> None:
+        super().__init__(model, **kw)
+        if pad_to_tokens is not None and pad_to_tokens < 1:
+            raise ValueError(f"pad_to_tokens must be positive, got {pad_to_tokens}")
+        self.pad_to_tokens = pad_to_tokens
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        ids, cu = pad_packed(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), self.pad_multiple)
         T = mb.num_tokens
-        out = self._forward_padded(ids, cu, want_entropy)
+        L = padded_length(T, self.pad_multiple, self.pad_to_tokens)
+        ids_L, cu = pad_to_length(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), L)
+        out = self._forward_padded(ids_L, cu, want_entropy)
         return {k: v[:T] for k, v in out.items()}
 
     def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
+        from archon.models.common.packing import pack_inputs
+
+        packed = pack_inputs(ids, None, cu)
+        dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; absent, nothing is compiled
+        if dynamo is not None:  # the document count is data, not a graph constant: one graph serves every count
+            dynamo.maybe_mark_dynamic(packed.meta.cu_seqlens, 0)
+        if self.pad_to_tokens is not None:
+            packed.meta.seqlen_bound = ids.shape[0]  # static, unlike the longest document
         with self.autocast():
             if self.head == "value":
-                values = self.model(ids, cu_seqlens=cu)
+                values = self.model(ids, packed=packed)
                 return {"values": values.float().reshape(-1)}
-            lp, ent = self.model(ids, cu_seqlens=cu, labels=next_token_labels(ids), want_entropy=want_entropy,
+            lp, ent = self.model(ids, packed=packed, labels=next_token_labels(ids), want_entropy=want_entropy,
                                  logprob_chunk_size=self.chunk)
         out = {"logprobs": shift_to_tokens(lp, cu)}
         if want_entropy:
@@ -90,13 +112,35 @@ class FlatRunner(Runner):
         return out
 
 
-def pad_packed(ids_T: torch.Tensor, cu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append one padding document so the token count is a multiple of `multiple` (sequence parallel needs
-    equal shards). The padding is its own document, so it attends to nothing real; callers slice it off."""
+OVERSIZE_BUCKET = 1024  # a micro-batch over the budget (one long sequence) pads to a multiple of this
+
+
+def padded_length(T: int, multiple: int, budget: int | None = None) -> int:
+    """Tokens a micro-batch of T tokens is padded to: the next multiple of `multiple`; with a `budget`
+    (pad_to_maximum), the budget rounded up to `multiple`, or for a longer micro-batch the next multiple of
+    lcm(OVERSIZE_BUCKET, multiple), so over-budget micro-batches add few distinct shapes."""
+    if budget is None:
+        return -(-T // multiple) * multiple
+    full = -(-budget // multiple) * multiple
+    if T <= full:
+        return full
+    bucket = math.lcm(OVERSIZE_BUCKET, multiple)
+    return -(-T // bucket) * bucket
+
+
+def pad_to_length(ids_T: torch.Tensor, cu: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append one padding document of L - T tokens (none when T == L). The padding is its own document, so
+    no real token attends to it and it attends to nothing real; callers slice its outputs off."""
     T = ids_T.shape[0]
-    pad = (-T) % multiple
-    if pad == 0:
+    if L < T:
+        raise ValueError(f"cannot pad {T} tokens to {L}")
+    if L == T:
         return ids_T, cu
-    ids_T = torch.cat([ids_T, ids_T.new_zeros(pad)])
-    cu = torch.cat([cu, cu.new_tensor([T + pad])])
+    ids_T = torch.cat([ids_T, ids_T.new_zeros(L - T)])
+    cu = torch.cat([cu, cu.new_tensor([L])])
     return ids_T, cu
+
+
+def pad_packed(ids_T: torch.Tensor, cu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (one padding document) to the next multiple of `multiple` (sequence parallel needs equal shards)."""
+    return pad_to_length(ids_T, cu, padded_length(ids_T.shape[0], multiple))

@@ -19,14 +19,15 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def apply_replicas(model: nn.Module, plan, *, ac: str, compile_on: bool) -> None:
-    """What `parallelize` does for a pure data-parallel model minus FSDP: AC, then per-block compile.
-    (validate_engine allows zero1 only without tp / cp / pp / ep, so nothing else applies.)"""
+def apply_replicas(model: nn.Module, plan, *, ac: str, compile) -> None:
+    """What `parallelize` does for a pure data-parallel model minus FSDP: AC, then per-block compile
+    (`compile`: an `archon_parallel.CompileConfig`). (validate_engine allows zero1 only without
+    tp / cp / pp / ep, so nothing else applies.)"""
     from archon_parallel.checkpointing import apply_ac
     from archon_parallel.compile import apply_compile
 
-    apply_ac(model, plan, ac, compiled=compile_on)
-    apply_compile(model, plan, compile_on)
+    apply_ac(model, plan, ac, compiled=compile.enabled)
+    apply_compile(model, plan, compile)
 
 
 def build_zero1_optimizer(groups: list[dict[str, Any]], group, **adamw_kwargs: Any) -> ZeroRedundancyOptimizer:

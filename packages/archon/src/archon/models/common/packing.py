@@ -29,7 +29,7 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
     `cu_seqlens` is validated by `build_attn_meta` in its one device->host read (start at 0, non-decreasing,
     max length) plus a check that it ends at the number of tokens; no other host sync happens here.
     """
-    from archon_attn import build_attn_meta, positions_from_cu_seqlens
+    from archon_attn import build_attn_meta
 
     if input_ids.numel() == 0:
         raise ValueError("empty batch: input_ids has no tokens")
@@ -61,8 +61,8 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
     if meta.num_tokens != T:
         raise ValueError(f"cu_seqlens ends at {meta.num_tokens} but there are {T} tokens; "
                          "the last entry must equal the number of packed tokens")
-    if position_ids is None:
-        position_ids = positions_from_cu_seqlens(cu_seqlens)
+    if position_ids is None:  # also caches the document ids on the meta, so compiled blocks only read them
+        position_ids = meta.positions()
     else:
         position_ids = position_ids.reshape(-1)
         if position_ids.shape[0] != T:
