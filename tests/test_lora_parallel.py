@@ -28,7 +28,7 @@ def lora_steps(model_dir: str, allocation: str, ac: str = "none", steps: int = 3
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=96, seed=5)
     actor.optimizer.lr = 1e-3
     # see engine_parallel_common.train_steps; LoRA factors (A random, B ~ lr after one step) need a larger eps
-    actor.optimizer.eps = 1e-5
+    actor.optimizer.eps = 1e-4
     actor.archon.ac_mode = ac
     actor.lora.enabled = True
     actor.lora.r = 4
