@@ -103,12 +103,11 @@ def test_compiled_blocks_recompile_at_most_once(model_dir, pad):
 def test_pad_to_maximum_resolution_and_rules(model_dir, tmp_path):
     actor = ActorConfig(path=model_dir)
     d1 = ParallelDims.from_allocation("archon:d1", 1)
-    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # None: off without compile
+    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # default: off
     actor.archon.enable_compile = True
-    assert pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # None: on with compile
-    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=True)
-    assert not pad_to_maximum_enabled(actor, ParallelDims.from_allocation("archon:c2", 2), CPU, moe=False)
+    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # compile alone does not pad: automatic dynamic
     actor.archon.pad_to_maximum = True
+    assert pad_to_maximum_enabled(actor, d1, CPU, moe=False)
     for alloc, world, rule in (("archon:c2", 2, "pad-to-maximum-with-cp"), ("archon:p2", 2, "pad-to-maximum-with-pp")):
         with pytest.raises(ValueError, match=rule):
             validate_pad_to_maximum(actor, ParallelDims.from_allocation(alloc, world))

@@ -35,13 +35,10 @@ class ArchonEngineConfig:
     attn_impl: str = doc("auto", "attention backend: auto | sdpa | varlen | flex (auto = varlen on CUDA, sdpa on CPU)")
     cp_impl: str = doc("ulysses", "context-parallel attention: ulysses | ring")
     reshard_after_forward: str = doc("default", "FSDP2 reshard after forward: default | always | never")
-    pad_to_maximum: bool | None = doc(None, "pad every micro-batch to mb_max_tokens (rounded up to a multiple of "
-                                      "t; a longer one to a multiple of 1024) with one padding document that no "
-                                      "real token sees, so compiled blocks keep one static shape "
-                                      "(compile dynamic=False; off: dynamic=None, automatic dynamic); None = on "
-                                      "when the blocks are compiled and padding is supported: the flat runner of "
-                                      "a dense model (with c>1, p>1, a tree mode or MoE an explicit true is "
-                                      "rejected)")
+    pad_to_maximum: bool = doc(False, "pad every micro-batch to mb_max_tokens (rounded up to a multiple of t; a "
+                               "longer one to a multiple of 1024) with one padding document that no real token "
+                               "sees, so compiled blocks keep one static shape (compile dynamic=False; off: "
+                               "dynamic=None, automatic dynamic, one recompile); flat runner of a dense model only")
     logprob_chunk_size: int = doc(4096, "tokens per chunk when computing logprobs/entropy from the LM head")
     tree_training_mode: str = doc("disabled", "prefix sharing: disabled | sparse (tree packed as one sequence, "
                                   "ancestor-only attention) | dta (depth-first walk with prefix KV reuse); "

@@ -94,14 +94,11 @@ def compile_enabled(cfg, device: torch.device) -> bool:
 
 
 def pad_to_maximum_enabled(cfg, dims, device: torch.device, *, moe: bool) -> bool:
-    """`actor.archon.pad_to_maximum` resolved: an explicit value (checked by `validate_pad_to_maximum`), or
-    None = on exactly when the blocks are compiled and padding is supported (the flat runner of a dense model:
-    no cp, pp or tree mode)."""
-    a = cfg.archon
-    if a.pad_to_maximum is not None:
-        return a.pad_to_maximum
-    flat = dims.cp == 1 and dims.pp == 1 and a.tree_training_mode == "disabled"
-    return compile_enabled(cfg, device) and flat and not moe
+    """`actor.archon.pad_to_maximum` resolved: only an explicit `true` pads (checked by `validate_pad_to_maximum`).
+
+    Off by default: padding to the budget costs its compute on every short micro-batch (4x on a 4K sequence
+    under a 16K budget), while automatic dynamic shapes cost one recompile."""
+    return bool(cfg.archon.pad_to_maximum)
 
 
 def validate_pad_to_maximum(cfg, dims) -> None:
@@ -111,7 +108,7 @@ def validate_pad_to_maximum(cfg, dims) -> None:
     a = cfg.archon
     if not a.pad_to_maximum:
         return
-    fix = "set actor.archon.pad_to_maximum=false, or leave it unset (None = on only where supported)"
+    fix = "set actor.archon.pad_to_maximum=false (the default)"
     if dims.cp > 1:
         raise ValueError("rule pad-to-maximum-with-cp: context parallelism (c>1) pads each micro-batch only to a "
                          f"multiple of cp x tp before sharding it, not to the token budget; {fix}")
