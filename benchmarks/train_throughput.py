@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from profiling import profile_step  # benchmarks/profiling.py (scripts run from benchmarks/)
 
 CONFIGS = {
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -67,29 +68,6 @@ def hf_config(name: str):
     from transformers import Qwen3Config
 
     return Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rope_theta=1e6, **CONFIGS[name])
-
-
-def profile_step(step, tag: str, out_dir: str | None) -> None:
-    """One more step under the profiler: kernel table plus GPU-busy vs wall time (host-bound check)."""
-    if not out_dir:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    avg = prof.key_averages()
-    from torch.autograd import DeviceType
-
-    busy = sum(e.self_device_time_total for e in avg if e.device_type == DeviceType.CUDA) / 1e3
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
-        f.write(f"{tag}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels busy {busy:.1f} ms\n")
-        f.write(avg.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
-        f.write(avg.table(sort_by="cpu_time_total", row_limit=35, max_name_column_width=70))
 
 
 def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,

@@ -26,6 +26,7 @@ from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.train import sft_loss, target_tokens
+from profiling import profile_step  # benchmarks/profiling.py (scripts run from benchmarks/)
 
 FULL = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
             num_attention_heads=16, num_key_value_heads=8, head_dim=128)
@@ -65,26 +66,6 @@ def multiturn_batch(g: torch.Generator, vocab: int, chains: int, turns: int, tur
     return PackedBatch.from_sequences(seqs)
 
 
-def _profile_step(step, tag: str, out_dir: str) -> None:
-    """One more step under the profiler: kernel table, CPU-side table and GPU-busy vs wall time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    avg = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in avg if e.device_type == DeviceType.CUDA) / 1e3
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
-        f.write(f"{tag}: wall {wall * 1e3:.1f} ms (profiled), GPU kernels busy {busy:.1f} ms\n")
-        f.write(avg.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70))
-        f.write(avg.table(sort_by="cpu_time_total", row_limit=35, max_name_column_width=70))
-
-
 def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
     actor = ActorConfig(path=cfg_path, init_from_scratch=True, dtype=args.dtype, mb_max_tokens=args.mb_max_tokens,
                         seed=1)
@@ -109,7 +90,7 @@ def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     if args.profile:
-        _profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens), f"tree_{mode}", args.profile)
+        profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens), f"tree_{mode}", args.profile)
     res = dict(mode=mode, step_s=dt, tokens_per_s=batch.num_tokens / dt,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, first_loss=first_loss,
                compression=stats.get("tree_compression", 1.0), tree_tokens=stats.get("tree_tokens", batch.num_tokens))
