@@ -318,6 +318,42 @@ def test_plan_typo_is_rejected():
         apply_tp(make_model(), None, bad)
 
 
+def test_apply_tp_builds_styles_with_the_given_factory():
+    asked = []
+
+    def record(name, **opts):  # None = nothing to apply, so no mesh is needed
+        asked.append((name, opts["sequence_parallel"], opts["loss_parallel"]))
+        return None
+
+    from archon_parallel.tensor_parallel import apply_tp
+
+    apply_tp(make_model(), None, PLAN, sequence_parallel=False, style_factory=record)
+    expected = ["embedding", "sequence", "head"] + list(PLAN.block_tp.values()) * LAYERS
+    assert sorted(n for n, _, _ in asked) == sorted(expected)
+    assert {(sp, lp) for _, sp, lp in asked} == {(False, True)}
+
+
+def _tp_with_hooks(rank, world_size):
+    from archon_parallel.tensor_parallel import make_style
+
+    asked, ep_calls = [], []
+
+    def record(name, **opts):
+        asked.append(name)
+        return make_style(name, **opts)
+
+    dims = ParallelDims(tp=2, world_size=world_size, dp_shard=1)
+    model = parallelize(make_model(), dims, PLAN, style_factory=record,
+                        after_expert_parallel=lambda *a: ep_calls.append(a))
+    return sorted(set(asked)), ep_calls, isinstance(model.layers[0].attention.wq.weight, DTensor)
+
+
+def test_parallelize_uses_style_factory_hook():
+    for asked, ep_calls, sharded in run_ranks(_tp_with_hooks, 2, timeout=120):
+        assert asked == sorted({"embedding", "sequence", "head", *PLAN.block_tp.values()})
+        assert ep_calls == [] and sharded  # no EP in this layout: the EP hook is never called
+
+
 def _grad_norms(rank, world_size):
     from archon_parallel.grad import clip_grad_norm_, grad_norm_sq
 

@@ -15,6 +15,11 @@ Expert and context parallel live in sibling modules and are looked up lazily:
 - CP (``dims.cp > 1``): attention picks its CP backend at runtime (``context_parallel.get_cp_attention``
   with ``meshes.group("cp")``); if ``archon_parallel.context_parallel.apply_context_parallel(model,
   meshes, plan, dims)`` exists it is called here. FSDP shards over dp_shard x cp either way.
+
+Extension points (for layers archon_parallel does not know, e.g. LoRA): ``style_factory`` replaces
+``tensor_parallel.make_style`` when TP builds a style from its plan name, and ``after_expert_parallel(moe,
+ep_mesh, etp_mesh)`` runs on each MoE right after expert parallel (before folding and FSDP). Both are
+plain arguments, so nothing is patched and concurrent calls do not interfere.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from .checkpointing import ACConfig, apply_ac
 from .compile import CompileConfig, apply_compile
@@ -31,9 +37,12 @@ from .dims import ParallelDims, ParallelMeshes
 from .expert_folding import fold_expert_runner, fold_mesh, validate_folding
 from .fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy
 from .plan import ParallelPlan
-from .tensor_parallel import apply_tp, validate_tp
+from .tensor_parallel import StyleFactory, apply_tp, validate_tp
 
-__all__ = ["parallelize"]
+__all__ = ["AfterExpertParallel", "parallelize"]
+
+# Called as `after_expert_parallel(moe, ep_mesh, etp_mesh)` once per MoE module after its experts are sharded.
+AfterExpertParallel = Callable[[nn.Module, DeviceMesh, DeviceMesh | None], None]
 
 
 def _hook(module: str, name: str, feature: str) -> Callable[..., Any]:
@@ -50,7 +59,7 @@ def _hook(module: str, name: str, feature: str) -> Callable[..., Any]:
 
 
 def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan: ParallelPlan,
-              device_type: str) -> None:
+              device_type: str, after_expert_parallel: AfterExpertParallel | None = None) -> None:
     if plan.experts is None:
         raise ValueError("expert parallelism (ep > 1) needs ParallelPlan.experts, the experts module name")
     apply_ep = _hook("expert_parallel", "apply_expert_parallel", "expert parallelism")
@@ -61,6 +70,8 @@ def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan
         if plan.optional_module(block, plan.experts) is not None:
             moe = block.get_submodule(parent) if parent else block
             apply_ep(moe, meshes["ep"], etp_mesh)
+            if after_expert_parallel is not None:
+                after_expert_parallel(moe, meshes["ep"], etp_mesh)
             if fold is not None:
                 fold_expert_runner(moe, fold.get_group())
 
@@ -94,12 +105,16 @@ def parallelize(
     fsdp: FSDPConfig | None = None,
     sequence_parallel: bool = True,
     loss_parallel: bool = True,
+    style_factory: StyleFactory | None = None,
+    after_expert_parallel: AfterExpertParallel | None = None,
 ) -> nn.Module:
     """Apply every parallelism ``dims`` asks for to ``model`` in place and return it.
 
     Call on a model built on the ``meta`` device (then ``to_empty`` + load weights), or on a
     materialised model whose parameters are identical on every rank. ``fsdp=None`` means plain fp32
-    FSDP with default resharding. World size 1 applies only AC and compile.
+    FSDP with default resharding. World size 1 applies only AC and compile. ``style_factory`` and
+    ``after_expert_parallel`` are the extension points described in the module docstring; None keeps
+    the built-in behaviour.
     """
     if dims.tp_enabled and plan.num_heads is not None:
         validate_tp(plan.num_heads, plan.num_kv_heads or plan.num_heads, dims.tp)
@@ -111,9 +126,10 @@ def parallelize(
         raise ValueError("activation checkpointing mode 'memory_budget' needs compile; enable compile or "
                          "choose 'full' / 'selective'")
     if dims.tp_enabled:
-        apply_tp(model, meshes["tp"], plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+        apply_tp(model, meshes["tp"], plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+                 style_factory=style_factory)
     if dims.ep_enabled:
-        _apply_ep(model, dims, meshes, plan, device_type)
+        _apply_ep(model, dims, meshes, plan, device_type, after_expert_parallel)
     if dims.cp_enabled:
         cp_module = importlib.import_module("archon_parallel.context_parallel")
         if (apply_cp := getattr(cp_module, "apply_context_parallel", None)) is not None:

@@ -7,6 +7,7 @@ every tp rank sees all tokens and a slice of the heads / hidden units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -22,7 +23,7 @@ from torch.distributed.tensor.parallel import (
 
 from .plan import ParallelPlan
 
-__all__ = ["GatherSequence", "STYLE_NAMES", "apply_tp", "make_style", "validate_tp"]
+__all__ = ["GatherSequence", "STYLE_NAMES", "StyleFactory", "apply_tp", "make_style", "validate_tp"]
 
 STYLE_NAMES = ("colwise", "rowwise", "rowwise_seq", "sequence", "gather_seq", "gather_scatter_seq", "embedding",
                "head")
@@ -99,22 +100,29 @@ def make_style(name: str, *, sequence_parallel: bool = True, loss_parallel: bool
     raise ValueError(f"unknown tensor-parallel style {name!r}; expected one of {', '.join(STYLE_NAMES)}")
 
 
-def _styles(plan_map: dict[str, str], **opts: bool) -> dict[str, ParallelStyle]:
+# Called like `make_style(name, sequence_parallel=..., loss_parallel=...)`; returns a style or None (skip).
+# Lets a caller wrap or replace the styles (e.g. LoRA-aware ones) without archon_parallel knowing about them.
+StyleFactory = Callable[..., ParallelStyle | None]
+
+
+def _styles(plan_map: dict[str, str], style_factory: StyleFactory, **opts: bool) -> dict[str, ParallelStyle]:
     out = {}
     for module_name, style_name in plan_map.items():
-        style = make_style(style_name, **opts)
+        style = style_factory(style_name, **opts)
         if style is not None:
             out[module_name] = style
     return out
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: ParallelPlan, *, sequence_parallel: bool = True,
-             loss_parallel: bool = True) -> None:
+             loss_parallel: bool = True, style_factory: StyleFactory | None = None) -> None:
     """Shard ``model`` in place over ``tp_mesh`` following ``plan`` (embedding, final norm, head, blocks).
 
     Token ids enter replicated on every tp rank; with SP the token count ``T`` must be divisible by tp.
     With ``loss_parallel`` the head returns logits as a DTensor sharded on the vocab dim.
+    ``style_factory`` builds each style from its plan name in place of ``make_style`` (same signature).
     """
+    factory = style_factory or make_style
     opts = dict(sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
     # Mixed models (dense and MoE blocks) skip names a block lacks; a name no block has is a typo.
     unused = set(plan.block_tp) | set(plan.moe_tp)
@@ -132,8 +140,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: ParallelPlan, *, seque
     for name, style in ((plan.embedding, "embedding"), (plan.norm, "sequence"), (plan.head, "head")):
         if plan.optional_module(model, name) is not None:
             top[name] = style
-    if top_styles := _styles(top, **opts):
+    if top_styles := _styles(top, factory, **opts):
         parallelize_module(model, tp_mesh, top_styles)
     for block, block_plan in per_block:
-        if block_styles := _styles(block_plan, **opts):
+        if block_styles := _styles(block_plan, factory, **opts):
             parallelize_module(block, tp_mesh, block_styles)

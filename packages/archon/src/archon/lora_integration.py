@@ -2,13 +2,13 @@
 process, base-weight loading, PEFT adapter save/load with HF names, and merged / adapter-only export.
 
 Order inside `build_parallel_model` (per pipeline stage when p>1): inject (meta) -> parallelize with
-LoRA-aware TP styles and EP hook (TP -> EP -> AC -> compile -> FSDP2) -> to_empty -> base weights ->
-`init_lora_like_single_process` -> optional `actor.lora.adapter_path` -> trainable-set check across ranks.
+`lora_parallel_hooks()` (LoRA-aware TP styles, expert LoRA placed after EP; TP -> EP -> AC -> compile -> FSDP2)
+-> to_empty -> base weights -> `init_lora_like_single_process` -> optional `actor.lora.adapter_path` ->
+trainable-set check across ranks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import re
@@ -119,47 +119,32 @@ def lora_config_of(model: nn.Module):
     return getattr(model, "lora_config", None)
 
 
-@contextlib.contextmanager
-def lora_tp_styles(enabled: bool) -> Iterator[None]:
-    """While active, archon_parallel's colwise/rowwise TP styles also place LoRA A/B like their base, every TP
-    style keeps the frozen base frozen, and expert parallel shards expert LoRA pairs like the expert weights.
-
-    archon_parallel builds styles by name (`make_style`) and looks up its EP hook at call time, and must not
-    import archon_lora, while LoRA factors must be placed between TP/EP and FSDP2 inside one `parallelize`
-    call; wrapping those two factories for that call is the one seam. `LoRATensorParallel` behaves exactly
-    like the wrapped style on plain linears.
-    """
-    if not enabled:
-        yield
-        return
+def lora_style_factory(name: str, **kw) -> ParallelStyle | None:
+    """`parallelize(style_factory=...)` for a LoRA model: colwise/rowwise TP styles also place LoRA A/B like
+    their base (`LoRATensorParallel` behaves exactly like the wrapped style on plain linears), and every TP
+    style keeps the frozen base frozen."""
     from archon_lora import LoRATensorParallel
-    from archon_parallel import tensor_parallel as tp_mod
+    from archon_parallel.tensor_parallel import make_style
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    original = tp_mod.make_style
+    style = make_style(name, **kw)
+    if name in ("colwise", "rowwise", "rowwise_seq") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        style = LoRATensorParallel(style)
+    return None if style is None else _KeepRequiresGrad(style)
 
-    def make_style(name: str, **kw):
-        style = original(name, **kw)
-        if name in ("colwise", "rowwise", "rowwise_seq") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
-            style = LoRATensorParallel(style)
-        return None if style is None else _KeepRequiresGrad(style)
 
+def lora_after_expert_parallel(moe: nn.Module, ep_mesh, etp_mesh=None) -> None:
+    """`parallelize(after_expert_parallel=...)` for a LoRA model: shard expert LoRA pairs on experts like
+    w1/w2/w3, before FSDP."""
     from archon_lora import ExpertLoRA, place_lora_like_base
-    from archon_parallel import expert_parallel as ep_mod
 
-    original_ep = ep_mod.apply_expert_parallel
+    if isinstance(moe.experts, ExpertLoRA):
+        place_lora_like_base(moe.experts)
 
-    def apply_expert_parallel(moe, ep_mesh, etp_mesh=None):
-        out = original_ep(moe, ep_mesh, etp_mesh)
-        if isinstance(moe.experts, ExpertLoRA):
-            place_lora_like_base(moe.experts)  # expert pairs sharded on experts like w1/w2/w3, before FSDP
-        return out
 
-    tp_mod.make_style, ep_mod.apply_expert_parallel = make_style, apply_expert_parallel
-    try:
-        yield
-    finally:
-        tp_mod.make_style, ep_mod.apply_expert_parallel = original, original_ep
+def lora_parallel_hooks() -> dict:
+    """The keyword arguments that make `archon_parallel.parallelize` LoRA-aware (TP styles and EP placement)."""
+    return {"style_factory": lora_style_factory, "after_expert_parallel": lora_after_expert_parallel}
 
 
 def _hf_name_fn(model: nn.Module):

@@ -81,11 +81,9 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         from archon.engine.zero1 import apply_replicas
 
         apply_replicas(model, plan, ac=ac, compile=compile_cfg)
-    elif lora:
-        with li.lora_tp_styles(dims.tp_enabled or dims.ep_enabled):
-            parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp)
     else:
-        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp)
+        hooks = li.lora_parallel_hooks() if lora else {}
+        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:
