@@ -6,13 +6,14 @@ import dataclasses
 import pytest
 import torch
 from archon.config.schema import ActorConfig
-from archon.config.validate import pad_to_maximum_enabled, validate_pad_to_maximum
+from archon.config.validate import validate_pad_to_maximum
 from archon.engine.batch import PackedBatch
 from archon.engine.build import block_compile_config
 from archon.engine.engine import ArchonEngine
 from archon.engine.runner import OVERSIZE_BUCKET, padded_length
 from archon.testing import hf_model, tiny_hf_config
 from archon.train import sft_loss, target_tokens
+from archon_parallel.compile import CompileConfig
 from archon_parallel.dims import ParallelDims
 
 CPU = torch.device("cpu")
@@ -51,7 +52,7 @@ def test_padding_changes_no_logprob_loss_or_grad(model_dir):
     results = {}
     for pad in (False, True):
         eng = _engine(model_dir, pad)
-        assert eng.pads_to_maximum == pad
+        assert (eng.runner.pad_to_tokens == eng.cfg.mb_max_tokens) == pad
         seen = _token_counts(eng)
         out = eng.forward_batch(batch, want_entropy=True)
         with torch.no_grad():
@@ -86,7 +87,7 @@ def test_compiled_blocks_recompile_at_most_once(model_dir, pad):
     from torch._dynamo.utils import counters
 
     eng = _engine(model_dir, pad, mb_max_tokens=96, attn_impl="varlen")  # varlen: the dense-mask path on CPU
-    compile_cfg = block_compile_config(eng.cfg, eng.dims, CPU, moe=False)
+    compile_cfg = block_compile_config(eng.cfg, CPU)
     assert compile_cfg.dynamic is (False if pad else None)
     plan = get_model_spec(eng.model.args.model_type).parallel_plan(eng.model.args)
     torch._dynamo.reset()
@@ -103,11 +104,12 @@ def test_compiled_blocks_recompile_at_most_once(model_dir, pad):
 def test_pad_to_maximum_resolution_and_rules(model_dir, tmp_path):
     actor = ActorConfig(path=model_dir)
     d1 = ParallelDims.from_allocation("archon:d1", 1)
-    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # default: off
+    assert block_compile_config(actor, CPU) == CompileConfig(enabled=False, dynamic=None)  # default: off
     actor.archon.enable_compile = True
-    assert not pad_to_maximum_enabled(actor, d1, CPU, moe=False)  # compile alone does not pad: automatic dynamic
+    # compile alone does not pad: automatic dynamic shapes
+    assert block_compile_config(actor, CPU) == CompileConfig(enabled=True, dynamic=None)
     actor.archon.pad_to_maximum = True
-    assert pad_to_maximum_enabled(actor, d1, CPU, moe=False)
+    assert block_compile_config(actor, CPU) == CompileConfig(enabled=True, dynamic=False)
     for alloc, world, rule in (("archon:c2", 2, "pad-to-maximum-with-cp"), ("archon:p2", 2, "pad-to-maximum-with-pp")):
         with pytest.raises(ValueError, match=rule):
             validate_pad_to_maximum(actor, ParallelDims.from_allocation(alloc, world))

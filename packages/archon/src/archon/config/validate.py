@@ -93,18 +93,11 @@ def compile_enabled(cfg, device: torch.device) -> bool:
     return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
 
 
-def pad_to_maximum_enabled(cfg, dims, device: torch.device, *, moe: bool) -> bool:
-    """`actor.archon.pad_to_maximum` resolved: only an explicit `true` pads (checked by `validate_pad_to_maximum`).
-
-    Off by default: padding to the budget costs its compute on every short micro-batch (4x on a 4K sequence
-    under a 16K budget), while automatic dynamic shapes cost one recompile."""
-    return bool(cfg.archon.pad_to_maximum)
-
-
 def validate_pad_to_maximum(cfg, dims) -> None:
     """Rules pad-to-maximum-*: only the flat runner pads a micro-batch to the token budget, and only a dense
     model leaves the padding out of every real result; an explicit `pad_to_maximum: true` elsewhere is
-    rejected rather than ignored."""
+    rejected rather than ignored. Off by default: padding to the budget costs its compute on every short
+    micro-batch (4x on a 4K sequence under a 16K budget), while automatic dynamic shapes cost one recompile."""
     a = cfg.archon
     if not a.pad_to_maximum:
         return

@@ -87,7 +87,7 @@ class ArchonEngine:
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
                                   dp_group=self.dp_group, pad_multiple=self.dims.tp,
                                   cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None,
-                                  pad_to_tokens=self.cfg.mb_max_tokens if self.pads_to_maximum else None)
+                                  pad_to_tokens=self.cfg.mb_max_tokens if self.cfg.archon.pad_to_maximum else None)
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type,
                                          zero1_group=self.dp_group if self.zero1 else None)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
@@ -95,13 +95,6 @@ class ArchonEngine:
             log.info("archon engine: %s | model %s (%s head) built in %.1fs on %s", describe_dims(self.dims),
                      self.model.args.model_type, self.head, time.perf_counter() - t0, self.device)
         return self
-
-    @property
-    def pads_to_maximum(self) -> bool:
-        """Whether micro-batches are padded to `mb_max_tokens` (`actor.archon.pad_to_maximum` resolved)."""
-        from archon.config.validate import pad_to_maximum_enabled
-
-        return pad_to_maximum_enabled(self.cfg, self.dims, self.device, moe=_is_moe(self.model))
 
     @property
     def dp_group(self):
@@ -342,10 +335,6 @@ def describe_dims(dims) -> str:
     """One line with every parallel degree, logged at start-up."""
     return (f"pp={dims.pp}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, tp={dims.tp}, "
             f"cp={dims.cp}, ep={dims.ep}, etp={dims.etp}, world_size={dims.world_size}")
-
-
-def _is_moe(model) -> bool:
-    return getattr(model.args, "num_experts", 0) > 0
 
 
 def _dummy_batch(like: PackedBatch) -> PackedBatch:
