@@ -68,11 +68,13 @@ def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def load_hf_weights(model: Decoder, path: str | os.PathLike, *, strict: bool = True) -> None:
+def load_hf_weights(model: Decoder, path: str | os.PathLike, *, strict: bool = True, source_for=None) -> None:
     """Copy HF safetensors weights into `model` (plain or DTensor parameters).
 
     Everything is validated first (missing / unexpected tensors, shapes): a bad checkpoint raises
-    ValueError naming the key and file, and nothing is loaded.
+    ValueError naming the key and file, and nothing is loaded. `source_for(native_name)`, if given, decides
+    first: an `HFSource`, None (the tensor is not in the checkpoint), or NotImplemented for the model's own
+    mapping (LoRA uses it for its factors and for a trainable copy of a tied head).
     """
     from archon_ckpt import HFSource, SafetensorsReader, load_into_module
 
@@ -80,6 +82,8 @@ def load_hf_weights(model: Decoder, path: str | os.PathLike, *, strict: bool = T
     tied_head = model.args.tie_embeddings and model.output is not None
 
     def native_to_hf(name: str):
+        if source_for is not None and (source := source_for(name)) is not NotImplemented:
+            return source
         if adapter.is_native_only(name) or (tied_head and name == "output.weight"):
             return None
         keys, combine = adapter.hf_sources(name)

@@ -198,22 +198,18 @@ def head_untied(model: nn.Module) -> bool:
 
 def load_base_weights(model: nn.Module, path: str, *, strict: bool = True) -> None:
     """`archon.hf.load_hf_weights` for a model with LoRA injected: LoRA factors are not in the base checkpoint."""
-    from archon_ckpt import HFSource, SafetensorsReader, load_into_module
+    from archon_ckpt import HFSource
 
-    adapter, _ = _hf_name_fn(model)
+    from archon.hf import load_hf_weights
+
     tied_head = model.args.tie_embeddings and model.output is not None
 
-    def native_to_hf(name: str):
+    def source_for(name: str):
         if tied_head and name == "output.weight":  # a modules_to_save copy of a tied head starts from the embedding
             return HFSource(("model.embed_tokens.weight",), None) if head_untied(model) else None
-        if is_lora_param(name) or adapter.is_native_only(name):
-            return None
-        keys, combine = adapter.hf_sources(name)
-        return HFSource(tuple(keys), combine if len(keys) > 1 else None)
+        return None if is_lora_param(name) else NotImplemented
 
-    ignore = [r"rotary_emb\.inv_freq$"] + ([r"^lm_head\.weight$"] if tied_head else [])
-    load_into_module(model, SafetensorsReader(path), native_to_hf=native_to_hf, strict=strict,
-                     ignore_unexpected=ignore)
+    load_hf_weights(model, path, strict=strict, source_for=source_for)
 
 
 @torch.no_grad()
