@@ -7,6 +7,7 @@ import os
 
 import torch
 from archon.hf import build_model, load_hf_config, load_hf_weights
+from archon_ckpt import clean_fqn
 from torch import nn
 
 
@@ -110,7 +111,7 @@ def init_like_single_process(model: nn.Module, hf_cfg, head: str, seed: int) -> 
     full.init_weights(seed=seed)
     src = full.state_dict()
     for name, t in model.state_dict(keep_vars=True).items():
-        key = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        key = clean_fqn(name)
         if key not in src and ".lora_" in key:
             continue  # LoRA factors: archon.lora_integration.init_lora_like_single_process
         value = src[key]

@@ -20,6 +20,7 @@ from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.optim import build_optimizer, build_scheduler
 from archon.engine.runner import FlatRunner, Runner
+from archon_ckpt import clean_fqn
 
 log = logging.getLogger("archon")
 
@@ -148,7 +149,7 @@ class ArchonEngine:
             return
         factor = self.dims.edp / self.dims.dp_cp
         for name, p in self.model.named_parameters():
-            if p.grad is not None and ".moe.experts." in name.replace("_checkpoint_wrapped_module.", ""):
+            if p.grad is not None and ".moe.experts." in clean_fqn(name):
                 p.grad.mul_(factor)
 
     def _autocast(self):

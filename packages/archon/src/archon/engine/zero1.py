@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from archon_ckpt import clean_fqn
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.optim import ZeroRedundancyOptimizer
-
-_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def apply_replicas(model: nn.Module, plan, *, ac: str, compile) -> None:
@@ -59,7 +58,7 @@ class Zero1OptimizerState(Stateful):
         if not isinstance(optimizer, ZeroRedundancyOptimizer):
             raise TypeError(f"Zero1OptimizerState needs a ZeroRedundancyOptimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.fqn = {p: _clean(n) for n, p in model.named_parameters()}
+        self.fqn = {p: clean_fqn(n) for n, p in model.named_parameters()}
 
     def _owned(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.optim.param_groups for p in g["params"]]
@@ -117,8 +116,3 @@ class Zero1OptimizerState(Stateful):
         for g, lg in zip(self.optimizer.param_groups, local.param_groups):
             lg.update({k: v for k, v in g.items() if k != "params"})
 
-
-def _clean(name: str) -> str:
-    for w in _WRAPPERS:
-        name = name.replace(w, "")
-    return name
