@@ -128,13 +128,29 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_siz
 
     Collective when the model is sharded: call on every rank; rank 0 writes.
     """
-    import torch.distributed as dist
-    from archon_ckpt import atomic_write_text, save_safetensors_sharded
-
     cfg = hf_config_dict(model)
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")
-    save_safetensors_sharded(iter_hf_tensors(model, dtype), out_dir, max_shard_size=max_shard_size)
+    write_hf_directory(iter_hf_tensors(model, dtype), cfg, out_dir, max_shard_size=max_shard_size)
+
+
+def write_hf_directory(tensors, cfg: dict, out_dir: str | os.PathLike, *, max_shard_size: str | int = "5GB",
+                       pipeline_group=None) -> None:
+    """Write (HF name, tensor) pairs as safetensors shards, then `cfg` as config.json (collective).
+
+    Rank 0 writes everything, or with `pipeline_group` (the pp group of a pipelined model) the pp group holding
+    rank 0 writes: each of its ranks streams its own stages' tensors into its own shards of one directory and
+    rank 0 writes one index over all of them, so no weight moves between stages; other data-parallel replicas
+    only take part in their stage's DTensor gathers. config.json comes last: a directory with one is complete.
+    """
+    import torch.distributed as dist
+    from archon_ckpt import atomic_write_text, save_safetensors_multi_writer, save_safetensors_sharded
+
+    if pipeline_group is None:
+        save_safetensors_sharded(tensors, out_dir, max_shard_size=max_shard_size)
+    else:
+        writes = 0 in dist.get_process_group_ranks(pipeline_group)
+        save_safetensors_multi_writer(tensors, out_dir, writers=pipeline_group if writes else None,
+                                      max_shard_size=max_shard_size)
     if not (dist.is_initialized() and dist.get_rank() != 0):
-        # config.json last: a directory with a config.json is complete.
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))

@@ -29,27 +29,15 @@ def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch
 
 
 def write_hf_dir(model, out_dir: str, *, dtype: torch.dtype | None, max_shard_size: str | int = "5GB") -> None:
-    """HF safetensors + config.json (last) of the whole model, LoRA folded in (collective on every rank).
-
-    Without pipelining rank 0 writes everything (FSDP/TP DTensors are gathered tensor by tensor). With pipeline
-    stages, the pp group holding rank 0 writes: each of its ranks streams its own stages' tensors (global layer
-    names, since stages keep their layers' keys) into its own shards of one directory, and rank 0 writes a
-    `model.safetensors.index.json` over all of them, so no weight moves between stages. The other data-parallel
-    replicas only take part in their stage's DTensor gathers. `out_dir` must be on a filesystem that every
-    stage's writer sees.
-    """
-    from archon_ckpt import atomic_write_text, save_safetensors_multi_writer, save_safetensors_sharded
+    """HF safetensors + config.json of the whole model, LoRA folded in (collective on every rank); under
+    pipeline parallelism every stage writes its own shards (`archon.hf.write_hf_directory`). `out_dir` must
+    then be on a filesystem that every stage's writer sees."""
+    from archon.hf import write_hf_directory
 
     tensors, cfg = _hf_tensors_and_config(model, dtype)
     pipeline = getattr(model, "pipeline", None)
-    if pipeline is None:
-        save_safetensors_sharded(tensors, out_dir, max_shard_size=max_shard_size)
-    else:
-        writes = 0 in dist.get_process_group_ranks(pipeline.group)  # one replica's pp group: the one of rank 0
-        save_safetensors_multi_writer(tensors, out_dir, writers=pipeline.group if writes else None,
-                                      max_shard_size=max_shard_size)
-    if not (dist.is_initialized() and dist.get_rank() != 0):  # a directory with a config.json is complete
-        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    write_hf_directory(tensors, cfg, out_dir, max_shard_size=max_shard_size,
+                       pipeline_group=pipeline.group if pipeline is not None else None)
 
 
 def _hf_tensors_and_config(model, dtype: torch.dtype | None):
