@@ -47,19 +47,25 @@ def test_greedy_equals_hf_generate_and_stop_tokens(hf_dir):
     assert (got.tokens_BL[0, len(cut[0]):] == 0).all() and (got.logprobs_BL[0, len(cut[0]):] == 0).all()
 
 
+def _sampler_vs_forward_batch(eng, gen, prompts):
+    """The sampler's behaviour logprobs and the engine's forward_batch logprobs of the same sequences,
+    token-aligned, with the response-token mask."""
+    seqs = [p + r for p, r in zip(prompts, gen.responses())]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, gen.responses())]
+    batch = PackedBatch.from_sequences(seqs, masks)
+    ref_T = eng.forward_batch(batch)["logprobs"]
+    got_T = torch.cat([torch.cat([torch.zeros(len(p)), torch.tensor(lp)])
+                       for p, lp in zip(prompts, gen.response_logprobs())])
+    return got_T, ref_T, batch.loss_mask.bool()
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
 def test_behaviour_logprobs_equal_forward_batch(hf_dir, sampling):
     d, _ = hf_dir
     eng = ArchonEngine(ActorConfig(path=str(d), dtype="float32"), device="cpu").initialize()
     cfg = SamplingConfig(max_new_tokens=10, stop_token_ids=[1, 2], **sampling)
     gen = EmbeddedSampler(eng.model, cfg, seed=5).generate(PROMPTS * 2, step=1)
-    seqs = [p + r for p, r in zip(PROMPTS * 2, gen.responses())]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(PROMPTS * 2, gen.responses())]
-    batch = PackedBatch.from_sequences(seqs, masks)
-    ref_T = eng.forward_batch(batch)["logprobs"]
-    got_T = torch.cat([torch.cat([torch.zeros(len(p)), torch.tensor(lp)])
-                       for p, lp in zip(PROMPTS * 2, gen.response_logprobs())])
-    mask_T = batch.loss_mask.bool()
+    got_T, ref_T, mask_T = _sampler_vs_forward_batch(eng, gen, PROMPTS * 2)
     assert mask_T.sum() > 20
     torch.testing.assert_close(got_T[mask_T], ref_T[mask_T], atol=1e-5, rtol=0)
 
@@ -114,11 +120,5 @@ def test_cuda_sampler_logprobs_match_forward_batch(hf_dir, dtype, atol):
     sampler = EmbeddedSampler(eng.model, SamplingConfig(max_new_tokens=12), seed=2, autocast=eng._autocast)
     gen = sampler.generate(PROMPTS * 8, step=0)
     assert gen.tokens_BL.device.type == "cuda"
-    seqs = [p + r for p, r in zip(PROMPTS * 8, gen.responses())]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(PROMPTS * 8, gen.responses())]
-    batch = PackedBatch.from_sequences(seqs, masks)
-    ref_T = eng.forward_batch(batch)["logprobs"]
-    got_T = torch.cat([torch.cat([torch.zeros(len(p)), torch.tensor(lp)])
-                       for p, lp in zip(PROMPTS * 8, gen.response_logprobs())])
-    mask_T = batch.loss_mask.bool()
+    got_T, ref_T, mask_T = _sampler_vs_forward_batch(eng, gen, PROMPTS * 8)
     assert (got_T[mask_T] - ref_T[mask_T]).abs().max() <= atol
