@@ -2,6 +2,7 @@
 
     python benchmarks/tree_training.py            # Qwen3-1.7B shape, bf16, GRPO + multi-turn batches
     python benchmarks/tree_training.py --quick    # a small smoke run (tiny model, small batches)
+    torchrun --nproc-per-node 2 benchmarks/tree_training.py --dp-layouts fsdp,zero1   # archon:d2, both layouts
 
 Model: Qwen3-1.7B-shaped random init (hidden 2048, 28 layers, 16 heads, 8 kv heads, head_dim 128,
 ffn 6144, vocab 151936, tied embeddings). Batches: GRPO (16 prompts x 8 samples, 4K-token shared
@@ -10,6 +11,11 @@ previous one's history). For each batch and each `tree_training_mode` a fresh en
 weights) runs `--warmup` then `--steps` optimizer steps; we report effective tokens/s (FLAT tokens per
 second, so modes are comparable), speed-up over `disabled`, peak GPU memory, the tree compression
 ratio and the first-step loss (equal across modes up to bf16 noise). Prints a table, then JSON.
+
+Under torchrun (N ranks) every engine is `archon:dN` with each `--dp-layouts` entry (fsdp: FSDP2; zero1:
+AReaL's full replicas with a ZeRO-1 optimizer); every rank takes its tree-aware balanced share of the same
+global batch (`archon.tree.balance_for_tree`, flat mode too), tokens/s counts the global batch, and peak
+memory is the largest of any rank.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
@@ -66,15 +73,23 @@ def multiturn_batch(g: torch.Generator, vocab: int, chains: int, turns: int, tur
     return PackedBatch.from_sequences(seqs)
 
 
-def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
+def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args, dp_layout: str = "fsdp") -> dict:
     actor = ActorConfig(path=cfg_path, init_from_scratch=True, dtype=args.dtype, mb_max_tokens=args.mb_max_tokens,
                         seed=1)
     actor.archon.tree_training_mode = mode
     actor.archon.tree_dta_block_size = args.dta_block_size
     actor.archon.enable_compile = args.compile
     actor.archon.ac_mode = args.ac
-    eng = ArchonEngine(actor, device=args.device).initialize()
+    actor.archon.dp_layout = dp_layout
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    eng = ArchonEngine(actor, allocation_mode=f"archon:d{world}", device=args.device).initialize()
     cuda = args.device == "cuda"
+    global_tokens = batch.num_tokens
+    if world > 1:
+        from archon.tree import balance_for_tree, tree_cost_model
+
+        rank, dp = eng.dp_rank_world()
+        batch = balance_for_tree(batch, rank, dp, cost_model=tree_cost_model(eng.model))
     first_loss, stats = None, {}
     for _ in range(args.warmup):
         stats = eng.train_batch(batch, sft_loss, target_tokens)
@@ -89,10 +104,17 @@ def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    if args.profile:
+    if args.profile and int(os.environ.get("RANK", "0")) == 0:
         profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens), f"tree_{mode}", args.profile)
-    res = dict(mode=mode, step_s=dt, tokens_per_s=batch.num_tokens / dt,
-               peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, first_loss=first_loss,
+    elif args.profile:
+        eng.train_batch(batch, sft_loss, target_tokens)  # the profiled step is collective: every rank takes it
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    if world > 1:
+        t = torch.tensor([peak], device=args.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peak = float(t)
+    res = dict(mode=mode if world == 1 else f"{mode}/{dp_layout}", step_s=dt, tokens_per_s=global_tokens / dt,
+               peak_mem_gib=peak, first_loss=first_loss, world=world,
                compression=stats.get("tree_compression", 1.0), tree_tokens=stats.get("tree_tokens", batch.num_tokens))
     eng = None  # free GPU memory before the next mode
     gc.collect()
@@ -115,6 +137,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="GRPO batch: prompts (x --samples responses each)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--profile", default=None, metavar="DIR", help="profile one extra step per mode into DIR")
+    p.add_argument("--dp-layouts", default="fsdp", help="under torchrun: actor.archon.dp_layout values to time")
     p.add_argument("--json", default=None, help="also write the JSON here")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda", help="cpu only to check the script's logic with --quick")
@@ -133,22 +156,30 @@ def main() -> None:
         batches = {"grpo": lambda: grpo_batch(g, vocab, args.prompts, args.samples, 4096, (512, 2048)),
                    "multiturn": lambda: multiturn_batch(g, vocab, 16, 4, (512, 1536))}
     results = []
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     with tempfile.TemporaryDirectory() as d:
         cfg_path = write_config(shape, d)
         for bname in args.batches.split(","):
             batch = batches[bname]()
             for mode in args.modes.split(","):
-                r = run_mode(cfg_path, mode, batch, args)
-                r.update(batch=bname, flat_tokens=batch.num_tokens, sequences=batch.num_seqs)
-                results.append(r)
-                print(json.dumps(r), flush=True)
-    base = {r["batch"]: r["tokens_per_s"] for r in results if r["mode"] == "disabled"}
-    print(f"\n{'batch':<10} {'mode':<9} {'flat tok':>9} {'compr':>6} {'eff tok/s':>10} {'vs flat':>8} "
+                for layout in (args.dp_layouts.split(",") if world > 1 else ["fsdp"]):
+                    r = run_mode(cfg_path, mode, batch, args, layout)
+                    r.update(batch=bname, flat_tokens=batch.num_tokens, sequences=batch.num_seqs)
+                    results.append(r)
+                    if rank == 0:
+                        print(json.dumps(r), flush=True)
+    if rank != 0:
+        return
+    def key(r):  # speed-ups are against flat training of the same batch and data-parallel layout
+        return r["batch"], r["mode"].partition("/")[2]
+
+    base = {key(r): r["tokens_per_s"] for r in results if r["mode"].split("/")[0] == "disabled"}
+    print(f"\n{'batch':<10} {'mode':<15} {'flat tok':>9} {'compr':>6} {'eff tok/s':>10} {'vs flat':>8} "
           f"{'peak GiB':>9} {'loss':>9}")
     for r in results:
-        r["speedup_vs_disabled"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
+        r["speedup_vs_disabled"] = r["tokens_per_s"] / base[key(r)] if key(r) in base else None
         sp = f"{r['speedup_vs_disabled']:.2f}x" if r["speedup_vs_disabled"] else "-"
-        print(f"{r['batch']:<10} {r['mode']:<9} {r['flat_tokens']:>9} {r['compression']:>6.2f} "
+        print(f"{r['batch']:<10} {r['mode']:<15} {r['flat_tokens']:>9} {r['compression']:>6.2f} "
               f"{r['tokens_per_s']:>10.0f} {sp:>8} {r['peak_mem_gib']:>9.1f} {r['first_loss']:>9.4f}")
     out = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__, quick=args.quick,
                mb_max_tokens=args.mb_max_tokens, dta_block_size=args.dta_block_size, ac=args.ac,

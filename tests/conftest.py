@@ -18,3 +18,11 @@ def moe_model_dir(tmp_path_factory) -> str:
     cfg = tiny_hf_config("qwen3_moe", vocab_size=64, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.0)
     hf_model(cfg).save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory) -> str:
+    """Embedding and LM head share one weight (as in Qwen3-0.6B / 1.7B)."""
+    d = tmp_path_factory.mktemp("qwen3_tied")
+    hf_model(tiny_hf_config("qwen3", vocab_size=64, num_hidden_layers=2, tie_word_embeddings=True)).save_pretrained(d)
+    return str(d)

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 from archon_parallel.testing import run_ranks  # noqa: E402
 from engine_parallel_common import assert_same, run_layouts, train_steps  # noqa: E402
@@ -24,3 +26,11 @@ def test_fsdp4_and_hsdp_2x2(dense_model_dir):
     for r in res:
         assert_same(ref["none"], r["archon:d4/none"])
         assert_same(ref["selective"], r["archon:r2d2/selective"])
+
+
+def test_fsdp2_tied_embeddings(tied_model_dir):
+    """A tied embedding / head weight is one FSDP2 unit with the head (two units holding it are rejected)."""
+    ref = train_steps(tied_model_dir, "archon:d1")
+    assert torch.equal(ref["params"]["output.weight"], ref["params"]["tok_embeddings.weight"])  # tied: one weight
+    for r in run_ranks(run_layouts, 2, tied_model_dir, [("archon:d2", "none")], timeout=400):
+        assert_same(ref, r["archon:d2/none"])

@@ -78,21 +78,23 @@ def test_padded_length():
     assert padded_length(49, 4, 45) == OVERSIZE_BUCKET and padded_length(1500, 3, 45) == 3072
 
 
+@pytest.mark.parametrize("scope", ["block", "stack"])
 @pytest.mark.parametrize("pad", [True, False])
-def test_compiled_blocks_recompile_at_most_once(model_dir, pad):
-    """4 micro-batches, each with a different token and document count, through per-block compile ('aot_eager'
-    on CPU, dynamic as the engine picks it): one graph with padding, at most two without."""
+def test_compiled_blocks_recompile_at_most_once(model_dir, pad, scope):
+    """4 micro-batches, each with a different token and document count, through compiled blocks or the compiled
+    layer stack ('aot_eager' on CPU, dynamic as the engine picks it): one graph with padding, at most two
+    without."""
     from archon.spec import get_model_spec
     from archon_parallel.compile import apply_compile
     from torch._dynamo.utils import counters
 
     eng = _engine(model_dir, pad, mb_max_tokens=96, attn_impl="varlen")  # varlen: the dense-mask path on CPU
-    compile_cfg = block_compile_config(eng.cfg, CPU)
+    compile_cfg = block_compile_config(eng.cfg, eng.dims, CPU)
     assert compile_cfg.dynamic is (False if pad else None)
     plan = get_model_spec(eng.model.args.model_type).parallel_plan(eng.model.args)
     torch._dynamo.reset()
     counters.clear()
-    apply_compile(eng.model, plan, dataclasses.replace(compile_cfg, enabled=True, backend="aot_eager"))
+    apply_compile(eng.model, plan, dataclasses.replace(compile_cfg, enabled=True, backend="aot_eager", scope=scope))
     for i, lengths in enumerate([[30, 20], [44], [10, 20, 30, 9], [70, 5, 11]]):
         mb = _batch(lengths, seed=i)
         eng.runner.forward_backward(mb, sft_loss, scale=1.0, aux_scale=0.0)
@@ -104,12 +106,12 @@ def test_compiled_blocks_recompile_at_most_once(model_dir, pad):
 def test_pad_to_maximum_resolution_and_rules(model_dir, tmp_path):
     actor = ActorConfig(path=model_dir)
     d1 = ParallelDims.from_allocation("archon:d1", 1)
-    assert block_compile_config(actor, CPU) == CompileConfig(enabled=False, dynamic=None)  # default: off
+    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=False, dynamic=None)  # default: off
     actor.archon.enable_compile = True
     # compile alone does not pad: automatic dynamic shapes
-    assert block_compile_config(actor, CPU) == CompileConfig(enabled=True, dynamic=None)
+    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, scope="stack", dynamic=None)
     actor.archon.pad_to_maximum = True
-    assert block_compile_config(actor, CPU) == CompileConfig(enabled=True, dynamic=False)
+    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, scope="stack", dynamic=False)
     for alloc, world, rule in (("archon:c2", 2, "pad-to-maximum-with-cp"), ("archon:p2", 2, "pad-to-maximum-with-pp")):
         with pytest.raises(ValueError, match=rule):
             validate_pad_to_maximum(actor, ParallelDims.from_allocation(alloc, world))

@@ -76,12 +76,26 @@ def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan
                 fold_expert_runner(moe, fold.get_group())
 
 
+def _tied_to(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """Modules outside ``module`` that hold one of its parameters (a tied LM head holds the embedding's)."""
+    own = {id(p) for p in module.parameters()}
+    inside = {id(m) for m in module.modules()}
+    return [m for m in model.modules() if id(m) not in inside
+            and any(id(p) in own for p in m.parameters(recurse=False))]
+
+
 def _fsdp_groups(model: nn.Module, plan: ParallelPlan) -> list[nn.Module | list[nn.Module]]:
+    """``[embedding, *blocks, [norm, head]]``. A tied embedding joins the last unit with the module that shares
+    its weight (FSDP2 needs one unit per parameter); that unit stays unsharded from the embedding lookup to
+    the head, one all-gather per step instead of two."""
     groups: list[nn.Module | list[nn.Module]] = []
-    if (embedding := plan.optional_module(model, plan.embedding)) is not None:
-        groups.append(embedding)
-    groups.extend(block for _, block in plan.block_list(model))
     tail = [m for m in (plan.optional_module(model, plan.norm), plan.optional_module(model, plan.head)) if m is not None]
+    if (embedding := plan.optional_module(model, plan.embedding)) is not None:
+        if tied := _tied_to(model, embedding):
+            tail = [embedding, *tail, *(m for m in tied if all(m is not t for t in tail))]
+        else:
+            groups.append(embedding)
+    groups.extend(block for _, block in plan.block_list(model))
     if tail:
         groups.append(tail)
     return groups
@@ -119,8 +133,12 @@ def parallelize(
     if dims.tp_enabled and plan.num_heads is not None:
         validate_tp(plan.num_heads, plan.num_kv_heads or plan.num_heads, dims.tp)
     validate_folding(dims)
-    meshes: ParallelMeshes = dims.build_meshes(device_type)
     compile_cfg = CompileConfig(enabled=compile) if isinstance(compile, bool) else (compile or CompileConfig())
+    sharded = dims.fsdp_enabled or (dims.ep_enabled and dims.edp > 1)
+    if compile_cfg.enabled and compile_cfg.scope == "stack" and sharded:
+        raise ValueError("compile scope 'stack' would put FSDP2's per-block all-gathers inside one graph; with data "
+                         "sharding (d>1, or experts sharded over edp) use compile scope 'block'")
+    meshes: ParallelMeshes = dims.build_meshes(device_type)
     ac_cfg = ACConfig.parse(ac)
     if ac_cfg.mode == "memory_budget" and not compile_cfg.enabled:
         raise ValueError("activation checkpointing mode 'memory_budget' needs compile; enable compile or "
@@ -136,7 +154,7 @@ def parallelize(
             apply_cp(model, meshes, plan, dims)
     apply_ac(model, plan, ac_cfg, compiled=compile_cfg.enabled)
     apply_compile(model, plan, compile_cfg)
-    if dims.fsdp_enabled or (dims.ep_enabled and dims.edp > 1):
+    if sharded:
         cfg = fsdp or FSDPConfig(param_dtype="float32", reduce_dtype="float32")
         expert_groups = _expert_modules(model, plan) if dims.ep_enabled else []
         apply_fsdp(

@@ -66,6 +66,9 @@ class ParallelPlan:
     """Attention heads; with num_kv_heads, lets ``parallelize`` check that tp divides them."""
     num_kv_heads: int | None = None
     """Key/value heads (GQA)."""
+    layer_stack: str | None = None
+    """Method of the root model that runs every block in order (``h = model.<layer_stack>(h, ...)``): what
+    ``CompileConfig(scope="stack")`` compiles as one graph. None: the model supports only per-block compile."""
 
     def block_list(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name, block) pairs in order, names relative to the model (``layers.0``...)."""

@@ -26,4 +26,5 @@ def qwen_parallel_plan(args: ModelArgs) -> ParallelPlan:
     return ParallelPlan(blocks="layers", embedding="tok_embeddings", norm="norm", head=None,
                         block_tp=block_tp, attention="attention",
                         ffn="moe" if args.num_experts > 0 else "feed_forward",
-                        experts="moe.experts" if args.num_experts > 0 else None, moe_tp=moe_tp)
+                        experts="moe.experts" if args.num_experts > 0 else None, moe_tp=moe_tp,
+                        layer_stack="run_layers")

@@ -10,6 +10,7 @@ ATTN_IMPLS = ("auto", "sdpa", "varlen", "flex")
 CP_IMPLS = ("ulysses", "ring")
 TREE_MODES = ("disabled", "sparse", "dta")
 DP_LAYOUTS = ("fsdp", "zero1")
+COMPILE_SCOPES = ("auto", "block", "stack")
 
 
 def validate_engine(cfg, dims, device: torch.device) -> None:
@@ -39,6 +40,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
         pass  # the varlen backend has a CPU reference path
     validate_dp_layout(cfg, dims)
     validate_pad_to_maximum(cfg, dims)
+    compile_scope(cfg, dims, device)  # raises for an explicit scope that cannot apply
     if a.offload_params and dims.pp > 1:
         raise ValueError("rule offload-with-pp: actor.archon.offload_params cannot be combined with pipeline "
                          "parallelism (p>1 in allocation_mode); drop one of them")
@@ -91,6 +93,31 @@ def compile_enabled(cfg, device: torch.device) -> bool:
     """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere."""
     a = cfg.archon
     return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
+
+
+def compile_scope(cfg, dims, device: torch.device) -> str:
+    """`actor.archon.compile_scope` resolved to `block` or `stack` (rules compile-stack-*). `stack` compiles all
+    blocks as one graph (one dynamo/AOT host overhead per pass instead of one per block); it cannot hold FSDP2's
+    per-block hooks, nor DTA's per-layer KV callbacks. `auto` takes it where it applies and AC is off (AC's
+    per-block wrappers are what the block scope is tested with)."""
+    a = cfg.archon
+    if a.compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"actor.archon.compile_scope {a.compile_scope!r} is not one of {COMPILE_SCOPES}")
+    sharded = (dims.fsdp_enabled and a.dp_layout == "fsdp") or (dims.ep_enabled and dims.edp > 1)
+    dta = a.tree_training_mode == "dta"
+    if a.compile_scope == "stack":
+        if sharded:
+            raise ValueError("rule compile-stack-with-fsdp: compile_scope=stack would put FSDP2's per-block "
+                             "all-gathers inside one graph; with data sharding (d>1 with dp_layout=fsdp, or experts "
+                             "sharded over data-parallel ranks) use compile_scope=block (or auto)")
+        if dta:
+            raise ValueError("rule compile-stack-with-dta: tree_training_mode=dta calls back into Python at every "
+                             "layer (prefix KV reuse); use compile_scope=block (or auto)")
+        return "stack"
+    if a.compile_scope == "block":
+        return "block"
+    ac_off = a.ac_mode == "none" and not cfg.gradient_checkpointing
+    return "stack" if compile_enabled(cfg, device) and not sharded and not dta and ac_off else "block"
 
 
 def validate_pad_to_maximum(cfg, dims) -> None:

@@ -22,15 +22,16 @@ def resolve_attn_impl(name: str, device: torch.device) -> str:
     return name
 
 
-def block_compile_config(cfg, device: torch.device):
-    """Per-block torch.compile settings. With pad_to_maximum every micro-batch has the same token count, so the
-    blocks compile once with static shapes (dynamic=False); without it dynamic=None (automatic dynamic): the
-    first shape compiles static and the first change marks the changed dims dynamic (one recompile, not one
-    per micro-batch shape until dynamo's recompile limit)."""
-    from archon.config.validate import compile_enabled
+def block_compile_config(cfg, dims, device: torch.device):
+    """torch.compile settings: scope from `archon.config.validate.compile_scope`. With pad_to_maximum every
+    micro-batch has the same token count, so the graphs compile once with static shapes (dynamic=False);
+    without it dynamic=None (automatic dynamic): the first shape compiles static and the first change marks
+    the changed dims dynamic (one recompile, not one per micro-batch shape until dynamo's recompile limit)."""
+    from archon.config.validate import compile_enabled, compile_scope
     from archon_parallel.compile import CompileConfig
 
-    return CompileConfig(enabled=compile_enabled(cfg, device), dynamic=False if cfg.archon.pad_to_maximum else None)
+    return CompileConfig(enabled=compile_enabled(cfg, device), scope=compile_scope(cfg, dims, device),
+                         dynamic=False if cfg.archon.pad_to_maximum else None)
 
 
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
@@ -65,7 +66,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
         ac = "full"
     if ac == "selective" and cfg.archon.ac_selective_every > 1:
         ac = f"selective:{cfg.archon.ac_selective_every}"
-    compile_cfg = block_compile_config(cfg, device)
+    compile_cfg = block_compile_config(cfg, dims, device)
     param_dtype = "bfloat16" if cfg.dtype in ("bfloat16", "bf16") else "float32"
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)

@@ -174,8 +174,10 @@ class Decoder(nn.Module):
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
         h_TD = self.tok_embeddings(packed.tokens) if self.tok_embeddings is not None else packed.tokens
         rope = rope_cos_sin(self.rope_inv_freq, packed.position_ids, self.rope_attn_factor, h_TD.dtype)
-        for block in self.layers.values():
-            h_TD = block(h_TD, rope, packed.meta, kv_hook)
+        if kv_hook is None:
+            h_TD = self.run_layers(h_TD, rope, packed.meta)
+        else:  # KV-cache users call back into Python per layer: never through a compiled layer stack
+            h_TD = Decoder.run_layers(self, h_TD, rope, packed.meta, kv_hook)
         if self.norm is None:
             return h_TD
         h_TD = self.norm(h_TD)
@@ -191,6 +193,13 @@ class Decoder(nn.Module):
         if self.score is not None:
             return packed.unflatten(self.score(h_TD).squeeze(-1))
         return packed.unflatten(h_TD)
+
+    def run_layers(self, h_TD: torch.Tensor, rope, meta, kv_hook=None) -> torch.Tensor:
+        """Every decoder block in order. The compile scope "stack" replaces this method on the instance with
+        one compiled graph of all blocks (`archon_parallel.compile`); `Decoder.run_layers` stays eager."""
+        for block in self.layers.values():
+            h_TD = block(h_TD, rope, meta, kv_hook)
+        return h_TD
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary load-balancing losses of the MoE layers from the last forward."""
