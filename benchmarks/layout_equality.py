@@ -3,14 +3,15 @@
     export PYTHONPATH=$(ls -d packages/*/src | paste -sd:)    # (the script also finds packages/*/src itself)
     python3 benchmarks/layout_equality.py --suite dense --ref OUT                          # reference, 1 GPU
     torchrun --nproc-per-node 4 benchmarks/layout_equality.py --suite dense --ref OUT      # every layout, 4 GPUs
-    (suites: dense, moe, cp; CPU smoke: add `--device cpu --quick` to both commands)
+    torchrun --nproc-per-node 2 benchmarks/layout_equality.py --suite dense --ref OUT      # or the 2-GPU layouts
+    (suites: dense, moe, cp; CPU smoke: add `--device cpu --quick` to the commands)
 
 The reference run (world size 1) writes a random HF model directory OUT/model_SUITE (fixed seed), trains it
 `--steps` optimizer steps as `archon:d1` and saves OUT/ref_SUITE.pt: losses, grad norms, step times, the
-initial parameters p0 and the final parameters. The torchrun run (4 ranks, one process per rank) builds one
-engine per layout of the suite from the SAME model directory, one after the other in one process group,
-trains the same global batches (each data-parallel rank takes every dp-th document) and compares with the
-reference on rank 0:
+initial parameters p0 and the final parameters; 2- and 4-rank runs share it. The torchrun run (2 or 4 ranks,
+one process per rank) builds one engine per layout of the suite for that world size from the SAME model
+directory, one after the other in one process group, trains the same global batches (each data-parallel rank
+takes every dp-th document, for any dp size) and compares with the reference on rank 0:
 
 - loss rel: max over steps of |loss - ref| / |ref|
 - param rel: max over tensors of ||final - ref final|| / ||ref final|| (and the worst tensor)
@@ -20,17 +21,21 @@ reference on rank 0:
 - step time: step 1 alone and the median of steps 2.. (cuda sync + barrier around each train_batch),
   tokens/s = mean global tokens of steps 2.. / that median, peak allocated GiB of every rank
 
-Suites (GPU sizes; --quick shrinks the model and the batch for a CPU smoke run):
+Suites (GPU sizes; --quick shrinks the model and the batch for a CPU smoke run); layouts on 4 ranks / 2 ranks:
 - dense: Qwen3 (hidden 512, 4 layers, 8 heads, 4 kv heads, head dim 64, ffn 1536, vocab 8192, untied);
-  32 documents of 64..2048 tokens per step; archon:d4 (FSDP4), archon:r2d2 (HSDP 2x2), archon:d2t2 (FSDP2 x TP2)
+  32 documents of 64..2048 tokens per step; 4: archon:d4 (FSDP4), archon:r2d2 (HSDP 2x2), archon:d2t2
+  (FSDP2 x TP2); 2: archon:d2 (FSDP2), archon:t2 (TP2 with sequence parallel)
 - moe: Qwen3-MoE (same attention, layer 0 dense, 16 experts top-4, expert dim 256, router aux loss 0: it is
   computed per micro-batch / rank, a different function of the batch by design); same batches;
-  archon:d4e4 (ep4) and archon:d4 (ep1: experts FSDP-sharded over 4 data-parallel ranks)
-- cp: the dense model; 2 sequences of 32768 tokens per step; archon:d2c2 (Ulysses) and archon:c4 (ring)
+  4: archon:d4e4 (ep4) and archon:d4 (ep1: experts FSDP-sharded over 4 data-parallel ranks);
+  2: archon:d2e2 (ep2) and archon:d2 (ep1: experts FSDP-sharded over 2 data-parallel ranks)
+- cp: the dense model; 2 sequences of 32768 tokens per step; 4: archon:d2c2 (Ulysses) and archon:c4 (ring);
+  2: archon:c2 (Ulysses) and archon:c2 (ring)
 
 bf16 on GPU (fp32 master weights, varlen attention, no compile), fp32 on CPU, AdamW lr 1e-4 eps 1e-6, seed 5.
 The script reports; it does not assert: it prints `CHECK` lines (loss rel > 2e-2, init rel > 0, missing
-tensors, errors) and exits 0. Writes OUT/eq_SUITE.json after every layout and prints one JSON line at the end.
+tensors, errors) and exits 0. Writes OUT/eq_SUITE_wN.json (N = world size: eq_dense_w2.json, eq_dense_w4.json;
+eq_SUITE_quick_wN.json with --quick) after every layout and prints one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -64,15 +69,21 @@ MOE = dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256, dec
 MOE_QUICK = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                  mlp_only_layers=[0], norm_topk_prob=True, router_aux_loss_coef=0.0)
 
-# suite -> model type, layouts (table name, allocation, actor.archon knobs)
+# suite -> model type, {world size: layouts (table name, allocation, actor.archon knobs)}
 SUITES = {
-    "dense": ("qwen3", [("archon:d4", "archon:d4", {}), ("archon:r2d2", "archon:r2d2", {}),
-                        ("archon:d2t2", "archon:d2t2", {})]),
-    "moe": ("qwen3_moe", [("archon:d4e4 (ep4)", "archon:d4e4", {}), ("archon:d4 (ep1x4)", "archon:d4", {})]),
-    "cp": ("qwen3", [("archon:d2c2 ulysses", "archon:d2c2", {"cp_impl": "ulysses"}),
-                     ("archon:c4 ring", "archon:c4", {"cp_impl": "ring"})]),
+    "dense": ("qwen3", {
+        4: [("archon:d4", "archon:d4", {}), ("archon:r2d2", "archon:r2d2", {}), ("archon:d2t2", "archon:d2t2", {})],
+        2: [("archon:d2", "archon:d2", {}), ("archon:t2", "archon:t2", {})]}),
+    "moe": ("qwen3_moe", {
+        4: [("archon:d4e4 (ep4)", "archon:d4e4", {}), ("archon:d4 (ep1x4)", "archon:d4", {})],
+        2: [("archon:d2e2 (ep2)", "archon:d2e2", {}), ("archon:d2 (ep1x2)", "archon:d2", {})]}),
+    "cp": ("qwen3", {
+        4: [("archon:d2c2 ulysses", "archon:d2c2", {"cp_impl": "ulysses"}),
+            ("archon:c4 ring", "archon:c4", {"cp_impl": "ring"})],
+        2: [("archon:c2 ulysses", "archon:c2", {"cp_impl": "ulysses"}),
+            ("archon:c2 ring", "archon:c2", {"cp_impl": "ring"})]}),
 }
-WORLD = 4
+WORLDS = (2, 4)  # torchrun world sizes with layouts
 LOSS_CHECK = 2e-2
 
 
@@ -273,11 +284,13 @@ def run_layouts(args, out: Path, tag: str) -> int:
     rank = dist.get_rank()
     if cuda is False:
         torch.set_num_threads(1)
-    model_dir, ref_path = out / f"model_{tag}", out / f"ref_{tag}.pt"
+    world = dist.get_world_size()
+    model_dir, ref_path, eq_path = out / f"model_{tag}", out / f"ref_{tag}.pt", out / f"eq_{tag}_w{world}.json"
     ref, problem = None, ""
     if rank == 0:
-        if dist.get_world_size() != WORLD:
-            problem = f"run with torchrun --nproc-per-node {WORLD} (world size is {dist.get_world_size()})"
+        if world not in WORLDS:
+            problem = (f"world size is {world}; the layouts are for 2 or 4 ranks: run with torchrun "
+                       f"--nproc-per-node 2 or 4 (or without torchrun for the 1-rank reference)")
         elif not (model_dir / "config.json").is_file() or not ref_path.is_file():
             problem = (f"no reference: {ref_path} / {model_dir} missing; run `python3 {sys.argv[0]} --suite "
                        f"{args.suite} --ref {out}{' --quick' if args.quick else ''} --device {args.device}` first")
@@ -301,7 +314,7 @@ def run_layouts(args, out: Path, tag: str) -> int:
         print(HEADER)
         print(row(args.suite, "archon:d1 (ref)", ref), flush=True)
     t_all = time.perf_counter()
-    for name, alloc, knobs in SUITES[args.suite][1]:
+    for name, alloc, knobs in SUITES[args.suite][1][world]:
         t0 = time.perf_counter()
         try:
             res = train_layout(model_dir, alloc, knobs, args, vocab, keep=rank == 0)
@@ -320,7 +333,7 @@ def run_layouts(args, out: Path, tag: str) -> int:
             print(row(args.suite, name, res), flush=True)
             for line in checks(name, res):
                 print(line, flush=True)
-            (out / f"eq_{tag}.json").write_text(json.dumps({"meta": meta(args), "results": results}, indent=1))
+            eq_path.write_text(json.dumps({"meta": meta(args), "world_size": world, "results": results}, indent=1))
         del res
         dist.barrier()
     if rank == 0:
@@ -332,9 +345,9 @@ def run_layouts(args, out: Path, tag: str) -> int:
             if name != "archon:d1 (ref)":
                 for line in checks(name, r):
                     print(line)
-        print(json.dumps({"meta": meta(args), "world_size": dist.get_world_size(),
+        print(json.dumps({"meta": meta(args), "world_size": world,
                           "wall_s": time.perf_counter() - t_all, "results": results}))
-        print(f"wrote {out / f'eq_{tag}.json'}", flush=True)
+        print(f"wrote {eq_path}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0
