@@ -280,7 +280,7 @@ def run_layouts(args, out: Path, tag: str) -> int:
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     rank = dist.get_rank()
     if cuda is False:
         torch.set_num_threads(1)

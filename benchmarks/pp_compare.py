@@ -128,7 +128,7 @@ def main() -> None:
         raise SystemExit(f"world size is {world}; run with torchrun --nproc-per-node 2 or 4")
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo")
     layouts = LAYOUTS[world]
     shape = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as tmp:

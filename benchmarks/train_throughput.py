@@ -71,7 +71,7 @@ def hf_config(name: str):
 
 
 def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,
-               profile_dir: str | None = None, scope: str = "auto") -> dict:
+               profile_dir: str | None = None, scope: str = "block") -> dict:
     from archon.config.schema import ActorConfig
     from archon.engine.batch import PackedBatch
     from archon.engine.engine import ArchonEngine
@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["seq4096", "packed16k"])
     p.add_argument("--compile", choices=["on", "off", "both"], default="both")
     p.add_argument("--engines", nargs="+", default=["hf", "archon"])
-    p.add_argument("--scopes", nargs="+", default=["auto"], choices=["auto", "block", "stack"],
+    p.add_argument("--scopes", nargs="+", default=["block"], choices=["block", "stack"],
                    help="Archon compile scopes to time when compile is on (each is one row)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3)
@@ -186,7 +186,7 @@ def main() -> None:
     for name in a.models:
         for shape in a.shapes:
             for c in compiles:
-                runs = [(eng, scope) for eng in a.engines for scope in (a.scopes if eng == "archon" and c else ["auto"])]
+                runs = [(eng, scope) for eng in a.engines for scope in (a.scopes if eng == "archon" and c else ["block"])]
                 for eng, scope in runs:
                     if eng == "hf" and world > 1:
                         continue

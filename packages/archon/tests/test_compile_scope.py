@@ -40,7 +40,7 @@ def _train(model_dir, device, *, scope=None, dtype="float32", steps=3, enable_co
     actor.archon.attn_impl = "varlen"
     if device.type == "cuda":
         actor.archon.enable_compile = scope is not None
-        actor.archon.compile_scope = scope or "auto"
+        actor.archon.compile_scope = scope or "block"
     eng = ArchonEngine(actor, device=device.type, total_steps=steps).initialize()
     if device.type == "cpu" and scope is not None:
         plan = get_model_spec(eng.model.args.model_type).parallel_plan(eng.model.args)
@@ -92,26 +92,20 @@ def test_compiled_stack_trains_like_eager_cuda(model_dir):
 def test_compile_scope_rules(model_dir):
     actor = ActorConfig(path=model_dir)
     d1, d2 = ParallelDims.from_allocation("archon:d1", 1), ParallelDims.from_allocation("archon:d2", 2)
-    assert compile_scope(actor, d1, CPU) == "block"  # compile off on CPU by default: nothing to widen
     actor.archon.enable_compile = True
+    assert compile_scope(actor, d1, CPU) == compile_scope(actor, d2, CPU) == "block"  # the default
+    actor.archon.compile_scope = "stack"
     assert compile_scope(actor, d1, CPU) == "stack"
-    assert compile_scope(actor, d2, CPU) == "block"  # FSDP2 shards over d2
+    with pytest.raises(ValueError, match="compile-stack-with-fsdp"):
+        compile_scope(actor, d2, CPU)  # FSDP2 shards over d2
     actor.archon.dp_layout = "zero1"
     assert compile_scope(actor, d2, CPU) == "stack"  # full replicas: nothing splits the stack
-    actor.archon.ac_mode = "selective"
-    assert compile_scope(actor, d2, CPU) == "block"
-    actor.archon.ac_mode = "none"
     actor.archon.tree_training_mode = "dta"
-    assert compile_scope(actor, d1, CPU) == "block"
-    actor.archon.compile_scope = "stack"
     with pytest.raises(ValueError, match="compile-stack-with-dta"):
         compile_scope(actor, d1, CPU)
     actor.archon.tree_training_mode = "sparse"
     assert compile_scope(actor, d1, CPU) == "stack"
-    actor.archon.dp_layout = "fsdp"
-    with pytest.raises(ValueError, match="compile-stack-with-fsdp"):
-        compile_scope(actor, d2, CPU)
-    actor.archon.compile_scope = "blocks"
+    actor.archon.compile_scope = "auto"
     with pytest.raises(ValueError, match="compile_scope"):
         compile_scope(actor, d1, CPU)
 

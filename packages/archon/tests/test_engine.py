@@ -12,12 +12,13 @@ from archon.testing import hf_model, tiny_hf_config
 from archon.train import sft_loss, target_tokens
 
 
-def _engine(tmp_path, mb_max_tokens=4096, **kw):
+def _engine(tmp_path, mb_max_tokens=4096, device="cpu", **kw):
     cfg = tiny_hf_config("qwen3", vocab_size=50)
     hf_model(cfg).save_pretrained(tmp_path / "m")
     actor = ActorConfig(path=str(tmp_path / "m"), dtype="float32", mb_max_tokens=mb_max_tokens, **kw)
     actor.optimizer.lr = 1e-2
-    return ArchonEngine(actor, device="cpu").initialize()
+    actor.archon.enable_compile = False
+    return ArchonEngine(actor, device=device).initialize()
 
 
 def _batch(seed=0, n=7):
@@ -66,9 +67,19 @@ def test_forward_batch_logprobs_equal_hf(tmp_path):
         assert torch.allclose(out["entropy"][cu[i]:cu[i + 1]], want_ent, atol=1e-5), i
 
 
-def test_non_finite_grad_skips_the_step(tmp_path):
-    eng = _engine(tmp_path)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_non_finite_grad_skips_the_step(tmp_path, device):
+    """CPU checks the norm on the host; CUDA's fused AdamW skips on the device (found_inf) without a host read
+    before the step: either way the parameters, the optimizer state and the version stay as they were."""
+    from archon.engine.engine import _skips_on_device
+
+    eng = _engine(tmp_path, device=device)
+    assert _skips_on_device(eng.optimizer) == (device == "cuda")
+    eng.train_batch(_batch(1), sft_loss, target_tokens)  # a real step first: the optimizer has state
+    state = {p: {k: v.clone() for k, v in st.items()} for p, st in eng.optimizer.state.items()}
     before = {n: p.detach().clone() for n, p in eng.model.named_parameters()}
+    eng.version = 0
 
     def nan_loss(out, mb):
         return out["logprobs"].sum() * float("nan")
@@ -78,8 +89,11 @@ def test_non_finite_grad_skips_the_step(tmp_path):
     for n, p in eng.model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert eng.version == 0
+    for p, st in eng.optimizer.state.items():  # moments and step count untouched: the skipped step is not counted
+        assert float(st["step"]) == 1.0 and all(torch.equal(v, state[p][k]) for k, v in st.items())
     stats = eng.train_batch(_batch(), sft_loss, target_tokens)
     assert stats["update_skipped"] == 0.0 and eng.version == 1
+    assert all(float(st["step"]) == 2.0 for st in eng.optimizer.state.values())
 
 
 def test_grad_clipping_bounds_the_update(tmp_path):

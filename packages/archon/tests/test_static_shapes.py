@@ -109,9 +109,9 @@ def test_pad_to_maximum_resolution_and_rules(model_dir, tmp_path):
     assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=False, dynamic=None)  # default: off
     actor.archon.enable_compile = True
     # compile alone does not pad: automatic dynamic shapes
-    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, scope="stack", dynamic=None)
+    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, dynamic=None)
     actor.archon.pad_to_maximum = True
-    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, scope="stack", dynamic=False)
+    assert block_compile_config(actor, d1, CPU) == CompileConfig(enabled=True, dynamic=False)
     for alloc, world, rule in (("archon:c2", 2, "pad-to-maximum-with-cp"), ("archon:p2", 2, "pad-to-maximum-with-pp")):
         with pytest.raises(ValueError, match=rule):
             validate_pad_to_maximum(actor, ParallelDims.from_allocation(alloc, world))

@@ -3,7 +3,13 @@
 from archon_attn.backend import AttentionBackend, check_qkv, get_attention_backend, register_attention_backend
 from archon_attn.blockwise import block_attention_backward, block_attention_forward, merge_partial_attention
 from archon_attn.flex import FlexBackend, document_causal_block_mask
-from archon_attn.meta import AttnMeta, build_attn_meta, doc_ids_from_cu_seqlens, positions_from_cu_seqlens
+from archon_attn.meta import (
+    AttnMeta,
+    build_attn_meta,
+    doc_ids_from_cu_seqlens,
+    positions_from_cu_seqlens,
+    to_device,
+)
 from archon_attn.reference import reference_attention
 from archon_attn.sdpa import SdpaBackend, dense_mask_attention, padded_sdpa_attention, repeat_kv
 from archon_attn.tree import (
@@ -55,6 +61,7 @@ __all__ = [
     "pack_tree_microbatches",
     "padded_sdpa_attention",
     "positions_from_cu_seqlens",
+    "to_device",
     "reference_attention",
     "register_attention_backend",
     "repeat_kv",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttnMeta", "build_attn_meta", "doc_ids_from_cu_seqlens", "positions_from_cu_seqlens"]
+__all__ = ["AttnMeta", "build_attn_meta", "doc_ids_from_cu_seqlens", "positions_from_cu_seqlens", "to_device"]
 
 
 @dataclass(eq=False)
@@ -47,8 +47,23 @@ class AttnMeta:
         """int64 [T]: document index of every token (cached)."""
         key = ("doc_ids", self.cu_seqlens.device)
         if key not in self.cache:
-            self.cache[key] = doc_ids_from_cu_seqlens(self.cu_seqlens)
+            self.cache[key] = doc_ids_from_cu_seqlens(self.cu_seqlens, self.cache.get("num_tokens"))
         return self.cache[key]
+
+    def to(self, device: torch.device | str) -> AttnMeta:
+        """This meta with `cu_seqlens` (and the cached doc ids / positions) on `device`. Host tensors are copied
+        through pinned memory without blocking, so building the meta on the host and moving it costs no device
+        sync (a pageable host-to-device copy waits for the stream to drain)."""
+        device = torch.device(device)
+        if self.cu_seqlens.device == device:
+            return self
+        moved = AttnMeta(to_device(self.cu_seqlens, device), self.max_seqlen, self.seqlen_bound)
+        for key, value in self.cache.items():
+            if isinstance(key, tuple) and len(key) == 2 and isinstance(value, torch.Tensor):
+                moved.cache[(key[0], device)] = to_device(value, device)
+            elif key == "num_tokens":
+                moved.cache[key] = value
+        return moved
 
     def positions(self) -> torch.Tensor:
         """int64 [T]: position of every token inside its document (cached)."""
@@ -58,11 +73,22 @@ class AttnMeta:
         return self.cache[key]
 
 
-def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """int64 [T] document index per token, vectorised (empty documents are allowed)."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor bound for an accelerator goes through pinned memory, non-blocking."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type != "cpu" and torch.cuda.is_available():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """int64 [T] document index per token, vectorised (empty documents are allowed). Pass `num_tokens`
+    (cu_seqlens[-1]) when known to save a device->host read."""
     lengths_N = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     docs_N = torch.arange(lengths_N.numel(), device=cu_seqlens.device)
-    return torch.repeat_interleave(docs_N, lengths_N, output_size=int(cu_seqlens[-1]))
+    T = int(cu_seqlens[-1]) if num_tokens is None else num_tokens
+    return torch.repeat_interleave(docs_N, lengths_N, output_size=T)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, doc_ids_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,7 +102,8 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, doc_ids_T: torch.Tensor 
 def build_attn_meta(cu_seqlens: torch.Tensor) -> AttnMeta:
     """Validate `cu_seqlens` (int [N+1], starts at 0, non-decreasing) and build an `AttnMeta`.
 
-    Costs one device->host sync (for `max_seqlen`); call it once per micro-batch.
+    Costs one device->host sync (for `max_seqlen`) when `cu_seqlens` is on a device; build it from the host
+    copy and move it with `AttnMeta.to` to avoid that. Call it once per micro-batch.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")

@@ -86,7 +86,10 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, *, pp_group
     for g in extra_groups:
         dist.all_reduce(sq, group=g)
     norm = sq.sqrt()
-    if math.isfinite(max_norm) and torch.isfinite(norm):
+    if math.isfinite(max_norm):
+        # No host read of the norm (it would stall the CPU until backward ends): a non-finite norm gives
+        # coefficient 1, leaving the grads as they are.
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
         _scale_([_local(p.grad) for p in params if p.grad is not None], coef)
     return norm

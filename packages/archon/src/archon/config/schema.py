@@ -15,9 +15,8 @@ from archon.config.fields import doc
 @dataclass
 class ArchonEngineConfig:
     enable_compile: bool | None = doc(None, "torch.compile each decoder block; None = on for CUDA, off on CPU")
-    compile_scope: str = doc("auto", "what one compiled graph covers: block (each decoder block) | stack (all blocks "
-                             "as one graph: host overhead paid once per pass; not with FSDP sharding or dta) | "
-                             "auto (stack where allowed and ac_mode=none, else block)")
+    compile_scope: str = doc("block", "what one compiled graph covers: block (each decoder block) | stack (all blocks "
+                             "as one graph; not with FSDP sharding or dta; measured slower than block on one H200)")
     ac_mode: str = doc("none", "activation checkpointing: none | full | selective | memory_budget")
     ac_selective_every: int = doc(1, "selective AC: checkpoint every N-th block (1 = op-level SAC on every block)")
     ac_memory_budget: float = doc(0.5, "activation memory budget in (0, 1] for ac_mode=memory_budget (needs compile)")

@@ -92,9 +92,15 @@ class PackedBatch:
         return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - base, lengths)
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.loss_mask.to(device),
-                           {k: v.to(device) for k, v in self.token_extras.items()},
-                           {k: v.to(device) for k, v in self.seq_extras.items()})
+        """The batch on `device`. Host -> accelerator copies go through pinned memory without blocking, so
+        moving a micro-batch in the middle of a step does not wait for the GPU to drain its queue."""
+        from archon_attn import to_device
+
+        device = torch.device(device)
+        return PackedBatch(to_device(self.input_ids, device), to_device(self.cu_seqlens, device),
+                           to_device(self.loss_mask, device),
+                           {k: to_device(v, device) for k, v in self.token_extras.items()},
+                           {k: to_device(v, device) for k, v in self.seq_extras.items()})
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in ("input_ids", "cu_seqlens", "loss_mask"):

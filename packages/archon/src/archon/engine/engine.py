@@ -44,7 +44,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # gloo next to NCCL: host-side collectives (metadata, objects) work too
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -199,10 +200,20 @@ class ArchonEngine:
         """
         t0 = time.perf_counter()
         stats = self.accumulate_grads(batch, loss_fn, loss_weight_fn)
-        grad_norm = self._clip_grad_norm()
-        finite = math.isfinite(grad_norm)
-        if finite:
+        norm = self._clip_grad_norm()
+        if _skips_on_device(self.optimizer):
+            # The fused AdamW kernel skips its update (and undoes the step count) where found_inf is 1, so the
+            # norm is read after the step is queued and the GPU never waits for the host between the two.
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
             self.optimizer.step()
+            self.optimizer.found_inf = None
+            grad_norm = float(norm)
+            finite = math.isfinite(grad_norm)
+        else:
+            grad_norm = float(norm)
+            finite = math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -220,10 +231,11 @@ class ArchonEngine:
         plan = self._micro_batches(batch)
         mbs = [batch.select(idx) if idx else None for idx in plan]
         weights = [float(loss_weight_fn(mb)) if mb is not None else 0.0 for mb in mbs]
-        total = torch.tensor(sum(weights), dtype=torch.float64)
-        if self.dp_group is not None:
+        total_w = sum(weights)
+        if self.dp_group is not None:  # on the engine's device: a process group set up by the caller may be NCCL only
+            total = torch.tensor(total_w, dtype=torch.float64, device=self.device)
             dist.all_reduce(total, group=self.dp_group)
-        total_w = float(total)
+            total_w = float(total)
         if total_w <= 0:
             raise ValueError("loss_weight_fn gave a total weight of 0 over the batch: no token to train on")
         scale_world = self._loss_scale_world()
@@ -233,32 +245,37 @@ class ArchonEngine:
         results = self.runner.forward_backward_all([mb if mb is not None else _dummy_batch(batch) for mb in mbs],
                                                    loss_fn, scales, [w * s for w, s in zip(weights, scales)])
         self._sync_replica_grads(held)
+        # Sum on the device and read everything once at the end: a host read per micro-batch would stall the
+        # CPU until the GPU drained its queue, leaving the GPU idle while the next micro-batch is launched.
         for mb, w, (loss, stats) in zip(mbs, weights, results):
             if mb is not None:
-                loss_sum += float(loss.detach())
+                loss_sum = loss_sum + loss.detach().double()
                 for k, v in stats.items():
-                    stats_acc[k] = stats_acc.get(k, 0.0) + float(v) * w
+                    v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                    stats_acc[k] = stats_acc.get(k, 0.0) + v * w
         self._fix_expert_grad_scale()
         local_w = max(sum(weights), 1e-12)
-        out_stats = {k: v / local_w for k, v in stats_acc.items()}
-        out_stats["loss"] = self._global_mean(loss_sum, total_w)
+        keys = list(stats_acc)
+        values = _host_floats([loss_sum, *(stats_acc[k] for k in keys)])
+        out_stats = {k: v / local_w for k, v in zip(keys, values[1:])}
+        out_stats["loss"] = self._global_mean(values[0], total_w)
         out_stats.update(self.runner.pop_stats())
         return out_stats
 
     def _global_mean(self, local_sum: float, total_weight: float) -> float:
-        t = torch.tensor(local_sum, dtype=torch.float64)
-        if self.dp_group is not None:
-            dist.all_reduce(t, group=self.dp_group)
+        if self.dp_group is None:
+            return local_sum / total_weight
+        t = torch.tensor(local_sum, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.dp_group)
         return float(t) / total_weight
 
-    def _clip_grad_norm(self) -> float:
+    def _clip_grad_norm(self) -> torch.Tensor:
         from archon_parallel.grad import clip_grad_norm_
 
         max_norm = self.cfg.optimizer.gradient_clipping
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
+        return clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
                                pp_group=self.meshes.group("pp") if self.meshes is not None and self.dims.pp > 1 else None)
-        return float(norm)
 
     def _after_optimizer_step(self) -> None:
         try:
@@ -336,6 +353,23 @@ def describe_dims(dims) -> str:
     """One line with every parallel degree, logged at start-up."""
     return (f"pp={dims.pp}, dp_replicate={dims.dp_replicate}, dp_shard={dims.dp_shard}, tp={dims.tp}, "
             f"cp={dims.cp}, ep={dims.ep}, etp={dims.etp}, world_size={dims.world_size}")
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` can skip a non-finite step on the device (`found_inf`): torch's fused AdamW on plain
+    CUDA tensors. DTensor parameters (FSDP2 / TP) and wrapped optimizers (ZeRO-1) take the host-side check."""
+    if type(optimizer) is not torch.optim.AdamW or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return all(g.get("fused") for g in optimizer.param_groups) and all(
+        type(p) is torch.nn.Parameter and p.is_cuda for p in params)
+
+
+def _host_floats(values: list) -> list[float]:
+    """Python floats of a mix of floats and (device) scalar tensors, in one device->host read."""
+    tensors = [v.reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _dummy_batch(like: PackedBatch) -> PackedBatch:

@@ -60,7 +60,7 @@ class Runner:
     def forward_backward(self, mb: PackedBatch, loss_fn, scale: float, aux_scale: float, want_entropy: bool = True
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
         out = self.forward(mb, want_entropy)
-        res = loss_fn(out, mb)
+        res = loss_fn(out, mb.to(self.device))  # a non-blocking copy: the loss's .to(device) calls are no-ops
         loss, stats = res if isinstance(res, tuple) else (res, {})
         total = loss * scale
         aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
@@ -85,16 +85,19 @@ class FlatRunner(Runner):
         self.pad_to_tokens = pad_to_tokens
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
+        from archon_attn import to_device
+
         T = mb.num_tokens
         L = padded_length(T, self.pad_multiple, self.pad_to_tokens)
-        ids_L, cu = pad_to_length(mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device), L)
-        out = self._forward_padded(ids_L, cu, want_entropy)
+        ids_L, cu = pad_to_length(mb.input_ids, mb.cu_seqlens, L)  # on the host: no device sync
+        out = self._forward_padded(to_device(ids_L, self.device), cu, want_entropy)
         return {k: v[:T] for k, v in out.items()}
 
     def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
         from archon.models.common.packing import pack_inputs
 
-        packed = pack_inputs(ids, None, cu)
+        packed = pack_inputs(ids, None, cu)  # host cu_seqlens: the meta is built there and copied
+        cu = packed.cu_seqlens
         dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; absent, nothing is compiled
         if dynamo is not None:  # the document count is data, not a graph constant: one graph serves every count
             dynamo.maybe_mark_dynamic(packed.meta.cu_seqlens, 0)

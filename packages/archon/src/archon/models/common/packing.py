@@ -26,8 +26,10 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
                 cu_seqlens: torch.Tensor | None = None) -> PackedInput:
     """Accept [B, S] (B documents of length S), [1, T] or [T] with cu_seqlens, and return the packed form.
 
-    `cu_seqlens` is validated by `build_attn_meta` in its one device->host read (start at 0, non-decreasing,
-    max length) plus a check that it ends at the number of tokens; no other host sync happens here.
+    `cu_seqlens` is validated by `build_attn_meta` (start at 0, non-decreasing, max length) plus a check that it
+    ends at the number of tokens. Pass it on the host (with tokens on the device) and no device sync happens
+    here: the meta and positions are built on the host and copied without blocking; a device `cu_seqlens`
+    costs one device->host read.
     """
     from archon_attn import build_attn_meta
 
@@ -56,14 +58,16 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
         out_shape = tuple(input_ids.shape)
         tokens = input_ids.reshape(-1)
     T = tokens.shape[0]
-    cu_seqlens = cu_seqlens.to(device=tokens.device, dtype=torch.int32)
-    meta = build_attn_meta(cu_seqlens)
+    meta = build_attn_meta(cu_seqlens.to(torch.int32))
     if meta.num_tokens != T:
         raise ValueError(f"cu_seqlens ends at {meta.num_tokens} but there are {T} tokens; "
                          "the last entry must equal the number of packed tokens")
     if position_ids is None:  # also caches the document ids on the meta, so compiled blocks only read them
+        meta.positions()
+        meta = meta.to(tokens.device)
         position_ids = meta.positions()
     else:
+        meta = meta.to(tokens.device)
         position_ids = position_ids.reshape(-1)
         if position_ids.shape[0] != T:
             raise ValueError(f"position_ids has {position_ids.shape[0]} entries for {T} tokens")
