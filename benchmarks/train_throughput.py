@@ -71,7 +71,7 @@ def hf_config(name: str):
 
 
 def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,
-               profile_dir: str | None = None, scope: str = "block") -> dict:
+               profile_dir: str | None = None, scope: str = "block", mode: str = "default") -> dict:
     from archon.config.schema import ActorConfig
     from archon.engine.batch import PackedBatch
     from archon.engine.engine import ArchonEngine
@@ -83,6 +83,7 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
     actor.optimizer.lr = 1e-5
     actor.archon.enable_compile = compile_on
     actor.archon.compile_scope = scope
+    actor.archon.compile_mode = mode
     eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=warm + steps, device="cuda").initialize()
     gen = torch.Generator().manual_seed(0)
     lengths = doc_lengths(shape, gen)
@@ -101,11 +102,12 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
     med = sorted(times)[len(times) // 2]
     if int(os.environ.get("RANK", "0")) == 0:
         profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens),
-                     f"archon_{name}_{shape}_{f'compiled_{scope}' if compile_on else 'eager'}", profile_dir)
+                     f"archon_{name}_{shape}_{f'compiled_{scope}_{mode}' if compile_on else 'eager'}", profile_dir)
     tokens = sum(lengths)
     from archon.config.validate import compile_scope
 
-    res = dict(engine="archon" if not compile_on else f"archon/{compile_scope(actor, eng.dims, eng.device)}", model=name, shape=shape, compile=compile_on, layout=allocation,
+    label = f"archon/{compile_scope(actor, eng.dims, eng.device)}" + ("" if mode == "default" else f"/{mode}")
+    res = dict(engine="archon" if not compile_on else label, model=name, shape=shape, compile=compile_on, layout=allocation,
                step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
                tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), world=world)
@@ -165,6 +167,9 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", default=["hf", "archon"])
     p.add_argument("--scopes", nargs="+", default=["block"], choices=["block", "stack"],
                    help="Archon compile scopes to time when compile is on (each is one row)")
+    p.add_argument("--modes", nargs="+", default=["default"],
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="Archon torch.compile modes to time when compile is on (each is one row)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: Archon with archon:dN (HF skipped)")
@@ -186,13 +191,15 @@ def main() -> None:
     for name in a.models:
         for shape in a.shapes:
             for c in compiles:
-                runs = [(eng, scope) for eng in a.engines for scope in (a.scopes if eng == "archon" and c else ["block"])]
-                for eng, scope in runs:
+                runs = [(eng, scope, mode) for eng in a.engines
+                        for scope in (a.scopes if eng == "archon" and c else ["block"])
+                        for mode in (a.modes if eng == "archon" and c else ["default"])]
+                for eng, scope, mode in runs:
                     if eng == "hf" and world > 1:
                         continue
                     try:
                         r = (run_hf(name, shape, c, a.steps, a.warm, a.profile) if eng == "hf"
-                             else run_archon(name, shape, c, a.steps, a.warm, allocation, a.profile, scope))
+                             else run_archon(name, shape, c, a.steps, a.warm, allocation, a.profile, scope, mode))
                     except Exception as ex:  # report and go on: one failing shape must not hide the rest
                         r = dict(engine=eng, model=name, shape=shape, compile=c, error=repr(ex)[:400])
                     r["mfu"] = round(r.get("tflops", 0.0) / peak, 3)
@@ -201,15 +208,15 @@ def main() -> None:
                         print(json.dumps(r), flush=True)
     if rank == 0:
         peers = {(r["model"], r["shape"], r["compile"]): r for r in rows if r["engine"] == "hf" and "error" not in r}
-        print(f"\n{'model':<11} {'shape':<10} {'compile':<7} {'engine':<12} {'tok/s/gpu':>10} {'MFU':>6} "
+        print(f"\n{'model':<11} {'shape':<10} {'compile':<7} {'engine':<28} {'tok/s/gpu':>10} {'MFU':>6} "
               f"{'mem GB':>7} {'step s':>7} {'vs HF':>6}")
         for r in rows:
             if "error" in r:
-                print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<12} ERROR {r['error'][:80]}")
+                print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<28} ERROR {r['error'][:80]}")
                 continue
             peer = peers.get((r["model"], r["shape"], r["compile"]))
             ratio = f"{r['tokens_per_s_per_gpu'] / peer['tokens_per_s_per_gpu']:.2f}" if peer else "-"
-            print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<12} "
+            print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<28} "
                   f"{r['tokens_per_s_per_gpu']:>10} {r['mfu']:>6.1%} {r['peak_mem_gb']:>7} {r['step_s']:>7} {ratio:>6}")
         with open(a.json, "w") as f:
             json.dump(dict(peak_tflops=peak, torch=torch.__version__, results=rows), f, indent=1)

@@ -121,3 +121,24 @@ def test_parallelize_rejects_stack_over_fsdp():
     bad = dataclasses.replace(cfg, scope="model")
     with pytest.raises(ValueError, match="compile scope must be one of"):
         apply_compile(model, plan, bad)
+
+
+def test_compile_mode_rules(model_dir):
+    from archon.config.validate import validate_compile_mode
+
+    actor = ActorConfig(path=model_dir)
+    d1, d2 = ParallelDims.from_allocation("archon:d1", 1), ParallelDims.from_allocation("archon:d2", 2)
+    actor.archon.compile_mode = "reduce-overhead"
+    validate_compile_mode(actor, d1, CUDA)
+    with pytest.raises(ValueError, match="compile-mode-cuda-graphs-needs-cuda"):
+        validate_compile_mode(actor, d1, CPU)
+    with pytest.raises(ValueError, match="compile-mode-cuda-graphs-layout"):
+        validate_compile_mode(actor, d2, CUDA)
+    actor.archon.dp_layout = "zero1"
+    validate_compile_mode(actor, d2, CUDA)
+    actor.archon.tree_training_mode = "sparse"
+    with pytest.raises(ValueError, match="compile-mode-cuda-graphs-tree"):
+        validate_compile_mode(actor, d1, CUDA)
+    actor.archon.compile_mode = "fast"
+    with pytest.raises(ValueError, match="compile_mode"):
+        validate_compile_mode(actor, d1, CUDA)

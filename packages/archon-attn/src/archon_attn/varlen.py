@@ -27,7 +27,8 @@ from archon_attn.backend import AttentionBackend, check_qkv, register_attention_
 from archon_attn.meta import AttnMeta
 from archon_attn.sdpa import dense_mask_attention, repeat_kv
 
-__all__ = ["VarlenBackend", "causal_sdpa_one_document", "flash_varlen_attention", "has_public_varlen_attn"]
+__all__ = ["VarlenBackend", "causal_sdpa_one_document", "flash_prefix_attention", "flash_varlen_attention",
+           "has_public_varlen_attn"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def has_public_varlen_attn() -> bool:
     return _public_varlen_attn is not None and bool({"window_size", "is_causal"} & _PUBLIC_PARAMS)
 
 
-def _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale):
+def _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale, cu_k=None, max_k=None):
     H, D = q_THD.shape[1], q_THD.shape[2]
     kwargs: dict = {}
     # torch 2.10 spelled causal as is_causal=True; later releases as window_size=(-1, 0).
@@ -64,53 +65,58 @@ def _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale):
             kwargs["enable_gqa"] = True
         else:
             k_TGD, v_TGD = repeat_kv(k_TGD, H), repeat_kv(v_TGD, H)
-    return _public_varlen_attn(q_THD, k_TGD, v_TGD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    cu_k = cu_seqlens if cu_k is None else cu_k
+    max_k = max_seqlen if max_k is None else max_k
+    return _public_varlen_attn(q_THD, k_TGD, v_TGD, cu_seqlens, cu_k, max_seqlen, max_k, **kwargs)
 
 
 # --- ATen fallback. Private ops: aten::_flash_attention_forward/backward (schemas as of torch 2.11-2.15);
 # only used where the public varlen_attn is missing. GQA is native in the flash kernel (H % G == 0).
+# Queries and keys have their own boundaries (cu_q, cu_k): causal masking is bottom-right aligned, so a
+# document whose keys are longer than its queries (a cached prefix first) sees the whole prefix.
 @torch.library.custom_op("archon_attn::flash_varlen_fwd", mutates_args=())
-def _aten_flash_fwd(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, cu_seqlens: torch.Tensor,
-                    max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _aten_flash_fwd(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, cu_q: torch.Tensor,
+                    cu_k: torch.Tensor, max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o_THD, lse_HT, _rng, _unused, _debug = torch.ops.aten._flash_attention_forward(
-        q_THD, k_TGD, v_TGD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        q_THD, k_TGD, v_TGD, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
     return o_THD, lse_HT
 
 
 @_aten_flash_fwd.register_fake
-def _(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale):
+def _(q_THD, k_TGD, v_TGD, cu_q, cu_k, max_q, max_k, scale):
     T, H, _ = q_THD.shape
     return torch.empty_like(q_THD), q_THD.new_empty((H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("archon_attn::flash_varlen_bwd", mutates_args=())
 def _aten_flash_bwd(do_THD: torch.Tensor, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
-                    o_THD: torch.Tensor, lse_HT: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    o_THD: torch.Tensor, lse_HT: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+                    max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q_THD.device)  # dropout is 0: never read
     unused = torch.empty(0, device=q_THD.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        do_THD.contiguous(), q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        do_THD.contiguous(), q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_q, cu_k, max_q, max_k,
         0.0, True, rng_state, unused, scale=scale)
     return dq, dk, dv
 
 
 @_aten_flash_bwd.register_fake
-def _(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, max_seqlen, scale):
+def _(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_q, cu_k, max_q, max_k, scale):
     return torch.empty_like(q_THD), torch.empty_like(k_TGD), torch.empty_like(v_TGD)
 
 
 def _setup_context(ctx, inputs, output):
-    q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale = inputs
+    q_THD, k_TGD, v_TGD, cu_q, cu_k, max_q, max_k, scale = inputs
     o_THD, lse_HT = output
-    ctx.save_for_backward(q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.save_for_backward(q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_q, cu_k)
+    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
 
 
 def _backward(ctx, do_THD, _dlse):
-    q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _aten_flash_bwd(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _aten_flash_bwd(do_THD, q_THD, k_TGD, v_TGD, o_THD, lse_HT, cu_q, cu_k, ctx.max_q, ctx.max_k,
+                                 ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _aten_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -129,9 +135,25 @@ def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torc
             raise ValueError("torch.nn.attention.varlen.varlen_attn is not available in this torch; use impl='aten'")
         return _public_flash(q_THD, k_TGD, v_TGD, cu_seqlens, max_seqlen, scale)
     if impl == "aten":
-        return _aten_flash_fwd(q_THD.contiguous(), k_TGD.contiguous(), v_TGD.contiguous(), cu_seqlens,
-                               max_seqlen, scale)[0]
+        return _aten_flash_fwd(q_THD.contiguous(), k_TGD.contiguous(), v_TGD.contiguous(), cu_seqlens, cu_seqlens,
+                               max_seqlen, max_seqlen, scale)[0]
     raise ValueError(f"flash varlen impl must be 'auto', 'public' or 'aten', got {impl!r}")
+
+
+def flash_prefix_attention(q_QHD: torch.Tensor, k_KGD: torch.Tensor, v_KGD: torch.Tensor, *,
+                           scale: float | None = None) -> torch.Tensor:
+    """One document of Q queries over K >= Q keys: the first K - Q keys (a cached prefix) are all visible,
+    the last Q causally (bottom-right aligned causal mask). FlashAttention varlen (CUDA, fp16/bf16), GQA
+    native: no copies of the keys per query head and no mask tensor."""
+    Q, K = q_QHD.shape[0], k_KGD.shape[0]
+    if K < Q:
+        raise ValueError(f"prefix attention needs at least as many keys ({K}) as queries ({Q})")
+    scale = 1.0 / math.sqrt(q_QHD.shape[-1]) if scale is None else scale
+    step = torch.arange(2, dtype=torch.int32, device=q_QHD.device)  # built on the device: no host copy
+    cu_q, cu_k = step * Q, step * K
+    if has_public_varlen_attn():
+        return _public_flash(q_QHD, k_KGD, v_KGD, cu_q, Q, scale, cu_k=cu_k, max_k=K)
+    return _aten_flash_fwd(q_QHD.contiguous(), k_KGD.contiguous(), v_KGD.contiguous(), cu_q, cu_k, Q, K, scale)[0]
 
 
 def causal_sdpa_one_document(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, *,

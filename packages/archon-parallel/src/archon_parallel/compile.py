@@ -33,6 +33,9 @@ class CompileConfig:
     """torch.compile backend ('inductor'; 'aot_eager' for debugging / CPU tests)."""
     fullgraph: bool = True
     """Fail on graph breaks instead of silently splitting the block."""
+    mode: str | None = None
+    """torch.compile's ``mode`` (None = default; "reduce-overhead" replays CUDA graphs, "max-autotune-no-cudagraphs"
+    autotunes kernels)."""
     scope: str = "block"
     """What one graph covers: ``block`` (each decoder block) or ``stack`` (all blocks; see the module doc)."""
     dynamic: bool | None = None
@@ -57,7 +60,7 @@ def apply_compile(model: nn.Module, plan: ParallelPlan, config: CompileConfig | 
         run = getattr(model, plan.layer_stack)
         # An instance attribute shadows the method: parameters keep their names, the class method stays eager.
         setattr(model, plan.layer_stack, torch.compile(run, backend=config.backend, fullgraph=config.fullgraph,
-                                                       dynamic=config.dynamic))
+                                                       dynamic=config.dynamic, mode=config.mode))
         return
     for _, block in plan.block_list(model):
-        block.compile(backend=config.backend, fullgraph=config.fullgraph, dynamic=config.dynamic)
+        block.compile(backend=config.backend, fullgraph=config.fullgraph, dynamic=config.dynamic, mode=config.mode)

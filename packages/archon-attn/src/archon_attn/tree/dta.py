@@ -20,6 +20,8 @@ from archon_attn.tree.trie import PackedTree, trie_nodes
 
 __all__ = ["DtaSchedule", "dta_schedule", "prefix_attention"]
 
+_flash_prefix_enabled = True  # tests switch it off to compare against the SDPA path on the same GPU
+
 
 @dataclass(frozen=True)
 class DtaSchedule:
@@ -78,7 +80,8 @@ def prefix_attention(
     """Attention of Q new tokens over C cached ancestor tokens (all visible) and causally over themselves.
 
     Gradients flow into the cache tensors too, which is how DTA collects d loss / d (ancestor K, V).
-    Returns o_QHD. Uses SDPA with a lower-right causal bias, so CUDA gets a fused kernel.
+    Returns o_QHD. CUDA fp16/bf16: FlashAttention with a bottom-right causal mask and native GQA
+    (`archon_attn.varlen.flash_prefix_attention`); elsewhere SDPA with a lower-right causal bias.
     """
     H = q_QHD.shape[1]
     if k_cache_CGD is not None and k_cache_CGD.shape[0] > 0:
@@ -87,6 +90,10 @@ def prefix_attention(
     G = k_QGD.shape[1]
     if H % G:
         raise ValueError(f"{H} query heads are not a multiple of {G} kv heads")
+    if q_QHD.is_cuda and q_QHD.dtype in (torch.float16, torch.bfloat16) and _flash_prefix_enabled:
+        from archon_attn.varlen import flash_prefix_attention
+
+        return flash_prefix_attention(q_QHD, k_QGD, v_QGD, scale=scale)
     # Expanding kv heads keeps every SDPA kernel available (CausalBias kernels do not all take enable_gqa).
     k_1HKD = k_QGD.repeat_interleave(H // G, dim=1).transpose(0, 1).unsqueeze(0)
     v_1HKD = v_QGD.repeat_interleave(H // G, dim=1).transpose(0, 1).unsqueeze(0)

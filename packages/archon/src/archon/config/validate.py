@@ -11,6 +11,7 @@ CP_IMPLS = ("ulysses", "ring")
 TREE_MODES = ("disabled", "sparse", "dta")
 DP_LAYOUTS = ("fsdp", "zero1")
 COMPILE_SCOPES = ("block", "stack")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def validate_engine(cfg, dims, device: torch.device) -> None:
@@ -41,6 +42,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     validate_dp_layout(cfg, dims)
     validate_pad_to_maximum(cfg, dims)
     compile_scope(cfg, dims, device)  # raises for an explicit scope that cannot apply
+    validate_compile_mode(cfg, dims, device)
     if a.offload_params and dims.pp > 1:
         raise ValueError("rule offload-with-pp: actor.archon.offload_params cannot be combined with pipeline "
                          "parallelism (p>1 in allocation_mode); drop one of them")
@@ -112,6 +114,25 @@ def compile_scope(cfg, dims, device: torch.device) -> str:
             raise ValueError("rule compile-stack-with-dta: tree_training_mode=dta calls back into Python at every "
                              "layer (prefix KV reuse); use compile_scope=block")
     return a.compile_scope
+
+
+def validate_compile_mode(cfg, dims, device: torch.device) -> None:
+    """Rules compile-mode-*: CUDA graphs (reduce-overhead) need CUDA, and replay fixed addresses that FSDP2's
+    per-step all-gathered parameters do not have."""
+    a = cfg.archon
+    if a.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"actor.archon.compile_mode {a.compile_mode!r} is not one of {COMPILE_MODES}")
+    if a.compile_mode != "reduce-overhead":
+        return
+    if device.type != "cuda":
+        raise ValueError("rule compile-mode-cuda-graphs-needs-cuda: compile_mode=reduce-overhead records CUDA graphs; "
+                         "use compile_mode=default on this device")
+    if (dims.fsdp_enabled and a.dp_layout == "fsdp") or dims.ep_enabled or dims.tp > 1 or dims.cp > 1 or dims.pp > 1:
+        raise ValueError("rule compile-mode-cuda-graphs-layout: compile_mode=reduce-overhead is supported on one GPU "
+                         "or zero1 replicas (archon:dN with dp_layout=zero1); use compile_mode=default here")
+    if a.tree_training_mode != "disabled":
+        raise ValueError("rule compile-mode-cuda-graphs-tree: tree modes run many differently shaped forwards per "
+                         "step (and dta calls back into Python per layer); use compile_mode=default")
 
 
 def validate_pad_to_maximum(cfg, dims) -> None:

@@ -30,7 +30,8 @@ def block_compile_config(cfg, dims, device: torch.device):
     from archon.config.validate import compile_enabled, compile_scope
     from archon_parallel.compile import CompileConfig
 
-    return CompileConfig(enabled=compile_enabled(cfg, device), scope=compile_scope(cfg, dims, device),
+    mode = None if cfg.archon.compile_mode == "default" else cfg.archon.compile_mode
+    return CompileConfig(enabled=compile_enabled(cfg, device), scope=compile_scope(cfg, dims, device), mode=mode,
                          dynamic=False if cfg.archon.pad_to_maximum else None)
 
 

@@ -343,7 +343,8 @@ def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, pad_to_tokens: int |
         return PipelineRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
     mode = cfg.archon.tree_training_mode
     if mode == "disabled":
-        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, pad_to_tokens=pad_to_tokens, **kw)
+        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, pad_to_tokens=pad_to_tokens,
+                          cuda_graphs=cfg.archon.compile_mode == "reduce-overhead", **kw)
     from archon.tree import make_tree_runner
 
     return make_tree_runner(mode, cfg, model, dp_group=dp_group, **kw)

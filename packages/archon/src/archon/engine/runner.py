@@ -78,11 +78,13 @@ class FlatRunner(Runner):
     multiple of `pad_multiple` (tp, for sequence parallel).
     """
 
-    def __init__(self, model: torch.nn.Module, *, pad_to_tokens: int | None = None, **kw) -> None:
+    def __init__(self, model: torch.nn.Module, *, pad_to_tokens: int | None = None, cuda_graphs: bool = False,
+                 **kw) -> None:
         super().__init__(model, **kw)
         if pad_to_tokens is not None and pad_to_tokens < 1:
             raise ValueError(f"pad_to_tokens must be positive, got {pad_to_tokens}")
         self.pad_to_tokens = pad_to_tokens
+        self.cuda_graphs = cuda_graphs  # compile_mode=reduce-overhead: each micro-batch is a new graph step
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
         from archon_attn import to_device
@@ -96,6 +98,8 @@ class FlatRunner(Runner):
     def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
         from archon.models.common.packing import pack_inputs
 
+        if self.cuda_graphs:  # earlier replays' outputs are consumed: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         packed = pack_inputs(ids, None, cu)  # host cu_seqlens: the meta is built there and copied
         cu = packed.cu_seqlens
         dynamo = sys.modules.get("torch._dynamo")  # torch.compile imports it; absent, nothing is compiled
