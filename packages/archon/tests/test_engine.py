@@ -121,3 +121,24 @@ def test_bad_batches():
         PackedBatch.from_sequences([])
     with pytest.raises(ValueError, match="cu_seqlens"):
         PackedBatch(torch.arange(5), torch.tensor([0, 3], dtype=torch.int32), torch.ones(5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_clipping_equals_clip_then_step_cuda(tmp_path, monkeypatch):
+    """The fused path (clipping as AdamW's grad_scale) trains like clip-in-place then AdamW, with the clip active
+    (max norm far below the grad norm) and inactive."""
+    import archon.engine.engine as engine_mod
+
+    for max_norm in (1e-3, 1e3):
+        results = []
+        for fused in (True, False):
+            monkeypatch.setattr(engine_mod, "_skips_on_device", lambda opt, fused=fused: fused)
+            eng = _engine(tmp_path / f"{max_norm}{fused}", device="cuda")
+            eng.cfg.optimizer.gradient_clipping = max_norm
+            norms = [eng.train_batch(_batch(i), sft_loss, target_tokens)["grad_norm"] for i in range(3)]
+            results.append((norms, {n: p.detach().clone() for n, p in eng.model.named_parameters()}))
+        (n_f, p_f), (n_h, p_h) = results
+        assert n_f == pytest.approx(n_h, rel=1e-5) and (max_norm < n_h[0]) == (max_norm == 1e-3)
+        for n in p_f:
+            torch.testing.assert_close(p_f[n], p_h[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -200,16 +200,23 @@ class ArchonEngine:
         """
         t0 = time.perf_counter()
         stats = self.accumulate_grads(batch, loss_fn, loss_weight_fn)
-        norm = self._clip_grad_norm()
         if _skips_on_device(self.optimizer):
-            # The fused AdamW kernel skips its update (and undoes the step count) where found_inf is 1, so the
-            # norm is read after the step is queued and the GPU never waits for the host between the two.
-            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            # Clipping and the non-finite skip happen inside the fused AdamW kernel: it divides every grad by
+            # grad_scale (norm / max_norm when over the limit: no separate pass over the grads) and skips its
+            # update (undoing the step count) where found_inf is 1. The norm is read after the step is queued,
+            # so the GPU never waits for the host between backward and the update.
+            norm = self._clip_grad_norm(scale_grads=False)
+            max_norm = self.cfg.optimizer.gradient_clipping
+            finite_t = torch.isfinite(norm)
+            scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else torch.ones_like(norm)
+            self.optimizer.grad_scale = torch.where(finite_t, scale, torch.ones_like(scale)).float()
+            self.optimizer.found_inf = (~finite_t).float()
             self.optimizer.step()
-            self.optimizer.found_inf = None
+            self.optimizer.grad_scale = self.optimizer.found_inf = None
             grad_norm = float(norm)
             finite = math.isfinite(grad_norm)
         else:
+            norm = self._clip_grad_norm()
             grad_norm = float(norm)
             finite = math.isfinite(grad_norm)
             if finite:
@@ -269,12 +276,13 @@ class ArchonEngine:
         dist.all_reduce(t, group=self.dp_group)
         return float(t) / total_weight
 
-    def _clip_grad_norm(self) -> torch.Tensor:
+    def _clip_grad_norm(self, scale_grads: bool = True) -> torch.Tensor:
+        """The global grad norm (before clipping); grads clipped in place unless `scale_grads` is False."""
         from archon_parallel.grad import clip_grad_norm_
 
         max_norm = self.cfg.optimizer.gradient_clipping
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
+        return clip_grad_norm_(params, max_norm if max_norm > 0 and scale_grads else float("inf"),
                                pp_group=self.meshes.group("pp") if self.meshes is not None and self.dims.pp > 1 else None)
 
     def _after_optimizer_step(self) -> None:
