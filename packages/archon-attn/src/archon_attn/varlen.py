@@ -143,8 +143,9 @@ def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torc
 def flash_prefix_attention(q_QHD: torch.Tensor, k_KGD: torch.Tensor, v_KGD: torch.Tensor, *,
                            scale: float | None = None) -> torch.Tensor:
     """One document of Q queries over K >= Q keys: the first K - Q keys (a cached prefix) are all visible,
-    the last Q causally (bottom-right aligned causal mask). FlashAttention varlen (CUDA, fp16/bf16), GQA
-    native: no copies of the keys per query head and no mask tensor."""
+    the last Q causally (bottom-right aligned causal mask). FlashAttention varlen (CUDA, fp16/bf16), no mask
+    tensor; GQA is native except through a public `varlen_attn` without `enable_gqa` (torch 2.11), which gets
+    the K/V heads repeated."""
     Q, K = q_QHD.shape[0], k_KGD.shape[0]
     if K < Q:
         raise ValueError(f"prefix attention needs at least as many keys ({K}) as queries ({Q})")

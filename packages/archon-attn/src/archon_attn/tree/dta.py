@@ -80,7 +80,7 @@ def prefix_attention(
     """Attention of Q new tokens over C cached ancestor tokens (all visible) and causally over themselves.
 
     Gradients flow into the cache tensors too, which is how DTA collects d loss / d (ancestor K, V).
-    Returns o_QHD. CUDA fp16/bf16: FlashAttention with a bottom-right causal mask and native GQA
+    Returns o_QHD. CUDA fp16/bf16: FlashAttention with a bottom-right causal mask
     (`archon_attn.varlen.flash_prefix_attention`); elsewhere SDPA with a lower-right causal bias.
     """
     H = q_QHD.shape[1]
