@@ -35,7 +35,15 @@ from archon_rl.losses import (
 )
 from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
-from archon_rl.sampler import ForwardFn, Generation, KVCache, SamplingConfig, generate, sample_tokens
+from archon_rl.sampler import (
+    ForwardFn,
+    Generation,
+    KVCache,
+    SamplingConfig,
+    generate,
+    sample_tokens,
+    sequence_seeds,
+)
 from archon_rl.segments import (
     from_padded,
     group_index,
@@ -59,5 +67,5 @@ __all__ = [
     "plan_redistribution", "ppo_policy_loss", "redistribute", "rloo_advantages", "segment_mean", "segment_sum",
     "seq_ids", "seq_lens", "split_micro_batches", "sync_num_micro_batches", "to_padded", "token_cost",
     "token_loss_weights", "token_positions", "value_loss",
-    "ForwardFn", "Generation", "KVCache", "SamplingConfig", "generate", "sample_tokens",
+    "ForwardFn", "Generation", "KVCache", "SamplingConfig", "generate", "sample_tokens", "sequence_seeds",
 ]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SamplingConfig", "KVCache", "Generation", "ForwardFn", "sample_tokens", "generate"]
+__all__ = ["SamplingConfig", "KVCache", "Generation", "ForwardFn", "sample_tokens", "generate", "sequence_seeds"]
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, Callable, torch.Tensor], torch.Tensor]
 """``(input_ids [B, S], position_ids [B, S], kv_hook, last_B [B]) -> logits [B, V]`` at column ``last_B[b]``."""
@@ -134,9 +134,51 @@ class KVCache:
         return hook
 
 
-def sample_tokens(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [B] and their logprobs [B] under the model's (untempered, untruncated) distribution."""
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """A 64-bit constant as a signed int64 value (torch integer ops wrap around modulo 2**64)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, elementwise on int64: a counter-based hash (a keyed stream per element)."""
+    x = x + _i64(0x9E3779B97F4A7C15)
+    x = (x ^ _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _i64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def sequence_seeds(seed: int, step: int, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """int64 [B] per-sequence sampling seeds, a function of (seed, step, sequence index) only: a sequence samples
+    the same tokens whatever batch, rank or data-parallel layout it is generated in."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    base = _mix64(torch.tensor([seed * 1_000_003 + step], dtype=torch.long))
+    return _mix64(base ^ _mix64(idx))
+
+
+def _gumbel(seeds_B: torch.Tensor, i: int, V: int) -> torch.Tensor:
+    """Standard Gumbel noise [B, V] for decode step ``i``, from each row's seed (no RNG state)."""
+    v_V = torch.arange(V, device=seeds_B.device, dtype=torch.long)
+    z = _mix64(_mix64(seeds_B + i)[:, None] ^ v_V[None])
+    u = (_shr(z, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+    return -torch.log(-torch.log(u)).float()
+
+
+def sample_tokens(logits_BV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None, *,
+                  seeds_B: torch.Tensor | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] and their logprobs [B] under the model's (untempered, untruncated) distribution.
+
+    With ``seeds_B`` (per-sequence seeds, `sequence_seeds`) a row samples by Gumbel-max with noise hashed from
+    (its seed, ``step``, token id): exact categorical sampling of the tempered, truncated distribution that
+    does not depend on the other rows. Otherwise ``torch.multinomial`` draws from ``generator``."""
     logits_BV = logits_BV.float()
     logp_BV = logits_BV.log_softmax(-1)
     if config.temperature == 0:
@@ -154,16 +196,22 @@ def sample_tokens(logits_BV: torch.Tensor, config: SamplingConfig, generator: to
             drop_BV = probs_BV.cumsum(-1) - probs_BV >= config.top_p
             sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
             scaled_BV = torch.empty_like(scaled_BV).scatter_(-1, order_BV, sorted_BV)
-        tok_B = torch.multinomial(scaled_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+        if seeds_B is not None:
+            tok_B = (scaled_BV + _gumbel(seeds_B, step, V)).argmax(-1)
+        else:
+            tok_B = torch.multinomial(scaled_BV.softmax(-1), 1, generator=generator).squeeze(-1)
     return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(forward_fn: ForwardFn, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
-             device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Generation:
+             device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+             seeds: torch.Tensor | None = None) -> Generation:
     """Generate up to ``config.max_new_tokens`` tokens for every prompt with one forward per step.
 
-    ``generator`` (on ``device``) makes sampling reproducible without touching the global RNG.
+    ``generator`` (on ``device``) makes sampling reproducible without touching the global RNG. ``seeds``
+    (int64 [B], `sequence_seeds`) instead makes each row's tokens a function of its own seed, independent of
+    the batch it is in.
     """
     config.validate()
     if len(prompts) == 0:
@@ -189,8 +237,11 @@ def generate(forward_fn: ForwardFn, prompts: Sequence[Sequence[int]], config: Sa
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     pos_B = prompt_len_B.clone()
     zeros_B = torch.zeros(B, dtype=torch.long, device=device)
+    seeds_B = None if seeds is None else torch.as_tensor(seeds, dtype=torch.long).to(device)
+    if seeds_B is not None and seeds_B.shape != (B,):
+        raise ValueError(f"seeds must have one entry per prompt ({B}), got shape {tuple(seeds_B.shape)}")
     for i in range(L):
-        tok_B, lp_B = sample_tokens(logits_BV, config, generator)
+        tok_B, lp_B = sample_tokens(logits_BV, config, generator, seeds_B=seeds_B, step=i)
         tokens_BL[:, i] = tok_B.masked_fill(done_B, pad)
         logprobs_BL[:, i] = lp_B.masked_fill(done_B, 0.0)
         lengths_B += (~done_B).long()

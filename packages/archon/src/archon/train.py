@@ -59,7 +59,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         t0 = time.perf_counter()
         stats = engine.train_batch(batch, sft_loss, target_tokens)
         dt = time.perf_counter() - t0
-        stats.update(tokens_per_s=batch.num_tokens * engine.dp_rank_world()[1] / max(dt, 1e-9),
+        stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
                      peak_mem_gb=peak_memory_gb(engine.device))
         metrics.log(step + 1, stats)
         history.append(stats)

@@ -199,7 +199,7 @@ class ArchonEngine:
         so the step equals one big batch however the batch was split or sharded.
         """
         t0 = time.perf_counter()
-        stats = self.accumulate_grads(batch, loss_fn, loss_weight_fn)
+        finish_stats = self._accumulate(batch, loss_fn, loss_weight_fn)  # stats are read after the update is queued
         if _skips_on_device(self.optimizer):
             # Clipping and the non-finite skip happen inside the fused AdamW kernel: it divides every grad by
             # grad_scale (norm / max_norm when over the limit: no separate pass over the grads) and skips its
@@ -227,12 +227,19 @@ class ArchonEngine:
         if finite:
             self.version += 1
             self._after_optimizer_step()
-        stats.update(grad_norm=grad_norm, lr=lr, update_skipped=float(not finite), tokens=float(batch.num_tokens),
-                     step_time=time.perf_counter() - t0)
+        stats = finish_stats()
+        stats.update(grad_norm=grad_norm, lr=lr, update_skipped=float(not finite), step_time=time.perf_counter() - t0)
         return stats
 
     def accumulate_grads(self, batch: PackedBatch, loss_fn: LossFn, loss_weight_fn: WeightFn) -> dict[str, float]:
-        """Forward + backward of every micro-batch of `batch` into `.grad` (no optimizer step)."""
+        """Forward + backward of every micro-batch of `batch` into `.grad` (no optimizer step); the loss and the
+        loss function's stats as weighted means over the global batch (all micro-batches and DP ranks)."""
+        return self._accumulate(batch, loss_fn, loss_weight_fn)()
+
+    def _accumulate(self, batch: PackedBatch, loss_fn: LossFn, loss_weight_fn: WeightFn
+                    ) -> Callable[[], dict[str, float]]:
+        """`accumulate_grads` up to the stats: returns the function that reads them, so a caller can queue more
+        device work (the optimizer update) before the host waits for the values."""
         self._ensure_onloaded()
         self.model.train()
         plan = self._micro_batches(batch)
@@ -254,27 +261,42 @@ class ArchonEngine:
         self._sync_replica_grads(held)
         # Sum on the device and read everything once at the end: a host read per micro-batch would stall the
         # CPU until the GPU drained its queue, leaving the GPU idle while the next micro-batch is launched.
+        # Padding micro-batches (mb None) add their stats keys with weight 0, so every data-parallel rank holds
+        # the same keys for the one all-reduce below.
         for mb, w, (loss, stats) in zip(mbs, weights, results):
             if mb is not None:
                 loss_sum = loss_sum + loss.detach().double()
-                for k, v in stats.items():
-                    v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
-                    stats_acc[k] = stats_acc.get(k, 0.0) + v * w
+            for k, v in stats.items():
+                v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                stats_acc[k] = stats_acc.get(k, 0.0) + v * (w if mb is not None else 0.0)
         self._fix_expert_grad_scale()
-        local_w = max(sum(weights), 1e-12)
-        keys = list(stats_acc)
-        values = _host_floats([loss_sum, *(stats_acc[k] for k in keys)])
-        out_stats = {k: v / local_w for k, v in zip(keys, values[1:])}
-        out_stats["loss"] = self._global_mean(values[0], total_w)
-        out_stats.update(self.runner.pop_stats())
-        return out_stats
+        keys = sorted(stats_acc)
+        sums = self._global_sums([loss_sum, float(batch.num_tokens), *(stats_acc[k] for k in keys)])
 
-    def _global_mean(self, local_sum: float, total_weight: float) -> float:
-        if self.dp_group is None:
-            return local_sum / total_weight
-        t = torch.tensor(local_sum, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.dp_group)
-        return float(t) / total_weight
+        def finish() -> dict[str, float]:
+            values = sums.tolist()  # the one device->host read of the step's stats
+            # weighted means over the global batch (every micro-batch of every data-parallel rank)
+            out_stats = {k: v / total_w for k, v in zip(keys, values[2:])}
+            out_stats.update(loss=values[0] / total_w, tokens=values[1])  # tokens: the global batch's
+            out_stats.update(self.runner.pop_stats())
+            return out_stats
+
+        return finish
+
+    def _global_sums(self, values: list) -> torch.Tensor:
+        """float64 [len(values)] of floats and device scalars, summed over the data-parallel ranks, built and
+        reduced without a host sync (host floats travel through pinned memory)."""
+        from archon_attn import to_device
+
+        dev = self.device if self.dp_group is not None or any(isinstance(v, torch.Tensor) for v in values) \
+            else torch.device("cpu")
+        host = to_device(torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
+                                      dtype=torch.float64), dev)  # one non-blocking copy for every host float
+        t = torch.stack([v.to(dev, torch.float64).reshape(()) if isinstance(v, torch.Tensor) else host[i]
+                         for i, v in enumerate(values)])
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
 
     def _clip_grad_norm(self, scale_grads: bool = True) -> torch.Tensor:
         """The global grad norm (before clipping); grads clipped in place unless `scale_grads` is False."""
@@ -372,13 +394,6 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return all(g.get("fused") for g in optimizer.param_groups) and all(
         type(p) is torch.nn.Parameter and p.is_cuda for p in params)
-
-
-def _host_floats(values: list) -> list[float]:
-    """Python floats of a mix of floats and (device) scalar tensors, in one device->host read."""
-    tensors = [v.reshape(()) for v in values if isinstance(v, torch.Tensor)]
-    read = iter(torch.stack([t.to(tensors[0].device, torch.float64) for t in tensors]).tolist() if tensors else [])
-    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _dummy_batch(like: PackedBatch) -> PackedBatch:

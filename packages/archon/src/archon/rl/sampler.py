@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from archon_rl import Generation, SamplingConfig, generate
+from archon_rl import Generation, SamplingConfig, generate, sequence_seeds
 
 __all__ = ["decoder_forward_fn", "EmbeddedSampler"]
 
@@ -48,12 +48,19 @@ class EmbeddedSampler:
         """The sampling RNG of ``step``: a pure function of (seed, step)."""
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
 
-    def generate(self, prompts: Sequence[Sequence[int]], step: int = 0) -> Generation:
+    def generate(self, prompts: Sequence[Sequence[int]], step: int = 0,
+                 indices: Sequence[int] | None = None) -> Generation:
+        """Responses for ``prompts``. With ``indices`` (each prompt's index in the step's global batch) every
+        row samples from its own seed, `archon_rl.sequence_seeds(seed, step, index)`: the same tokens however
+        the batch is split over data-parallel ranks. Without, one generator of (seed, step) drives the batch."""
+        if indices is not None and len(indices) != len(prompts):
+            raise ValueError(f"indices has {len(indices)} entries for {len(prompts)} prompts")
+        seeds = sequence_seeds(self.seed, step, indices) if indices is not None else None
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), torch.compiler.set_stance("force_eager"), self.autocast():
                 return generate(decoder_forward_fn(self.model), prompts, self.config, device=self.device,
-                                generator=self.generator(step))
+                                generator=None if seeds is not None else self.generator(step), seeds=seeds)
         finally:
             self.model.train(was_training)

@@ -5,6 +5,10 @@ sampler (the trainer's own weights) -> rewards -> old logprobs / reference logpr
 advantages -> PPO update over ``n_minibatches`` (actor, and critic for GAE) -> optional weight export
 and in-memory weight callbacks. Every source of randomness is a function of (seed, step), so a run is
 reproducible and resumable.
+
+Under ``torchrun`` with ``archon:dN`` and ``dp_layout: zero1`` every rank holds a full replica, samples its
+share of the step's prompt groups, and the update sums gradients over ranks. Each response samples from its own
+seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one process's.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ class RLTrainer:
         total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=cfg.device).initialize()
+        self.dp_rank, self.dp_world = self.engine.dp_rank_world()
         if self.engine.world_size > 1:
-            raise ValueError("archon rl runs the embedded sampler on the trainer's single device; "
-                             "use allocation_mode=archon:d1 (one process)")
+            _check_replicas(cfg, self.engine)
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
         self.critic = None
@@ -63,6 +67,9 @@ class RLTrainer:
                                        device=self.engine.device, autocast=self.engine._autocast)
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size
+        if self.num_prompts % self.dp_world:
+            raise ValueError(f"rl.batch_size / rl.group_size = {self.num_prompts} prompts per step must be divisible "
+                             f"by the {self.dp_world} data-parallel ranks (each rank samples whole groups)")
 
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
@@ -85,31 +92,55 @@ class RLTrainer:
         from archon.train import sft_loss, target_tokens
 
         d, n = self.cfg.data, self.cfg.rl.sft_warmup_steps
-        data = synthetic_batches(d.task, self.cfg.rl.batch_size, d.num_digits, d.seed + 7919)
+        data = synthetic_batches(d.task, self.cfg.rl.batch_size, d.num_digits, d.seed + 7919, rank=self.dp_rank,
+                                 world=self.dp_world)
         rows = [self.engine.train_batch(next(data), sft_loss, target_tokens) for _ in range(n)]
         if self.ref is not None:  # the reference policy is the warmed-up one
             self.ref.model.load_state_dict(self.engine.model.state_dict())
         return rows
 
     def rollout(self, prompts: list[tuple[list[int], dict]], step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Generate ``group_size`` responses per prompt, score them, and pack a RolloutBatch."""
+        """Generate ``group_size`` responses per prompt, score them, and pack a RolloutBatch.
+
+        ``prompts`` is the step's global list (the same on every rank); this rank samples its contiguous share
+        of whole groups. Every response samples from its own seed (seed, step, global index), so the rollouts,
+        and with one minibatch the whole run, equal one process's whatever the number of ranks. Stats are over
+        the global batch."""
         g = self.cfg.rl.group_size
-        prompt_ids = [p for p, _ in prompts for _ in range(g)]
-        fields = [f for _, f in prompts for _ in range(g)]
+        per_rank = len(prompts) // self.dp_world
+        first = self.dp_rank * per_rank
+        mine = prompts[first:first + per_rank]
+        prompt_ids = [p for p, _ in mine for _ in range(g)]
+        fields = [f for _, f in mine for _ in range(g)]
         t0 = time.perf_counter()
-        gen = self.sampler.generate(prompt_ids, step)
+        gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
         gen_time = time.perf_counter() - t0
         responses, logps = gen.responses(), gen.response_logprobs()
         rewards = [float(self.reward_fn(p, r, **f)) for p, r, f in zip(prompt_ids, responses, fields)]
         samples = [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
-                    "group_id": step * self.num_prompts + i // g, "version": self.engine.version}
+                    "group_id": step * self.num_prompts + first + i // g, "version": self.engine.version}
                    for i, (p, r, lp, rw) in enumerate(zip(prompt_ids, responses, logps, rewards))]
         batch = RolloutBatch.from_sequences(samples)
         lens = gen.lengths_B.float()
-        stats = {"reward": sum(rewards) / len(rewards), "reward_max": max(rewards), "reward_min": min(rewards),
-                 "response_len": float(lens.mean()), "stop_frac": float(gen.stopped_B.float().mean()),
-                 "gen_time": gen_time, "gen_tokens_per_s": float(lens.sum()) / max(gen_time, 1e-9)}
+        n, r_sum, len_sum, stops, r_max, r_min, gen_time = self._global_stats(
+            [len(rewards), sum(rewards), float(lens.sum()), float(gen.stopped_B.float().sum())],
+            [max(rewards), -min(rewards), gen_time])
+        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "response_len": len_sum / n,
+                 "stop_frac": stops / n, "gen_time": gen_time, "gen_tokens_per_s": len_sum / max(gen_time, 1e-9)}
         return batch, stats
+
+    def _global_stats(self, sums: list[float], maxes: list[float]) -> list[float]:
+        """``sums`` summed and ``maxes`` maxed over the data-parallel ranks (as they are on one rank)."""
+        if self.dp_world == 1:
+            return [float(v) for v in sums + maxes]
+        import torch.distributed as dist
+
+        group, device = self.engine.dp_group, self.engine.device
+        s = torch.tensor(sums, dtype=torch.float64, device=device)
+        m = torch.tensor(maxes, dtype=torch.float64, device=device)
+        dist.all_reduce(s, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        return s.tolist() + m.tolist()
 
     def step(self, step: int, prompts: list[tuple[list[int], dict]]) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -122,8 +153,9 @@ class RLTrainer:
         if self.critic is not None:
             stats.update(self.critic.ppo_update(batch, step))
         dt = time.perf_counter() - t0
+        (tokens,) = self._global_stats([float(batch.num_tokens)], [])
         stats.update(train_time=time.perf_counter() - t1, step_time=dt, version=self.engine.version,
-                     tokens_per_s=batch.num_tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
+                     tokens_per_s=tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
         stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
         self._after_update(step)
         return stats
@@ -158,8 +190,8 @@ class RLTrainer:
 
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
             start = ckpt.maybe_resume()
-        metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, progress_bar=cfg.log.progress_bar,
-                                start_step=start)
+        metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
+                                progress_bar=cfg.log.progress_bar, start_step=start)
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
@@ -178,6 +210,20 @@ class RLTrainer:
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
+
+
+def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
+    """Several ranks: each samples from its own full replica, so every engine must be `archon:dN` with
+    dp_layout=zero1 (an FSDP2-sharded model would need every rank in every decode step)."""
+    if engine.dims.dp_shard * engine.dims.dp_replicate != engine.world_size:
+        raise ValueError(f"archon rl on {engine.world_size} ranks is data parallel only: use allocation_mode="
+                         f"archon:d{engine.world_size} with actor.archon.dp_layout=zero1")
+    engines = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if cfg.rl.estimator == "gae" else [])
+    for name, c in engines:
+        if c.archon.dp_layout != "zero1":
+            raise ValueError(f"archon rl on {engine.world_size} ranks samples on every rank from a full model "
+                             f"replica: set {name}.archon.dp_layout=zero1 (FSDP2 shards the weights the sampler "
+                             "needs)")
 
 
 def _has_weights(path: str) -> bool:

@@ -1,0 +1,57 @@
+"""`archon rl` on 2 gloo ranks (archon:d2, zero1 replicas) equals one process: the same rollouts (each response
+samples from its own seed), rewards, losses and final weights; FSDP2-sharded RL is rejected with the fix named."""
+
+import types
+from pathlib import Path
+
+import pytest
+from archon.config.fields import load_config
+from archon.rl import RLConfig, RLTrainer
+from archon_parallel.dims import ParallelDims
+from archon_parallel.testing import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+# wall-clock metrics, and the loss's per-micro-batch token count (a micro-batch is half as long on 2 ranks)
+TIMINGS = {"gen_time", "gen_tokens_per_s", "step_time", "train_time", "tokens_per_s", "peak_mem_gb", "num_tokens"}
+BASE = ["--total_train_steps=2", "--rl.sft_warmup_steps=2", "--rl.batch_size=32", "--rl.n_minibatches=1",
+        "--log.progress_bar=false", "--device=cpu", f"--actor.path={ROOT / 'examples/tiny_qwen3/config.json'}",
+        f"--reward.fn={ROOT / 'examples/rewards.py'}:digit_reward"]
+
+
+def _run(log_dir: str, *overrides: str) -> dict:
+    cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"), [*BASE, f"--log.dir={log_dir}", *overrides])
+    trainer = RLTrainer(cfg)
+    history = trainer.run()
+    params = {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}
+    return {"history": history, "params": params}
+
+
+def rl_two_ranks(rank: int, world: int, log_dir: str) -> dict:
+    return _run(f"{log_dir}/r{rank}", "--allocation_mode=archon:d2", "--actor.archon.dp_layout=zero1")
+
+
+def test_rl_on_two_replicas_equals_one_process(tmp_path):
+    ref = _run(str(tmp_path / "one"))
+    for got in run_ranks(rl_two_ranks, 2, str(tmp_path / "two"), timeout=400):
+        for a, b in zip(ref["history"], got["history"]):
+            assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # the same rollouts
+            assert a.keys() == b.keys()
+            for key in sorted(set(a) - TIMINGS):  # every metric is over the global batch, on every rank
+                assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1e-6), (key, a[key], b[key])
+        for n, p in ref["params"].items():
+            rel = float((got["params"][n] - p).norm() / p.norm().clamp(min=1e-30))
+            assert rel <= 1e-5, f"{n}: {rel:.2e}"
+
+
+def test_rl_on_several_ranks_needs_zero1_replicas():
+    from archon.rl.trainer import _check_replicas
+
+    cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"), BASE)
+    engine = types.SimpleNamespace(world_size=2, dims=ParallelDims.from_allocation("archon:d2", 2))
+    with pytest.raises(ValueError, match="actor.archon.dp_layout=zero1"):
+        _check_replicas(cfg, engine)
+    cfg.actor.archon.dp_layout = "zero1"
+    _check_replicas(cfg, engine)
+    engine.dims = ParallelDims.from_allocation("archon:t2", 2)
+    with pytest.raises(ValueError, match="data parallel only"):
+        _check_replicas(cfg, engine)
