@@ -26,17 +26,23 @@ def _run(log_dir: str, *overrides: str) -> dict:
     return {"history": history, "params": params}
 
 
-def rl_two_ranks(rank: int, world: int, log_dir: str) -> dict:
-    return _run(f"{log_dir}/r{rank}", "--allocation_mode=archon:d2", "--actor.archon.dp_layout=zero1")
+def rl_two_ranks(rank: int, world: int, log_dir: str, extra: list[str]) -> dict:
+    return _run(f"{log_dir}/r{rank}", "--allocation_mode=archon:d2", "--actor.archon.dp_layout=zero1",
+                "--critic.archon.dp_layout=zero1", *extra)
 
 
-def test_rl_on_two_replicas_equals_one_process(tmp_path):
-    ref = _run(str(tmp_path / "one"))
-    for got in run_ranks(rl_two_ranks, 2, str(tmp_path / "two"), timeout=400):
+@pytest.mark.parametrize("extra", [[], ["--rl.estimator=gae", "--rl.kl_coef=0.05", "--rl.sft_warmup_steps=0",
+                                         "--critic.dtype=float32"]],  # fp32 like the actor: bf16 noise is 2e-3
+                         ids=["grpo", "gae+critic+kl_ref"])
+def test_rl_on_two_replicas_equals_one_process(tmp_path, extra):
+    """GRPO; and PPO with a critic (GAE, advantages whitened over the global batch) plus a KL penalty to a
+    frozen reference engine."""
+    ref = _run(str(tmp_path / "one"), *extra)
+    for got in run_ranks(rl_two_ranks, 2, str(tmp_path / "two"), extra, timeout=400):
         for a, b in zip(ref["history"], got["history"]):
             assert a["reward"] == b["reward"] and a["response_len"] == b["response_len"]  # the same rollouts
             assert a.keys() == b.keys()
-            for key in sorted(set(a) - TIMINGS):  # every metric is over the global batch, on every rank
+            for key in sorted(k for k in a if k.split("/")[-1] not in TIMINGS):  # global-batch metrics, every rank
                 assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1e-6), (key, a[key], b[key])
         for n, p in ref["params"].items():
             rel = float((got["params"][n] - p).norm() / p.norm().clamp(min=1e-30))
