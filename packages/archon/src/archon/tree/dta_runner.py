@@ -124,7 +124,7 @@ class DtaTreeRunner(TreeRunner):
         s, n = plan.start_B[b], plan.length_B[b]
         tok_Q, pos_Q = plan.tree.tokens_N[s:s + n], plan.tree.depth_N[s:s + n]
         hook = _PrefixKVHook(tuple(path))
-        cu = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+        cu = torch.tensor([0, n], dtype=torch.int32)  # on the host: the meta is built there, copied non-blocking
         rows_b = plan.rows_B[b]
         with self.autocast():
             if self.head == "value":

@@ -42,7 +42,7 @@ class SparseTreeRunner(TreeRunner):
         tree = self._last_tree = self.build_tree(mb)
         rows = tree_rows(tree, self.head)
         hook = _TreeAttnHook(TreeAttnMeta.build(tree, self.attn_impl), self.attn_impl)
-        cu = torch.tensor([0, tree.num_tree_tokens], dtype=torch.int32, device=self.device)
+        cu = torch.tensor([0, tree.num_tree_tokens], dtype=torch.int32)  # host: no blocking device copy
         with self.autocast():
             if self.head == "value":
                 v_N = self.model(tree.tokens_N, position_ids=tree.depth_N, cu_seqlens=cu, kv_hook=hook)
