@@ -11,8 +11,7 @@ from archon_parallel.dims import ParallelDims
 from archon_parallel.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-# wall-clock metrics, and the loss's per-micro-batch token count (a micro-batch is half as long on 2 ranks)
-TIMINGS = {"gen_time", "gen_tokens_per_s", "step_time", "train_time", "tokens_per_s", "peak_mem_gb", "num_tokens"}
+TIMINGS = {"gen_time", "gen_tokens_per_s", "step_time", "train_time", "tokens_per_s", "peak_mem_gb"}  # wall clock
 BASE = ["--total_train_steps=2", "--rl.sft_warmup_steps=2", "--rl.batch_size=32", "--rl.n_minibatches=1",
         "--log.progress_bar=false", "--device=cpu", f"--actor.path={ROOT / 'examples/tiny_qwen3/config.json'}",
         f"--reward.fn={ROOT / 'examples/rewards.py'}:digit_reward"]

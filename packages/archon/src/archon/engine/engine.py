@@ -194,7 +194,8 @@ class ArchonEngine:
         """One optimizer step over `batch`, split into micro-batches by the token budget.
 
         `loss_fn(outputs, mb)` returns the loss SUMMED over the micro-batch's weighted tokens (optionally with a
-        stats dict of micro-batch means); `loss_weight_fn(mb)` returns that weight (e.g. the number of loss
+        stats dict of micro-batch means, reported as weighted means over the global batch, and counts named
+        `num_*`, reported as global sums); `loss_weight_fn(mb)` returns that weight (e.g. the number of loss
         tokens). The engine divides by the global weight, summed over micro-batches and data-parallel ranks,
         so the step equals one big batch however the batch was split or sharded.
         """
@@ -268,7 +269,8 @@ class ArchonEngine:
                 loss_sum = loss_sum + loss.detach().double()
             for k, v in stats.items():
                 v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
-                stats_acc[k] = stats_acc.get(k, 0.0) + v * (w if mb is not None else 0.0)
+                weight = (1.0 if k.startswith("num_") else w) if mb is not None else 0.0  # counts add up
+                stats_acc[k] = stats_acc.get(k, 0.0) + v * weight
         self._fix_expert_grad_scale()
         keys = sorted(stats_acc)
         sums = self._global_sums([loss_sum, float(batch.num_tokens), *(stats_acc[k] for k in keys)])
@@ -276,7 +278,7 @@ class ArchonEngine:
         def finish() -> dict[str, float]:
             values = sums.tolist()  # the one device->host read of the step's stats
             # weighted means over the global batch (every micro-batch of every data-parallel rank)
-            out_stats = {k: v / total_w for k, v in zip(keys, values[2:])}
+            out_stats = {k: v if k.startswith("num_") else v / total_w for k, v in zip(keys, values[2:])}
             out_stats.update(loss=values[0] / total_w, tokens=values[1])  # tokens: the global batch's
             out_stats.update(self.runner.pop_stats())
             return out_stats
