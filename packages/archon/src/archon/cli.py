@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from archon.config.fields import describe, load_config
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--dtype", default="bfloat16", help="export dtype (bfloat16 | float32)")
     parser.epilog = _fields_epilog(TrainConfig).replace("config fields", "`archon train` config fields", 1)
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # under torchrun, INFO lines come from rank 0 only (every rank would print the same step logs)
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command is None:
         parser.print_help()
         return 1
