@@ -142,3 +142,19 @@ def test_fused_clipping_equals_clip_then_step_cuda(tmp_path, monkeypatch):
         assert n_f == pytest.approx(n_h, rel=1e-5) and (max_norm < n_h[0]) == (max_norm == 1e-3)
         for n in p_f:
             torch.testing.assert_close(p_f[n], p_h[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_batch_to_moves_without_revalidating(monkeypatch):
+    """`PackedBatch.to` copies every field and does not validate again: validation reads cu_seqlens on the host,
+    which for a device batch in the middle of a step would wait for the GPU (checked here by making
+    validation raise after the batch was built)."""
+    batch = _batch(2)
+    batch.token_extras["adv"] = torch.randn(batch.num_tokens)
+    batch.seq_extras["reward"] = torch.randn(batch.num_seqs)
+    monkeypatch.setattr(PackedBatch, "validate", lambda self: (_ for _ in ()).throw(AssertionError("validated")))
+    moved = batch.to("cpu")
+    for name in ("input_ids", "cu_seqlens", "loss_mask"):
+        assert torch.equal(getattr(moved, name), getattr(batch, name))
+    assert torch.equal(moved.token_extras["adv"], batch.token_extras["adv"])
+    assert torch.equal(moved.seq_extras["reward"], batch.seq_extras["reward"])
+    assert moved.token_extras is not batch.token_extras  # a new batch, not an alias of the caller's dicts

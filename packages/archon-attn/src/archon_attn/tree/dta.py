@@ -20,8 +20,6 @@ from archon_attn.tree.trie import PackedTree, trie_nodes
 
 __all__ = ["DtaSchedule", "dta_schedule", "prefix_attention"]
 
-_flash_prefix_enabled = True  # tests switch it off to compare against the SDPA path on the same GPU
-
 
 @dataclass(frozen=True)
 class DtaSchedule:
@@ -90,7 +88,7 @@ def prefix_attention(
     G = k_QGD.shape[1]
     if H % G:
         raise ValueError(f"{H} query heads are not a multiple of {G} kv heads")
-    if q_QHD.is_cuda and q_QHD.dtype in (torch.float16, torch.bfloat16) and _flash_prefix_enabled:
+    if q_QHD.is_cuda and q_QHD.dtype in (torch.float16, torch.bfloat16):
         from archon_attn.varlen import flash_prefix_attention
 
         return flash_prefix_attention(q_QHD, k_QGD, v_QGD, scale=scale)

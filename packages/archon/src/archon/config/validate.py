@@ -97,6 +97,11 @@ def compile_enabled(cfg, device: torch.device) -> bool:
     return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
 
 
+def fsdp_sharded(cfg, dims) -> bool:
+    """Whether FSDP2 shards the model: data sharding under dp_layout=fsdp, or experts sharded over edp."""
+    return (dims.fsdp_enabled and cfg.archon.dp_layout == "fsdp") or (dims.ep_enabled and dims.edp > 1)
+
+
 def compile_scope(cfg, dims, device: torch.device) -> str:
     """`actor.archon.compile_scope`, checked (rules compile-stack-*). `stack` compiles all blocks as one graph
     (one dynamo/AOT host overhead per pass instead of one per block); it cannot hold FSDP2's per-block hooks,
@@ -106,7 +111,7 @@ def compile_scope(cfg, dims, device: torch.device) -> str:
     if a.compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"actor.archon.compile_scope {a.compile_scope!r} is not one of {COMPILE_SCOPES}")
     if a.compile_scope == "stack":
-        if (dims.fsdp_enabled and a.dp_layout == "fsdp") or (dims.ep_enabled and dims.edp > 1):
+        if fsdp_sharded(cfg, dims):
             raise ValueError("rule compile-stack-with-fsdp: compile_scope=stack would put FSDP2's per-block "
                              "all-gathers inside one graph; with data sharding (d>1 with dp_layout=fsdp, or experts "
                              "sharded over data-parallel ranks) use compile_scope=block")
@@ -127,7 +132,7 @@ def validate_compile_mode(cfg, dims, device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError("rule compile-mode-cuda-graphs-needs-cuda: compile_mode=reduce-overhead records CUDA graphs; "
                          "use compile_mode=default on this device")
-    if (dims.fsdp_enabled and a.dp_layout == "fsdp") or dims.ep_enabled or dims.tp > 1 or dims.cp > 1 or dims.pp > 1:
+    if fsdp_sharded(cfg, dims) or dims.ep_enabled or dims.tp > 1 or dims.cp > 1 or dims.pp > 1:
         raise ValueError("rule compile-mode-cuda-graphs-layout: compile_mode=reduce-overhead is supported on one GPU "
                          "or zero1 replicas (archon:dN with dp_layout=zero1); use compile_mode=default here")
     if a.tree_training_mode != "disabled":

@@ -8,6 +8,7 @@ sequence starts). T: packed tokens, N: sequences.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,15 +93,18 @@ class PackedBatch:
         return torch.arange(int(lengths.sum())) + torch.repeat_interleave(starts - base, lengths)
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        """The batch on `device`. Host -> accelerator copies go through pinned memory without blocking, so
-        moving a micro-batch in the middle of a step does not wait for the GPU to drain its queue."""
+        """The batch on `device`. Host -> accelerator copies go through pinned memory without blocking, and the
+        already validated contents are not validated again (that reads `cu_seqlens` on the host, which for a
+        device copy would wait for the GPU to drain its queue)."""
         from archon_attn import to_device
 
         device = torch.device(device)
-        return PackedBatch(to_device(self.input_ids, device), to_device(self.cu_seqlens, device),
-                           to_device(self.loss_mask, device),
-                           {k: to_device(v, device) for k, v in self.token_extras.items()},
-                           {k: to_device(v, device) for k, v in self.seq_extras.items()})
+        moved = copy.copy(self)  # no __post_init__
+        moved.input_ids, moved.cu_seqlens, moved.loss_mask = (
+            to_device(t, device) for t in (self.input_ids, self.cu_seqlens, self.loss_mask))
+        moved.token_extras = {k: to_device(v, device) for k, v in self.token_extras.items()}
+        moved.seq_extras = {k: to_device(v, device) for k, v in self.seq_extras.items()}
+        return moved
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in ("input_ids", "cu_seqlens", "loss_mask"):
