@@ -71,3 +71,30 @@ def test_flash_prefix_attention_equals_naive_cuda(C, Q):
     torch.testing.assert_close(o, ref_o.float(), atol=2e-2, rtol=2e-2)
     for got, ref in zip(grads, ref_g):
         torch.testing.assert_close(got, ref.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_flash_prefix_attention_packed_siblings_cuda():
+    """Siblings packed in one DTA call (FlashAttention, keys laid out [cache; own] per sibling) against each sibling
+    run alone through the same kernel: outputs and every gradient, including the cache's summed over siblings."""
+    from archon_attn.tree.dta import prefix_attention
+
+    H, G, D, C, segs = 8, 2, 64, 300, [77, 1, 130]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    Q = sum(segs)
+    xs = [torch.randn(n, h, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+          for n, h in ((Q, H), (Q, G), (Q, G), (C, G), (C, G))]
+    w = torch.randn(Q, H, D, device="cuda", generator=gen)
+
+    def grads(packed: bool):
+        q, k, v, kc, vc = (x.detach().clone().requires_grad_() for x in xs)
+        if packed:
+            o = prefix_attention(q, k, v, kc, vc, scale=0.2, seg_lens=segs)
+        else:
+            bounds = [0, segs[0], segs[0] + segs[1], Q]
+            o = torch.cat([prefix_attention(q[a:b], k[a:b], v[a:b], kc, vc, scale=0.2)
+                           for a, b in zip(bounds, bounds[1:])])
+        (o.float() * w).sum().backward()
+        return [o.float()] + [x.grad.float() for x in (q, k, v, kc, vc)]
+
+    for got, ref in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)

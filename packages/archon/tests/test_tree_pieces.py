@@ -49,6 +49,50 @@ def test_prefix_attention_equals_naive_and_grads_reach_cache():
     torch.testing.assert_close(prefix_attention(q, k, v), prefix_attention(q, k, v, kc[:0], vc[:0]))
 
 
+def test_prefix_attention_packed_siblings_equals_naive():
+    """Siblings packed in one call each see the whole cache and causally themselves, never each other; the cache
+    grads sum over siblings. Reference: one float64 masked softmax over [cache; all packed tokens]."""
+    g = torch.Generator().manual_seed(3)
+    C, segs, H, G, D = 6, [3, 1, 5], 4, 2, 8
+    Q = sum(segs)
+    q, k, v, kc, vc = (torch.randn(n, h, D, generator=g, dtype=torch.float64, requires_grad=True)
+                       for n, h in ((Q, H), (Q, G), (Q, G), (C, G), (C, G)))
+    o = prefix_attention(q, k, v, kc, vc, scale=0.3, seg_lens=segs)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor(segs))
+    pos = torch.arange(Q)
+    visible = torch.cat([torch.ones(Q, C, dtype=torch.bool), (doc[:, None] == doc[None]) & (pos[None] <= pos[:, None])], 1)
+    kk, vv = torch.cat([kc, k]).repeat_interleave(2, 1), torch.cat([vc, v]).repeat_interleave(2, 1)
+    s = torch.einsum("qhd,khd->hqk", q, kk) * 0.3
+    ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~visible, float("-inf")).softmax(-1), vv)
+    torch.testing.assert_close(o, ref)
+    w = torch.randn(Q, H, D, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((o * w).sum(), (q, k, v, kc, vc))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v, kc, vc))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="sum to"):
+        prefix_attention(q, k, v, kc, vc, seg_lens=[3, 1])
+
+
+@pytest.mark.parametrize("budget", [0, 4, 9])
+def test_dta_units_pack_sibling_leaves_under_the_budget(budget):
+    from archon.tree.dta_runner import _units
+
+    # one shared prompt with four leaf answers (lengths 2, 3, 4, 1), plus a sequence of its own (a root leaf)
+    prompt = [7, 8, 9]
+    seqs = [prompt + [1, 2], prompt + [3, 4, 5], prompt + [6, 6, 6, 6], prompt + [5], [11, 12, 13]]
+    tree = build_tree([torch.tensor(x) for x in seqs])
+    sched = dta_schedule(tree, 0)
+    units = _units(sched, [torch.empty(0, dtype=torch.int64)] * sched.num_blocks, budget)
+    leaves = [u for u in units if u.parent >= 0]
+    assert [u.internal for u in units].count(True) == 1 and units[0].internal and units[0].seg_lens == [3]
+    assert sorted(n for u in leaves for n in u.seg_lens) == [1, 2, 3, 4]  # every answer exactly once
+    assert all(u.parent == 0 and not u.internal for u in leaves)
+    if budget:
+        assert all(u.length <= budget for u in leaves)
+    assert len(leaves) == {0: 1, 4: 3, 9: 2}[budget]  # DFS order of the answers is 2, 3, 1, 4 tokens
+
+
 def _cfg(mode: str) -> ActorConfig:
     a = ActorConfig()
     a.archon.tree_training_mode = mode

@@ -17,6 +17,7 @@ Legend: T packed tokens, H query heads, G key/value heads, D head dim.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from archon_attn.backend import AttentionBackend, check_qkv, register_attention_backend
-from archon_attn.meta import AttnMeta
+from archon_attn.meta import AttnMeta, to_device
 from archon_attn.sdpa import dense_mask_attention, repeat_kv
 
 __all__ = ["VarlenBackend", "causal_sdpa_one_document", "flash_prefix_attention", "flash_varlen_attention",
@@ -141,20 +142,32 @@ def flash_varlen_attention(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torc
 
 
 def flash_prefix_attention(q_QHD: torch.Tensor, k_KGD: torch.Tensor, v_KGD: torch.Tensor, *,
-                           scale: float | None = None) -> torch.Tensor:
-    """One document of Q queries over K >= Q keys: the first K - Q keys (a cached prefix) are all visible,
-    the last Q causally (bottom-right aligned causal mask). FlashAttention varlen (CUDA, fp16/bf16), no mask
-    tensor; GQA is native except through a public `varlen_attn` without `enable_gqa` (torch 2.11), which gets
-    the K/V heads repeated."""
+                           scale: float | None = None, seg_q: list[int] | None = None,
+                           seg_k: list[int] | None = None) -> torch.Tensor:
+    """Documents of queries over at least as many keys each: a document's first K - Q keys (a cached
+    prefix) are all visible, its last Q causally (bottom-right aligned causal mask). One document unless
+    ``seg_q`` / ``seg_k`` (host lists) give each document's query and key counts. FlashAttention varlen
+    (CUDA, fp16/bf16), no mask tensor; GQA is native except through a public `varlen_attn` without
+    `enable_gqa` (torch 2.11), which gets the K/V heads repeated."""
     Q, K = q_QHD.shape[0], k_KGD.shape[0]
-    if K < Q:
-        raise ValueError(f"prefix attention needs at least as many keys ({K}) as queries ({Q})")
+    seg_q = [Q] if seg_q is None else seg_q
+    seg_k = [K] if seg_k is None else seg_k
+    if len(seg_q) != len(seg_k) or sum(seg_q) != Q or sum(seg_k) != K:
+        raise ValueError(f"prefix attention segments do not match: queries {seg_q} (of {Q}), keys {seg_k} (of {K})")
+    if any(k < q for q, k in zip(seg_q, seg_k)):
+        raise ValueError(f"prefix attention needs at least as many keys as queries per document: {seg_q} vs {seg_k}")
     scale = 1.0 / math.sqrt(q_QHD.shape[-1]) if scale is None else scale
-    step = torch.arange(2, dtype=torch.int32, device=q_QHD.device)  # built on the device: no host copy
-    cu_q, cu_k = step * Q, step * K
+    if len(seg_q) == 1:
+        step = torch.arange(2, dtype=torch.int32, device=q_QHD.device)  # built on the device: no host copy
+        cu_q, cu_k = step * Q, step * K
+    else:
+        bounds = [[0, *itertools.accumulate(seg_q)], [0, *itertools.accumulate(seg_k)]]
+        cu_q, cu_k = to_device(torch.tensor(bounds, dtype=torch.int32), q_QHD.device)  # one non-blocking copy
+    max_q, max_k = max(seg_q), max(seg_k)
     if has_public_varlen_attn():
-        return _public_flash(q_QHD, k_KGD, v_KGD, cu_q, Q, scale, cu_k=cu_k, max_k=K)
-    return _aten_flash_fwd(q_QHD.contiguous(), k_KGD.contiguous(), v_KGD.contiguous(), cu_q, cu_k, Q, K, scale)[0]
+        return _public_flash(q_QHD, k_KGD, v_KGD, cu_q, max_q, scale, cu_k=cu_k, max_k=max_k)
+    return _aten_flash_fwd(q_QHD.contiguous(), k_KGD.contiguous(), v_KGD.contiguous(), cu_q, cu_k, max_q, max_k,
+                           scale)[0]
 
 
 def causal_sdpa_one_document(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, *,

@@ -74,15 +74,24 @@ def prefix_attention(
     v_cache_CGD: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    seg_lens: list[int] | None = None,
 ) -> torch.Tensor:
     """Attention of Q new tokens over C cached ancestor tokens (all visible) and causally over themselves.
 
-    Gradients flow into the cache tensors too, which is how DTA collects d loss / d (ancestor K, V).
-    Returns o_QHD. CUDA fp16/bf16: FlashAttention with a bottom-right causal mask
-    (`archon_attn.varlen.flash_prefix_attention`); elsewhere SDPA with a lower-right causal bias.
+    ``seg_lens`` (host list summing to Q) packs several sibling documents that share the cache: each sees
+    the whole cache and causally its own tokens only, never a sibling's. Gradients flow into the cache
+    tensors too (summed over the siblings), which is how DTA collects d loss / d (ancestor K, V).
+    Returns o_QHD. CUDA fp16/bf16: FlashAttention varlen with a bottom-right causal mask
+    (`archon_attn.varlen.flash_prefix_attention`); elsewhere SDPA with a lower-right causal bias (one
+    document) or a dense mask (several).
     """
-    H = q_QHD.shape[1]
-    if k_cache_CGD is not None and k_cache_CGD.shape[0] > 0:
+    Q, H = q_QHD.shape[0], q_QHD.shape[1]
+    if seg_lens is not None and (sum(seg_lens) != Q or min(seg_lens, default=0) < 1):
+        raise ValueError(f"seg_lens {seg_lens} must be positive and sum to the {Q} query tokens")
+    if seg_lens is not None and len(seg_lens) == 1:
+        seg_lens = None
+    C = 0 if k_cache_CGD is None else k_cache_CGD.shape[0]
+    if C > 0:
         k_QGD = torch.cat([k_cache_CGD, k_QGD])
         v_QGD = torch.cat([v_cache_CGD, v_QGD])
     G = k_QGD.shape[1]
@@ -91,14 +100,35 @@ def prefix_attention(
     if q_QHD.is_cuda and q_QHD.dtype in (torch.float16, torch.bfloat16):
         from archon_attn.varlen import flash_prefix_attention
 
-        return flash_prefix_attention(q_QHD, k_QGD, v_QGD, scale=scale)
+        if seg_lens is None:
+            return flash_prefix_attention(q_QHD, k_QGD, v_QGD, scale=scale)
+        # Keys laid out per document, [cache; own tokens] each: the cache is copied once per sibling.
+        idx_K = _sibling_key_index(C, seg_lens).to(q_QHD.device, non_blocking=True)
+        return flash_prefix_attention(q_QHD, k_QGD[idx_K], v_QGD[idx_K], scale=scale, seg_q=seg_lens,
+                                      seg_k=[C + n for n in seg_lens])
     # Expanding kv heads keeps every SDPA kernel available (CausalBias kernels do not all take enable_gqa).
     k_1HKD = k_QGD.repeat_interleave(H // G, dim=1).transpose(0, 1).unsqueeze(0)
     v_1HKD = v_QGD.repeat_interleave(H // G, dim=1).transpose(0, 1).unsqueeze(0)
     q_1HQD = q_QHD.transpose(0, 1).unsqueeze(0)
-    Q, K = q_1HQD.shape[2], k_1HKD.shape[2]
-    mask = None if Q == K else causal_lower_right(Q, K)
+    K = k_1HKD.shape[2]
+    if seg_lens is None:
+        mask = None if Q == K else causal_lower_right(Q, K)
+    else:
+        doc_Q = torch.repeat_interleave(torch.arange(len(seg_lens)), torch.tensor(seg_lens)).to(q_QHD.device)
+        pos_Q = torch.arange(Q, device=q_QHD.device)
+        own_QQ = (doc_Q[:, None] == doc_Q[None, :]) & (pos_Q[None, :] <= pos_Q[:, None])
+        mask = torch.cat([own_QQ.new_ones(Q, C), own_QQ], dim=1)
     o_1HQD = F.scaled_dot_product_attention(
-        q_1HQD, k_1HKD, v_1HKD, attn_mask=mask, is_causal=Q == K, scale=scale
+        q_1HQD, k_1HKD, v_1HKD, attn_mask=mask, is_causal=mask is None and Q == K, scale=scale
     )
     return o_1HQD.squeeze(0).transpose(0, 1)
+
+
+def _sibling_key_index(C: int, seg_lens: list[int]) -> torch.Tensor:
+    """int64 index into [cache (C); packed own tokens] laying out each document's keys as [cache; own]."""
+    parts, offset = [], C
+    for n in seg_lens:
+        parts += [torch.arange(C), torch.arange(offset, offset + n)]
+        offset += n
+    idx = torch.cat(parts)
+    return idx.pin_memory() if torch.cuda.is_available() else idx

@@ -1,25 +1,29 @@
 """`tree_training_mode: dta`: depth-first tree training with prefix-KV reuse; exact gradients, memory
 bounded by one root-to-leaf path instead of the batch.
 
+The trie's blocks (`archon_attn.tree.dta.dta_schedule`) are grouped into *units*: a block with children
+is a unit of its own; consecutive sibling leaf blocks (same parent) are packed into one unit of at most
+``block_size`` tokens, forwarded together (each sibling attends to the shared cached path and causally to
+itself only), so a GRPO group's responses take one forward instead of one each.
+
 How one micro-batch trains (the loss is any function of the token-aligned outputs):
 
-1. Outputs pass: walk the trie's blocks (`archon_attn.tree.dta.dta_schedule`) depth first without grad;
-   each block attends to its ancestors' cached K/V. This gives every output row (a unique next-token
-   pair, or a tree token for a value head).
+1. Outputs pass: walk the units depth first without grad; each attends to its ancestors' cached K/V.
+   This gives every output row (a unique next-token pair, or a tree token for a value head).
 2. Upstream gradients: lay the rows out flat as leaf tensors, run `loss_fn` on them and back-propagate
    to get d loss / d row, for every row at once, without touching the model.
-3. Gradient walk: depth first again. A block with children is forwarded without grad and its K/V per
-   layer become leaf tensors that require grad (the path's KV cache). Its children attend to them, so
-   their backward accumulates d loss / d (K, V) of this block into the leaves' `.grad`. When the subtree
-   is done, the block is forwarded again with grad (attending to its ancestors' leaves) and one
-   `torch.autograd.backward([rows, K, V per layer], [d rows, d K, d V])` pushes its share into the
-   parameters and into its ancestors' leaves. Leaf blocks are forwarded with grad once.
+3. Gradient walk: depth first again. An internal unit is forwarded with grad and its graph is kept; its
+   K/V per layer are detached into leaf tensors that require grad (the path's KV cache). Its children
+   attend to them, so their backward accumulates d loss / d (K, V) of this unit into the leaves' `.grad`.
+   When the subtree is done, one `torch.autograd.backward([rows, K, V per layer], [d rows, d K, d V])`
+   through the kept graph pushes its share into the parameters and into its ancestors' leaves. Leaf units
+   are forwarded with grad and back-propagated at once.
 
 Every parameter thus receives exactly the gradient of training each sequence on its own. Memory: the
-K/V (+ grads) of one root-to-leaf path plus the activations of one block (`tree_dta_block_size`
-tokens); nothing grows with the batch. Internal blocks are forwarded one extra time (recompute).
+K/V (+ grads) and the kept graphs of one root-to-leaf path plus one leaf unit (``block_size`` tokens);
+nothing grows with the batch. Every token is forwarded twice (pass 1 and pass 3) and back-propagated once.
 
-Legend: N: tree tokens, B: blocks, R: output rows, T: flat tokens, Q: a block's tokens.
+Legend: N: tree tokens, B: blocks, U: units, R: output rows, T: flat tokens, Q: a unit's tokens.
 """
 
 from __future__ import annotations
@@ -39,21 +43,25 @@ from archon.tree.fsdp_hold import hold_unsharded
 
 @dataclass
 class _CacheEntry:
-    """A block on the current root-to-leaf path: its post-RoPE K/V per attention module."""
+    """An internal unit on the current root-to-leaf path: its post-RoPE K/V per attention module (leaves
+    that collect the children's gradients) and, in the gradient walk, its kept graph."""
 
-    block: int
+    unit: int
     kv: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kept: tuple[list[torch.Tensor], list[torch.Tensor], dict[Any, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    """(outputs, their upstream grads, K/V per attention module with grad history) for the deferred backward."""
 
 
 class _PrefixKVHook:
-    """`kv_hook` for one block forward: attend to the path's cached K/V, record this block's K/V.
+    """`kv_hook` for one unit forward: attend to the path's cached K/V, record this unit's K/V.
 
     Recording stops after the forward, so an activation-checkpoint recompute in backward (which calls
     the hook again) reads the same cache and leaves the recorded K/V alone.
     """
 
-    def __init__(self, path: tuple[_CacheEntry, ...]) -> None:
+    def __init__(self, path: tuple[_CacheEntry, ...], seg_lens: list[int]) -> None:
         self.path = path
+        self.seg_lens = seg_lens
         self.new_kv: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recording = True
 
@@ -64,20 +72,53 @@ class _PrefixKVHook:
             k_cache, v_cache = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks), torch.cat(vs))
         if self.recording:
             self.new_kv[attn] = (k_QGD, v_QGD)
-        return prefix_attention(q_QHD, k_QGD, v_QGD, k_cache, v_cache, scale=attn.scale)
+        return prefix_attention(q_QHD, k_QGD, v_QGD, k_cache, v_cache, scale=attn.scale, seg_lens=self.seg_lens)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Blocks forwarded together: one block with children, or a run of sibling leaf blocks."""
+
+    start: int
+    """First tree token (a unit's blocks are one contiguous run of tree tokens)."""
+    seg_lens: list[int]
+    """Tokens of each block."""
+    parent: int
+    """Parent unit, -1 for roots."""
+    internal: bool
+    rows: torch.Tensor
+    """Output rows produced by the unit's tokens (may be empty)."""
+
+    @property
+    def length(self) -> int:
+        return sum(self.seg_lens)
+
+
+def _units(sched: DtaSchedule, rows_B: list[torch.Tensor], budget: int) -> list[_Unit]:
+    """Group blocks into units in DFS order; sibling leaf runs are packed up to ``budget`` tokens (0: no cap)."""
+    start_B, length_B = sched.start_B.tolist(), sched.length_B.tolist()
+    parent_B, children_B = sched.parent_B.tolist(), sched.has_children_B.tolist()
+    unit_of_B: list[int] = []
+    groups: list[list[int]] = []
+    for b in range(len(start_B)):
+        last = groups[-1] if groups else None
+        if (last is not None and not children_B[b] and not children_B[last[-1]] and parent_B[last[-1]] == parent_B[b]
+                and (budget <= 0 or sum(length_B[i] for i in last) + length_B[b] <= budget)):
+            assert start_B[last[-1]] + length_B[last[-1]] == start_B[b], "sibling leaf blocks are contiguous"
+            last.append(b)
+        else:
+            groups.append([b])
+        unit_of_B.append(len(groups) - 1)
+    return [_Unit(start_B[g[0]], [length_B[b] for b in g],
+                  unit_of_B[parent_B[g[0]]] if parent_B[g[0]] >= 0 else -1, children_B[g[0]],
+                  torch.cat([rows_B[b] for b in g])) for g in groups]
 
 
 @dataclass(frozen=True)
 class _Plan:
     tree: PackedTree
     rows: TreeRows
-    sched: DtaSchedule
-    start_B: list[int]
-    length_B: list[int]
-    parent_B: list[int]
-    has_children_B: list[bool]
-    rows_B: list[torch.Tensor]
-    """Output rows produced by each block's tokens (may be empty)."""
+    units: list[_Unit]
 
 
 class DtaTreeRunner(TreeRunner):
@@ -101,8 +142,8 @@ class DtaTreeRunner(TreeRunner):
         sorted_R = rows.tree_index_R[order_R]
         lo = torch.searchsorted(sorted_R, sched.start_B).tolist()
         hi = torch.searchsorted(sorted_R, sched.start_B + sched.length_B).tolist()
-        return _Plan(tree, rows, sched, sched.start_B.tolist(), sched.length_B.tolist(), sched.parent_B.tolist(),
-                     sched.has_children_B.tolist(), [order_R[a:b] for a, b in zip(lo, hi)])
+        rows_B = [order_R[a:b] for a, b in zip(lo, hi)]
+        return _Plan(tree, rows, _units(sched, rows_B, self.block_size))
 
     def _check_cache_fits(self, tree: PackedTree) -> None:
         """Fail with a clear message before walking when one path's K/V cache cannot fit on the GPU."""
@@ -118,23 +159,24 @@ class DtaTreeRunner(TreeRunner):
                              f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free; shorten the "
                              "sequences or use tree_training_mode=sparse with a smaller mb_max_tokens")
 
-    # -- one block --------------------------------------------------------------------------------
-    def _block(self, plan: _Plan, b: int, path: list[_CacheEntry], want_entropy: bool
-               ) -> tuple[dict[str, torch.Tensor], _PrefixKVHook]:
-        s, n = plan.start_B[b], plan.length_B[b]
+    # -- one unit ---------------------------------------------------------------------------------
+    def _forward(self, plan: _Plan, u: int, path: list[_CacheEntry], want_entropy: bool
+                 ) -> tuple[dict[str, torch.Tensor], _PrefixKVHook]:
+        unit = plan.units[u]
+        s, n = unit.start, unit.length
         tok_Q, pos_Q = plan.tree.tokens_N[s:s + n], plan.tree.depth_N[s:s + n]
-        hook = _PrefixKVHook(tuple(path))
+        hook = _PrefixKVHook(tuple(path), unit.seg_lens)
         cu = torch.tensor([0, n], dtype=torch.int32)  # on the host: the meta is built there, copied non-blocking
-        rows_b = plan.rows_B[b]
+        rows_u = unit.rows
         with self.autocast():
             if self.head == "value":
                 v_Q = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook).float().reshape(-1)
-                outs = {"values": v_Q[plan.rows.tree_index_R[rows_b] - s]}
+                outs = {"values": v_Q[plan.rows.tree_index_R[rows_u] - s]}
             else:
-                if rows_b.numel() == 0:  # the head still runs (one dummy row) so every FSDP unit takes part
+                if rows_u.numel() == 0:  # the head still runs (one dummy row) so every FSDP unit takes part
                     idx = lab = torch.zeros(1, dtype=torch.int64, device=self.device)
                 else:
-                    idx, lab = plan.rows.tree_index_R[rows_b] - s, plan.rows.label_R[rows_b]
+                    idx, lab = plan.rows.tree_index_R[rows_u] - s, plan.rows.label_R[rows_u]
                 lp, ent = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook, labels=lab,
                                      label_rows=idx, want_entropy=want_entropy, logprob_chunk_size=self.chunk)
                 outs = {"logprobs": lp, "entropy": ent} if want_entropy else {"logprobs": lp}
@@ -147,66 +189,69 @@ class DtaTreeRunner(TreeRunner):
         """Pass 1: every output row, depth first with the path's K/V cached (no grad)."""
         out_R: dict[str, torch.Tensor] = {}
         path: list[_CacheEntry] = []
-        for b in range(plan.sched.num_blocks):
-            while path and path[-1].block != plan.parent_B[b]:
+        for u, unit in enumerate(plan.units):
+            while path and path[-1].unit != unit.parent:
                 path.pop()
-            outs, hook = self._block(plan, b, path, want_entropy)
-            rows_b = plan.rows_B[b]
+            outs, hook = self._forward(plan, u, path, want_entropy)
             for k, v in outs.items():
                 if k not in out_R:
                     out_R[k] = torch.zeros(plan.rows.num_rows, dtype=torch.float32, device=self.device)
-                if rows_b.numel():
-                    out_R[k][rows_b] = v.float()
-            if plan.has_children_B[b]:
-                path.append(_CacheEntry(b, hook.new_kv))
+                if unit.rows.numel():
+                    out_R[k][unit.rows] = v.float()
+            if unit.internal:
+                path.append(_CacheEntry(u, hook.new_kv))
         return out_R
 
     def _walk_grads(self, plan: _Plan, grad_R: dict[str, torch.Tensor], aux_scale: float,
                     before_last_backward: Callable[[], None]) -> None:
         """Pass 3: accumulate parameter gradients, injecting d rows and the children's d (K, V)."""
         want_entropy = "entropy" in grad_R
-        num_blocks, done = plan.sched.num_blocks, 0
+        num_units, done = len(plan.units), 0
 
-        def train_block(b: int, path: list[_CacheEntry], own: _CacheEntry | None) -> None:
-            nonlocal done
-            outs, hook = self._block(plan, b, path, want_entropy)
-            rows_b = plan.rows_B[b]
+        def forward(u: int, path: list[_CacheEntry]) -> tuple[list[torch.Tensor], list[torch.Tensor], _PrefixKVHook]:
+            outs, hook = self._forward(plan, u, path, want_entropy)
+            rows_u = plan.units[u].rows
             tensors, grads = [], []
             for k, out in outs.items():
-                g = grad_R[k][rows_b] if rows_b.numel() else torch.zeros_like(out)
+                g = grad_R[k][rows_u] if rows_u.numel() else torch.zeros_like(out)
                 tensors.append(out)
                 grads.append(g.to(out.dtype))
-            if own is not None:
-                for attn, (k_QGD, v_QGD) in hook.new_kv.items():
-                    for x, leaf in zip((k_QGD, v_QGD), own.kv[attn]):
-                        if leaf.grad is not None:
-                            tensors.append(x)
-                            grads.append(leaf.grad.to(x.dtype))
             aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
-            if aux is not None:  # routed tokens of this block, as a share of the tree's
+            if aux is not None:  # routed tokens of this unit, as a share of the tree's
                 tensors.append(aux)
-                grads.append(torch.full_like(aux, aux_scale * plan.length_B[b] / plan.tree.num_tree_tokens))
+                grads.append(torch.full_like(aux, aux_scale * plan.units[u].length / plan.tree.num_tree_tokens))
+            return tensors, grads, hook
+
+        def backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+            nonlocal done
             done += 1
-            if done == num_blocks:
+            if done == num_units:
                 before_last_backward()
             torch.autograd.backward(tensors, grads)
 
+        def finish(entry: _CacheEntry) -> None:
+            tensors, grads, kv = entry.kept
+            entry.kept = None
+            for attn, (k_QGD, v_QGD) in kv.items():
+                for x, leaf in zip((k_QGD, v_QGD), entry.kv[attn]):
+                    if leaf.grad is not None:
+                        tensors.append(x)
+                        grads.append(leaf.grad.to(x.dtype))
+            backward(tensors, grads)
+
         path: list[_CacheEntry] = []
-        for b in range(num_blocks):
-            while path and path[-1].block != plan.parent_B[b]:
-                own = path.pop()
-                train_block(own.block, path, own)
-            if plan.has_children_B[b]:
-                with torch.no_grad():
-                    _, hook = self._block(plan, b, path, want_entropy=False)
+        for u, unit in enumerate(plan.units):
+            while path and path[-1].unit != unit.parent:
+                finish(path.pop())
+            tensors, grads, hook = forward(u, path)
+            if unit.internal:
                 leaves = {a: (k.detach().requires_grad_(), v.detach().requires_grad_())
                           for a, (k, v) in hook.new_kv.items()}
-                path.append(_CacheEntry(b, leaves))
+                path.append(_CacheEntry(u, leaves, (tensors, grads, hook.new_kv)))
             else:
-                train_block(b, path, None)
+                backward(tensors, grads)
         while path:
-            own = path.pop()
-            train_block(own.block, path, own)
+            finish(path.pop())
 
     # -- Runner interface -------------------------------------------------------------------------
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
