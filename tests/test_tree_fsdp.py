@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from archon.config.schema import ActorConfig  # noqa: E402
 from archon.engine.batch import PackedBatch  # noqa: E402
 from archon.engine.engine import ArchonEngine  # noqa: E402
+from archon.engine.loss import token_separable  # noqa: E402
 from archon.testing import hf_model, tiny_hf_config  # noqa: E402
 from archon.train import sft_loss, target_tokens  # noqa: E402
 from archon_parallel.testing import run_ranks  # noqa: E402
@@ -30,7 +31,8 @@ def tree_global_batch(step: int) -> PackedBatch:
 
 
 def tree_train_steps(model_dir: str, allocation: str, mode: str, steps: int = 3, mb_max_tokens: int = 4096,
-                     **archon_kw) -> dict:
+                     separable: bool = True, **archon_kw) -> dict:
+    """``separable=False`` hides sft_loss's token-separable mark (DTA then runs its outputs pass first)."""
     from archon.tree import balance_for_tree
 
     actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=mb_max_tokens, seed=5)
@@ -44,7 +46,7 @@ def tree_train_steps(model_dir: str, allocation: str, mode: str, steps: int = 3,
         full = tree_global_batch(step)
         rank, world = eng.dp_rank_world()
         mine = balance_for_tree(full, rank, world) if world > 1 else full
-        s = eng.train_batch(mine, sft_loss, target_tokens)
+        s = eng.train_batch(mine, sft_loss if separable else token_separable(sft_loss, False), target_tokens)
         losses.append(s["loss"])
         stats.append(s)
     params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
@@ -70,6 +72,7 @@ def test_tree_modes_fsdp2_two_ranks_equal_flat_single_process(model_dir):
     layouts = {
         "dta": dict(mode="dta", tree_dta_block_size=3, mb_max_tokens=30),
         "dta/ac": dict(mode="dta", tree_dta_block_size=0, ac_mode="full"),
+        "dta/outputs_pass": dict(mode="dta", tree_dta_block_size=2, mb_max_tokens=40, separable=False),
         "sparse": dict(mode="sparse", mb_max_tokens=30),
     }
     res = run_ranks(_tree_layouts, 2, model_dir, layouts, timeout=500)

@@ -9,6 +9,7 @@ import torch
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
+from archon.engine.loss import token_separable
 from archon.testing import hf_model, tiny_hf_config
 from archon.train import sft_loss, target_tokens
 from archon_attn.tree.testing import grpo_batch, multiturn_batch
@@ -44,6 +45,12 @@ def ppo_like_loss(out: dict[str, torch.Tensor], mb: PackedBatch):
     adv = mb["advantages"]
     pg = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
     return ((pg - 0.01 * out["entropy"]) * mask).sum(), {"ratio": (ratio * mask).sum().detach() / mask.sum()}
+
+
+# sft_loss is marked token-separable (DTA's one-walk path); ppo_like_loss is not (outputs pass, then the walk);
+# the marked PPO loss and the unmarked SFT loss run the other path on the same references.
+LOSSES = {"sft": sft_loss, "ppo": ppo_like_loss}
+OTHER_PATH = {"sft": token_separable(sft_loss, False), "ppo": token_separable(ppo_like_loss)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +110,7 @@ def references(flat):
     ref = {}
     for name, b in batches.items():
         out = flat.forward_batch(b, want_entropy=True)
-        for loss_name, loss_fn in (("sft", sft_loss), ("ppo", ppo_like_loss)):
+        for loss_name, loss_fn in LOSSES.items():
             ref[name, loss_name] = _grads(flat, b, loss_fn)
         ref[name, "forward"] = out
     return batches, ref
@@ -118,10 +125,15 @@ def test_tree_mode_equals_flat(model_dir, references, config):
         out = eng.forward_batch(b, want_entropy=True)
         for k in ("logprobs", "entropy"):
             torch.testing.assert_close(out[k], ref[name, "forward"][k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
-        for loss_name, loss_fn in (("sft", sft_loss), ("ppo", ppo_like_loss)):
+        losses = list(LOSSES.items())
+        if config.startswith("dta"):
+            losses += [(n, OTHER_PATH[n]) for n in LOSSES]
+        for loss_name, loss_fn in losses:
             ref_stats, ref_grads = ref[name, loss_name]
             stats, grads = _grads(eng, b, loss_fn)
             assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * abs(ref_stats["loss"]), (name, loss_name)
+            for k in ref_stats.keys() & {"entropy", "ratio"}:
+                assert abs(stats[k] - ref_stats[k]) <= 1e-5 * abs(ref_stats[k]), (name, loss_name, k)
             assert grads.keys() == ref_grads.keys()
             for n, g in ref_grads.items():
                 _assert_close(g, grads[n], f"{config} {name} {loss_name} {n}")
@@ -152,7 +164,27 @@ def test_value_head_tree_modes_equal_flat(model_dir):
         ref_stats, ref_grads = _grads(engines["disabled"], b, value_loss)
         for mode in ("sparse", "dta"):
             torch.testing.assert_close(engines[mode].forward_batch(b)["values"], ref_v, rtol=1e-5, atol=1e-5)
-            stats, grads = _grads(engines[mode], b, value_loss)
-            assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * abs(ref_stats["loss"])
-            for n, g in ref_grads.items():
-                _assert_close(g, grads[n], f"value {mode} {name} {n}")
+            for loss_fn in (value_loss, token_separable(value_loss)):
+                stats, grads = _grads(engines[mode], b, loss_fn)
+                assert abs(stats["loss"] - ref_stats["loss"]) <= 1e-5 * abs(ref_stats["loss"])
+                for n, g in ref_grads.items():
+                    _assert_close(g, grads[n], f"value {mode} {name} {n}")
+
+
+def test_dta_separable_loss_walks_once(model_dir):
+    """A token-separable loss skips DTA's outputs pass: one model forward per unit instead of two."""
+    eng = _engine(model_dir, "dta", tree_dta_block_size=0)
+    b = _batches()["grpo"]
+    calls = []
+    handle = eng.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        counts = []
+        for loss_fn in (token_separable(sft_loss, False), sft_loss):
+            calls.clear()
+            _grads(eng, b, loss_fn)
+            counts.append(len(calls))
+    finally:
+        handle.remove()
+    units = eng.runner._plan(b).units  # one micro-batch: the whole batch fits mb_max_tokens
+    assert sum(u.internal for u in units) >= 2 and any(len(u.seg_lens) > 1 for u in units)  # sharing, packing
+    assert counts == [2 * len(units), len(units)], counts

@@ -201,6 +201,11 @@ class PPOPolicyLoss:
         self.config = config or PPOLossConfig()
         self.config.validate()
 
+    @property
+    def token_separable(self) -> bool:
+        """d loss / d logprob of a token depends on that token alone (not with GSPO's sequence-level ratio)."""
+        return self.config.ratio_level == "token"
+
     def __call__(self, outputs: Mapping[str, torch.Tensor], batch: RolloutBatch) -> tuple[torch.Tensor, Stats]:
         if "logprobs" not in outputs:
             raise ValueError("outputs must hold 'logprobs' [T] of the current policy")
@@ -222,6 +227,8 @@ class ValueLoss:
     def __init__(self, config: ValueLossConfig | None = None) -> None:
         self.config = config or ValueLossConfig()
         self.config.validate()
+
+    token_separable = True  # per-token (clipped) regression
 
     def __call__(self, outputs: Mapping[str, torch.Tensor], batch: RolloutBatch) -> tuple[torch.Tensor, Stats]:
         if "values" not in outputs:

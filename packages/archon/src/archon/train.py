@@ -25,6 +25,9 @@ def sft_loss(outputs: dict[str, torch.Tensor], mb: PackedBatch) -> tuple[torch.T
     return nll, stats
 
 
+sft_loss.token_separable = True  # per-token NLL: DTA may skip its outputs pass
+
+
 def target_tokens(mb: PackedBatch) -> float:
     return float(mb.loss_mask.sum())
 

@@ -18,14 +18,12 @@ import torch
 import torch.distributed as dist
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
+from archon.engine.loss import LossFn, WeightFn
 from archon.engine.optim import build_optimizer, build_scheduler
 from archon.engine.runner import FlatRunner, Runner
 from archon_ckpt import clean_fqn
 
 log = logging.getLogger("archon")
-
-LossFn = Callable[[dict[str, torch.Tensor], PackedBatch], "torch.Tensor | tuple[torch.Tensor, dict]"]
-WeightFn = Callable[[PackedBatch], "float | torch.Tensor"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 

@@ -12,6 +12,7 @@ import torch
 from archon_rl import AdvantageConfig, PPOLossConfig, PPOPolicyLoss, RolloutBatch, compute_advantages
 
 from archon.engine.batch import PackedBatch
+from archon.engine.loss import token_separable
 from archon.rl.convert import from_packed, minibatches, to_packed
 
 __all__ = ["PPOActor", "mean_stats"]
@@ -56,7 +57,8 @@ class PPOActor:
 
     def ppo_update(self, batch: RolloutBatch, step: int = 0) -> dict[str, float]:
         """One optimizer step per minibatch; returns stats averaged over the minibatches."""
-        rows = [self.engine.train_batch(to_packed(mb), self._loss_fn, self._loss_weight)
+        loss_fn = token_separable(self._loss_fn, self.loss.token_separable)
+        rows = [self.engine.train_batch(to_packed(mb), loss_fn, self._loss_weight)
                 for mb in minibatches(batch, self.n_minibatches, self.seed * 1_000_003 + step)]
         return mean_stats(rows)
 

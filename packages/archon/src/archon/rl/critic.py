@@ -14,6 +14,7 @@ from archon_rl import RolloutBatch, ValueLoss, ValueLossConfig
 
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import shift_to_tokens
+from archon.engine.loss import token_separable
 from archon.rl.actor import mean_stats
 from archon.rl.convert import from_packed, minibatches, to_packed
 
@@ -59,7 +60,8 @@ class PPOCritic:
     def ppo_update(self, batch: RolloutBatch, step: int = 0) -> dict[str, float]:
         if batch.values is None or batch.returns is None:
             raise ValueError("the critic update needs batch.values and batch.returns (run GAE advantages first)")
-        rows = [self.engine.train_batch(to_packed(mb), self._loss_fn, self._loss_weight)
+        loss_fn = token_separable(self._loss_fn, self.loss.token_separable)
+        rows = [self.engine.train_batch(to_packed(mb), loss_fn, self._loss_weight)
                 for mb in minibatches(batch, self.n_minibatches, self.seed * 1_000_003 + step)]
         return {f"critic/{k}": v for k, v in mean_stats(rows).items()}
 

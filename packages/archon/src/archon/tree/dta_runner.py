@@ -114,6 +114,10 @@ def _units(sched: DtaSchedule, rows_B: list[torch.Tensor], budget: int) -> list[
                   torch.cat([rows_B[b] for b in g])) for g in groups]
 
 
+_RowGrads = Callable[[int, dict[str, torch.Tensor]], dict[str, "torch.Tensor | None"]]
+"""(unit, its outputs) -> d loss / d output per output name (None: no gradient, skip it)."""
+
+
 @dataclass(frozen=True)
 class _Plan:
     tree: PackedTree
@@ -202,20 +206,19 @@ class DtaTreeRunner(TreeRunner):
                 path.append(_CacheEntry(u, hook.new_kv))
         return out_R
 
-    def _walk_grads(self, plan: _Plan, grad_R: dict[str, torch.Tensor], aux_scale: float,
+    def _walk_grads(self, plan: _Plan, row_grads: _RowGrads, want_entropy: bool, aux_scale: float,
                     before_last_backward: Callable[[], None]) -> None:
-        """Pass 3: accumulate parameter gradients, injecting d rows and the children's d (K, V)."""
-        want_entropy = "entropy" in grad_R
+        """Pass 3: accumulate parameter gradients, injecting d rows (from ``row_grads``, given the unit's
+        outputs) and the children's d (K, V)."""
         num_units, done = len(plan.units), 0
 
         def forward(u: int, path: list[_CacheEntry]) -> tuple[list[torch.Tensor], list[torch.Tensor], _PrefixKVHook]:
             outs, hook = self._forward(plan, u, path, want_entropy)
-            rows_u = plan.units[u].rows
             tensors, grads = [], []
-            for k, out in outs.items():
-                g = grad_R[k][rows_u] if rows_u.numel() else torch.zeros_like(out)
-                tensors.append(out)
-                grads.append(g.to(out.dtype))
+            for k, g in row_grads(u, outs).items():
+                if g is not None:
+                    tensors.append(outs[k])
+                    grads.append(g.to(outs[k].dtype))
             aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
             if aux is not None:  # routed tokens of this unit, as a share of the tree's
                 tensors.append(aux)
@@ -264,6 +267,8 @@ class DtaTreeRunner(TreeRunner):
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
         plan = self._plan(mb)
         self.count(plan.tree, scale)
+        if getattr(loss_fn, "token_separable", False):
+            return self._forward_backward_separable(plan, mb, loss_fn, scale, aux_scale, want_entropy)
         with hold_unsharded(self.model) as fsdp:
             out_R = self._walk_outputs(plan, want_entropy)
             leaf_R = {k: v.detach().requires_grad_() for k, v in out_R.items()}
@@ -273,5 +278,47 @@ class DtaTreeRunner(TreeRunner):
                 (loss * scale).backward()
             grad_R = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaf_R.items()
                       if k != "entropy" or (v.grad is not None and bool(v.grad.any()))}
-            self._walk_grads(plan, grad_R, aux_scale, fsdp.before_last_backward)
+
+            def row_grads(u: int, outs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+                rows_u = plan.units[u].rows
+                return {k: grad_R[k][rows_u] if rows_u.numel() else torch.zeros_like(outs[k]) for k in grad_R}
+
+            self._walk_grads(plan, row_grads, "entropy" in grad_R, aux_scale, fsdp.before_last_backward)
+        return loss.detach(), stats
+
+    def _forward_backward_separable(self, plan: _Plan, mb: PackedBatch, loss_fn, scale: float, aux_scale: float,
+                                    want_entropy: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One walk, no outputs pass: ``loss_fn.token_separable`` promises that d loss / d output of a token
+        depends on that token's output only, so each unit's row gradients come from ``loss_fn`` evaluated with
+        the unit's rows live (the other rows are held at 0 and get no gradient). The loss value and stats come
+        from one last ``loss_fn`` call on all rows."""
+        out_R: dict[str, torch.Tensor] = {}
+
+        def row_grads(u: int, outs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+            rows_u = plan.units[u].rows
+            live = {}
+            for k, out in outs.items():
+                if k not in out_R:
+                    out_R[k] = torch.zeros(plan.rows.num_rows, dtype=torch.float32, device=self.device)
+                if rows_u.numel():
+                    out_R[k][rows_u] = out.detach().float()
+                x = torch.zeros_like(out_R[k])
+                if rows_u.numel():
+                    x[rows_u] = out.detach().float()
+                live[k] = x.requires_grad_()
+            if rows_u.numel() == 0:  # the dummy row of a unit without outputs: back-propagate zeros
+                return {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+            with torch.enable_grad():
+                res = loss_fn({k: plan.rows.to_flat(x) for k, x in live.items()}, mb)
+                loss = res[0] if isinstance(res, tuple) else res
+                if not loss.requires_grad:
+                    return {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+                g = torch.autograd.grad(loss * scale, list(live.values()), allow_unused=True)
+            return {k: None if gk is None else gk[rows_u] for k, gk in zip(live, g)}
+
+        with hold_unsharded(self.model) as fsdp:
+            self._walk_grads(plan, row_grads, want_entropy, aux_scale, fsdp.before_last_backward)
+        with torch.no_grad():
+            res = loss_fn({k: plan.rows.to_flat(v) for k, v in out_R.items()}, mb)
+        loss, stats = res if isinstance(res, tuple) else (res, {})
         return loss.detach(), stats
