@@ -32,6 +32,7 @@ import torch.distributed as dist
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
+from archon.engine.loss import token_separable
 from archon.train import sft_loss, target_tokens
 from profiling import profile_step  # benchmarks/profiling.py (scripts run from benchmarks/)
 
@@ -73,11 +74,30 @@ def multiturn_batch(g: torch.Generator, vocab: int, chains: int, turns: int, tur
     return PackedBatch.from_sequences(seqs)
 
 
-def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args, dp_layout: str = "fsdp") -> dict:
+def variants(args) -> list[tuple[str, str, int, bool]]:
+    """(row name, tree mode, dta block size, loss marked token-separable) for every --modes entry; a dta entry
+    runs once per --dta-block-sizes value, and ``dta:pass`` hides sft_loss's separable mark (outputs pass)."""
+    out = []
+    sizes = [int(x) for x in args.dta_block_sizes.split(",")]
+    for entry in args.modes.split(","):
+        mode, _, flag = entry.partition(":")
+        if mode != "dta":
+            out.append((entry, mode, sizes[0], True))
+            continue
+        for bs in sizes:
+            name = entry if len(sizes) == 1 else f"{mode}:b{bs}" + (f":{flag}" if flag else "")
+            out.append((name, mode, bs, flag != "pass"))
+    return out
+
+
+def run_mode(cfg_path: str, variant: tuple[str, str, int, bool], batch: PackedBatch, args,
+             dp_layout: str = "fsdp") -> dict:
+    name, mode, block_size, separable = variant
+    loss_fn = sft_loss if separable else token_separable(sft_loss, False)
     actor = ActorConfig(path=cfg_path, init_from_scratch=True, dtype=args.dtype, mb_max_tokens=args.mb_max_tokens,
                         seed=1)
     actor.archon.tree_training_mode = mode
-    actor.archon.tree_dta_block_size = args.dta_block_size
+    actor.archon.tree_dta_block_size = block_size
     actor.archon.enable_compile = args.compile
     actor.archon.ac_mode = args.ac
     actor.archon.dp_layout = dp_layout
@@ -92,28 +112,29 @@ def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args, dp_layout: str 
         batch = balance_for_tree(batch, rank, dp, cost_model=tree_cost_model(eng.model))
     first_loss, stats = None, {}
     for _ in range(args.warmup):
-        stats = eng.train_batch(batch, sft_loss, target_tokens)
+        stats = eng.train_batch(batch, loss_fn, target_tokens)
         first_loss = stats["loss"] if first_loss is None else first_loss
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        stats = eng.train_batch(batch, sft_loss, target_tokens)
+        stats = eng.train_batch(batch, loss_fn, target_tokens)
         first_loss = stats["loss"] if first_loss is None else first_loss
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     if args.profile and int(os.environ.get("RANK", "0")) == 0:
-        profile_step(lambda: eng.train_batch(batch, sft_loss, target_tokens), f"tree_{mode}", args.profile)
+        profile_step(lambda: eng.train_batch(batch, loss_fn, target_tokens), f"tree_{name.replace(':', '_')}",
+                     args.profile)
     elif args.profile:
-        eng.train_batch(batch, sft_loss, target_tokens)  # the profiled step is collective: every rank takes it
+        eng.train_batch(batch, loss_fn, target_tokens)  # the profiled step is collective: every rank takes it
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     if world > 1:
         t = torch.tensor([peak], device=args.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = float(t)
-    res = dict(mode=mode if world == 1 else f"{mode}/{dp_layout}", step_s=dt, tokens_per_s=global_tokens / dt,
+    res = dict(mode=name if world == 1 else f"{name}/{dp_layout}", step_s=dt, tokens_per_s=global_tokens / dt,
                peak_mem_gib=peak, first_loss=first_loss, world=world,
                compression=stats.get("tree_compression", 1.0), tree_tokens=stats.get("tree_tokens", batch.num_tokens))
     eng = None  # free GPU memory before the next mode
@@ -126,10 +147,11 @@ def run_mode(cfg_path: str, mode: str, batch: PackedBatch, args, dp_layout: str 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and batches: a smoke run")
-    p.add_argument("--modes", default="disabled,sparse,dta")
+    p.add_argument("--modes", default="disabled,sparse,dta",
+                   help="disabled, sparse, dta, dta:pass (dta with the loss's token-separable mark hidden)")
     p.add_argument("--batches", default="grpo,multiturn")
     p.add_argument("--mb-max-tokens", type=int, default=None, help="default 16384 (quick: 2048)")
-    p.add_argument("--dta-block-size", type=int, default=2048)
+    p.add_argument("--dta-block-sizes", default="2048", help="comma list: every dta entry runs once per size")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--ac", default="none", help="actor.archon.ac_mode for every mode")
@@ -161,9 +183,9 @@ def main() -> None:
         cfg_path = write_config(shape, d)
         for bname in args.batches.split(","):
             batch = batches[bname]()
-            for mode in args.modes.split(","):
+            for variant in variants(args):
                 for layout in (args.dp_layouts.split(",") if world > 1 else ["fsdp"]):
-                    r = run_mode(cfg_path, mode, batch, args, layout)
+                    r = run_mode(cfg_path, variant, batch, args, layout)
                     r.update(batch=bname, flat_tokens=batch.num_tokens, sequences=batch.num_seqs)
                     results.append(r)
                     if rank == 0:
@@ -182,7 +204,7 @@ def main() -> None:
         print(f"{r['batch']:<10} {r['mode']:<15} {r['flat_tokens']:>9} {r['compression']:>6.2f} "
               f"{r['tokens_per_s']:>10.0f} {sp:>8} {r['peak_mem_gib']:>9.1f} {r['first_loss']:>9.4f}")
     out = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__, quick=args.quick,
-               mb_max_tokens=args.mb_max_tokens, dta_block_size=args.dta_block_size, ac=args.ac,
+               mb_max_tokens=args.mb_max_tokens, dta_block_sizes=args.dta_block_sizes, ac=args.ac,
                compile=args.compile, results=results)
     print(json.dumps(out))
     if args.json:

@@ -267,6 +267,7 @@ class DtaTreeRunner(TreeRunner):
                          ) -> tuple[torch.Tensor, dict[str, Any]]:
         plan = self._plan(mb)
         self.count(plan.tree, scale)
+        mb = mb.to(self.device)  # one non-blocking copy: the loss's .to(device) calls are no-ops
         if getattr(loss_fn, "token_separable", False):
             return self._forward_backward_separable(plan, mb, loss_fn, scale, aux_scale, want_entropy)
         with hold_unsharded(self.model) as fsdp:
