@@ -151,7 +151,7 @@ def main() -> None:
                    help="disabled, sparse, dta, dta:pass (dta with the loss's token-separable mark hidden)")
     p.add_argument("--batches", default="grpo,multiturn")
     p.add_argument("--mb-max-tokens", type=int, default=None, help="default 16384 (quick: 2048)")
-    p.add_argument("--dta-block-sizes", default="2048", help="comma list: every dta entry runs once per size")
+    p.add_argument("--dta-block-sizes", default="8192", help="comma list: every dta entry runs once per size")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--ac", default="none", help="actor.archon.ac_mode for every mode")

@@ -47,7 +47,7 @@ class ArchonEngineConfig:
     tree_training_mode: str = doc("disabled", "prefix sharing: disabled | sparse (tree packed as one sequence, "
                                   "ancestor-only attention) | dta (depth-first walk with prefix KV reuse); "
                                   "in tree modes mb_max_tokens bounds tree tokens (each shared prefix once)")
-    tree_dta_block_size: int = doc(2048, "dta: most tokens of one forward: longer trie nodes are split into "
+    tree_dta_block_size: int = doc(8192, "dta: most tokens of one forward: longer trie nodes are split into "
                                    "chained blocks, sibling leaves are packed up to it; 0 = never split, no cap")
 
 

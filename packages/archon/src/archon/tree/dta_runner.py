@@ -128,7 +128,7 @@ class _Plan:
 class DtaTreeRunner(TreeRunner):
     """Depth-first tree training (see the module docstring); works under FSDP2 and activation checkpointing."""
 
-    def __init__(self, model: torch.nn.Module, *, block_size: int = 2048, cache_dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, model: torch.nn.Module, *, block_size: int = 8192, cache_dtype: torch.dtype = torch.bfloat16,
                  **kw) -> None:
         super().__init__(model, **kw)
         self.cache_dtype = cache_dtype
