@@ -126,3 +126,19 @@ def test_balance_for_tree_partitions_and_keeps_groups():
     assert sum(m.num_tokens for m in mine) == batch.num_tokens
     with pytest.raises(ValueError, match="dp_rank"):
         balance_for_tree(batch, 2, 2)
+
+
+@pytest.mark.parametrize(("budget", "want"), [(0, [([7], False, -1)]),
+                                               (4, [([3], True, -1), ([4], False, 0)]),
+                                               (5, [([5], True, -1), ([2], False, 0)])])
+def test_dta_units_merge_single_child_chains(budget, want):
+    """Multi-turn history: each turn ends a sequence, so the trie is a chain of nodes; a unit is one causal run of
+    the chain up to the budget, and a cut chain's first part is internal (the rest attends to its K/V)."""
+    from archon.tree.dta_runner import _units
+
+    seqs = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3, 4, 5]), torch.tensor([1, 2, 3, 4, 5, 6, 7])]
+    sched = dta_schedule(build_tree(seqs), 0)
+    assert sched.length_B.tolist() == [3, 2, 2]
+    units = _units(sched, [torch.empty(0, dtype=torch.int64)] * sched.num_blocks, budget)
+    assert [(u.seg_lens, u.internal, u.parent) for u in units] == want
+    assert [u.start for u in units] == [0, *([want[0][0][0]] if len(want) > 1 else [])]

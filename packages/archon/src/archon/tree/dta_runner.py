@@ -1,10 +1,11 @@
 """`tree_training_mode: dta`: depth-first tree training with prefix-KV reuse; exact gradients, memory
 bounded by one root-to-leaf path instead of the batch.
 
-The trie's blocks (`archon_attn.tree.dta.dta_schedule`) are grouped into *units*: a block with children
-is a unit of its own; consecutive sibling leaf blocks (same parent) are packed into one unit of at most
-``block_size`` tokens, forwarded together (each sibling attends to the shared cached path and causally to
-itself only), so a GRPO group's responses take one forward instead of one each.
+The trie's blocks (`archon_attn.tree.dta.dta_schedule`) are grouped into *units* of at most ``block_size``
+tokens, each one forward: a chain of blocks where each is the only child of the one before (a multi-turn
+history whose every turn ends a sequence) is one causal run; sibling chains that end at leaves (a GRPO
+group's responses) are packed side by side, each attending to the shared cached path and causally to
+itself only. A unit whose last block has children is a single chain; its K/V become the path cache.
 
 How one micro-batch trains (the loss is any function of the token-aligned outputs):
 
@@ -77,12 +78,13 @@ class _PrefixKVHook:
 
 @dataclass(frozen=True)
 class _Unit:
-    """Blocks forwarded together: one block with children, or a run of sibling leaf blocks."""
+    """Blocks forwarded together: one chain of blocks (each the only child of the one before) that ends at a
+    block with children, or a run of sibling chains that each end at a leaf."""
 
     start: int
     """First tree token (a unit's blocks are one contiguous run of tree tokens)."""
     seg_lens: list[int]
-    """Tokens of each block."""
+    """Tokens of each chain (causal inside, chains never see each other)."""
     parent: int
     """Parent unit, -1 for roots."""
     internal: bool
@@ -95,23 +97,48 @@ class _Unit:
 
 
 def _units(sched: DtaSchedule, rows_B: list[torch.Tensor], budget: int) -> list[_Unit]:
-    """Group blocks into units in DFS order; sibling leaf runs are packed up to ``budget`` tokens (0: no cap)."""
-    start_B, length_B = sched.start_B.tolist(), sched.length_B.tolist()
-    parent_B, children_B = sched.parent_B.tolist(), sched.has_children_B.tolist()
-    unit_of_B: list[int] = []
-    groups: list[list[int]] = []
+    """Group blocks into units in DFS order under ``budget`` tokens per unit (0: no cap).
+
+    A block joins the chain of the block before it when it is that block's only child (multi-turn histories,
+    a long node cut into blocks); chains that end at a leaf and share a parent are packed side by side (a GRPO
+    group's responses). A unit that ends at a block with children is a single chain (its K/V become the cache).
+    """
+    start_B, length_B, parent_B = sched.start_B.tolist(), sched.length_B.tolist(), sched.parent_B.tolist()
+    nchild_B = torch.bincount(sched.parent_B[sched.parent_B >= 0], minlength=sched.num_blocks).tolist()
+
+    def fits(n: int, extra: int) -> bool:
+        return budget <= 0 or n + extra <= budget
+
+    chains: list[list[int]] = []  # DFS order; a chain's blocks are consecutive blocks
     for b in range(len(start_B)):
-        last = groups[-1] if groups else None
-        if (last is not None and not children_B[b] and not children_B[last[-1]] and parent_B[last[-1]] == parent_B[b]
-                and (budget <= 0 or sum(length_B[i] for i in last) + length_B[b] <= budget)):
-            assert start_B[last[-1]] + length_B[last[-1]] == start_B[b], "sibling leaf blocks are contiguous"
-            last.append(b)
+        prev = chains[-1] if chains else None
+        if (prev is not None and parent_B[b] == prev[-1] and nchild_B[prev[-1]] == 1
+                and fits(sum(length_B[i] for i in prev), length_B[b])):
+            prev.append(b)
         else:
-            groups.append([b])
-        unit_of_B.append(len(groups) - 1)
-    return [_Unit(start_B[g[0]], [length_B[b] for b in g],
-                  unit_of_B[parent_B[g[0]]] if parent_B[g[0]] >= 0 else -1, children_B[g[0]],
-                  torch.cat([rows_B[b] for b in g])) for g in groups]
+            chains.append([b])
+    groups: list[list[list[int]]] = []
+    for c in chains:
+        last = groups[-1] if groups else None
+        if (last is not None and nchild_B[c[-1]] == 0 and nchild_B[last[-1][-1]] == 0
+                and parent_B[last[-1][0]] == parent_B[c[0]]
+                and fits(sum(length_B[i] for ch in last for i in ch), sum(length_B[i] for i in c))):
+            last.append(c)
+        else:
+            groups.append([c])
+    unit_of_B = [0] * len(start_B)
+    for u, g in enumerate(groups):
+        for ch in g:
+            for b in ch:
+                unit_of_B[b] = u
+    units = []
+    for g in groups:
+        first, blocks = g[0][0], [b for ch in g for b in ch]
+        assert all(start_B[x] + length_B[x] == start_B[y] for x, y in zip(blocks, blocks[1:])), "contiguous unit"
+        units.append(_Unit(start_B[first], [sum(length_B[b] for b in ch) for ch in g],
+                           unit_of_B[parent_B[first]] if parent_B[first] >= 0 else -1, nchild_B[g[-1][-1]] > 0,
+                           torch.cat([rows_B[b] for b in blocks])))
+    return units
 
 
 _RowGrads = Callable[[int, dict[str, torch.Tensor]], dict[str, "torch.Tensor | None"]]
