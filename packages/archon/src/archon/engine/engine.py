@@ -77,6 +77,8 @@ class ArchonEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self._offloaded = False
+        self._trainable: list[torch.Tensor] | None = None
+        self._aux_free_moe: bool | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------
     def initialize(self) -> ArchonEngine:
@@ -240,7 +242,8 @@ class ArchonEngine:
         """`accumulate_grads` up to the stats: returns the function that reads them, so a caller can queue more
         device work (the optimizer update) before the host waits for the values."""
         self._ensure_onloaded()
-        self.model.train()
+        if not self.model.training:  # train() walks every module: a few ms of host time per step on 28 layers
+            self.model.train()
         plan = self._micro_batches(batch)
         mbs = [batch.select(idx) if idx else None for idx in plan]
         weights = [float(loss_weight_fn(mb)) if mb is not None else 0.0 for mb in mbs]
@@ -303,16 +306,26 @@ class ArchonEngine:
         from archon_parallel.grad import clip_grad_norm_
 
         max_norm = self.cfg.optimizer.gradient_clipping
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return clip_grad_norm_(params, max_norm if max_norm > 0 and scale_grads else float("inf"),
+        return clip_grad_norm_(self._trainable_params(), max_norm if max_norm > 0 and scale_grads else float("inf"),
                                pp_group=self.meshes.group("pp") if self.meshes is not None and self.dims.pp > 1 else None)
 
+    def _trainable_params(self) -> list[torch.Tensor]:
+        """Parameters that require grad, listed once (the module tree is fixed after `initialize`; walking it
+        costs milliseconds of host time per step, while the GPU waits for the step's first launch)."""
+        if self._trainable is None:
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return self._trainable
+
     def _after_optimizer_step(self) -> None:
-        try:
+        if self._aux_free_moe is None:  # looked up once: a dense model skips the per-step module walk
+            from archon_moe import TopKRouter
+
+            self._aux_free_moe = any(isinstance(m, TopKRouter) and m.expert_bias is not None
+                                     for m in self.model.modules())
+        if self._aux_free_moe:
             from archon_moe import update_aux_free_biases
-        except ImportError:  # pragma: no cover - archon-moe always ships it
-            return
-        update_aux_free_biases(self.model, group=self.dp_group)
+
+            update_aux_free_biases(self.model, group=self.dp_group)
 
     # -- state ----------------------------------------------------------------------------------------
     def offload(self) -> None:
