@@ -142,3 +142,20 @@ def test_dta_units_merge_single_child_chains(budget, want):
     units = _units(sched, [torch.empty(0, dtype=torch.int64)] * sched.num_blocks, budget)
     assert [(u.seg_lens, u.internal, u.parent) for u in units] == want
     assert [u.start for u in units] == [0, *([want[0][0][0]] if len(want) > 1 else [])]
+
+
+def test_dta_compile_rule_and_auto_resolution():
+    """dta runs eager: an explicit enable_compile=true is rejected by name, unset resolves to off even on CUDA
+    (resolution is config logic: no GPU needed), and other modes keep the CUDA default."""
+    from archon.config.validate import compile_enabled
+
+    d1 = ParallelDims.from_allocation("archon:d1", 1)
+    cfg = _cfg("dta")
+    cfg.archon.enable_compile = True
+    with pytest.raises(ValueError, match="compile-with-dta"):
+        validate_engine(cfg, d1, torch.device("cpu"))
+    cfg.archon.enable_compile = None
+    validate_engine(cfg, d1, torch.device("cpu"))
+    assert not compile_enabled(cfg, torch.device("cuda"))
+    assert compile_enabled(_cfg("sparse"), torch.device("cuda")) and compile_enabled(_cfg("disabled"), torch.device("cuda"))
+    assert not compile_enabled(_cfg("disabled"), torch.device("cpu"))

@@ -19,6 +19,10 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     a = cfg.archon
     if a.ac_mode not in AC_MODES:
         raise ValueError(f"actor.archon.ac_mode {a.ac_mode!r} is not one of {AC_MODES}")
+    if a.enable_compile and a.tree_training_mode == "dta":
+        raise ValueError("rule compile-with-dta: tree_training_mode=dta calls back into Python at every layer (the "
+                         "cached path's K/V, per-unit segments), which a compiled block cannot hold; set "
+                         "actor.archon.enable_compile=false (or leave it unset: dta then runs eager)")
     compile_on = compile_enabled(cfg, device)
     if a.ac_mode == "memory_budget":
         if not compile_on:
@@ -92,9 +96,11 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
 
 
 def compile_enabled(cfg, device: torch.device) -> bool:
-    """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere."""
+    """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere and for dta (rule compile-with-dta)."""
     a = cfg.archon
-    return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
+    if a.enable_compile is not None:
+        return a.enable_compile
+    return device.type == "cuda" and a.tree_training_mode != "dta"
 
 
 def fsdp_sharded(cfg, dims) -> bool:
