@@ -247,7 +247,7 @@ class DtaTreeRunner(TreeRunner):
                     tensors.append(outs[k])
                     grads.append(g.to(outs[k].dtype))
             aux = self.model.moe_aux_loss() if hasattr(self.model, "moe_aux_loss") else None
-            if aux is not None:  # routed tokens of this unit, as a share of the tree's
+            if aux is not None and aux.requires_grad:  # routed tokens of this unit, as a share of the tree's
                 tensors.append(aux)
                 grads.append(torch.full_like(aux, aux_scale * plan.units[u].length / plan.tree.num_tree_tokens))
             return tensors, grads, hook
