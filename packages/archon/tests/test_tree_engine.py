@@ -53,13 +53,7 @@ LOSSES = {"sft": sft_loss, "ppo": ppo_like_loss}
 OTHER_PATH = {"sft": token_separable(sft_loss, False), "ppo": token_separable(ppo_like_loss)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: extra intra-op threads only oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
