@@ -98,7 +98,7 @@ def run_mode(cfg_path: str, variant: tuple[str, str, int, bool], batch: PackedBa
                         seed=1)
     actor.archon.tree_training_mode = mode
     actor.archon.tree_dta_block_size = block_size
-    actor.archon.enable_compile = args.compile and mode != "dta"  # dta runs eager (rule compile-with-dta)
+    actor.archon.enable_compile = args.compile
     actor.archon.ac_mode = args.ac
     actor.archon.dp_layout = dp_layout
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -31,8 +31,12 @@ def block_compile_config(cfg, dims, device: torch.device):
     from archon_parallel.compile import CompileConfig
 
     mode = None if cfg.archon.compile_mode == "default" else cfg.archon.compile_mode
+    dta = cfg.archon.tree_training_mode == "dta"
+    # dta: every unit has its own token count, so its graphs start dynamic (no static first compile), and its KV
+    # hook runs eagerly between two graphs per block (no fullgraph).
+    dynamic = False if cfg.archon.pad_to_maximum else (True if dta else None)
     return CompileConfig(enabled=compile_enabled(cfg, device), scope=compile_scope(cfg, dims, device), mode=mode,
-                         dynamic=False if cfg.archon.pad_to_maximum else None)
+                         dynamic=dynamic, fullgraph=not dta)
 
 
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",

@@ -57,8 +57,11 @@ class _PrefixKVHook:
     """`kv_hook` for one unit forward: attend to the path's cached K/V, record this unit's K/V.
 
     Recording stops after the forward, so an activation-checkpoint recompute in backward (which calls
-    the hook again) reads the same cache and leaves the recorded K/V alone.
+    the hook again) reads the same cache and leaves the recorded K/V alone. Not traceable: a compiled block
+    breaks its graph around the call (the path and segments change every unit).
     """
+
+    traceable = False
 
     def __init__(self, path: tuple[_CacheEntry, ...], seg_lens: list[int]) -> None:
         self.path = path

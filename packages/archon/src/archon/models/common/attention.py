@@ -38,7 +38,18 @@ class Attention(nn.Module):
         q_THD = apply_rope(q_THD, cos_TD, sin_TD).to(v_TGD.dtype)
         k_TGD = apply_rope(k_TGD, cos_TD, sin_TD).to(v_TGD.dtype)
         if kv_hook is not None:  # KV-cache users (sampler, prefix reuse) take over the attention call
-            o_THD = kv_hook(self, q_THD, k_TGD, v_TGD)
+            if getattr(kv_hook, "traceable", True):  # traced into the compiled block (e.g. sparse tree attention)
+                o_THD = kv_hook(self, q_THD, k_TGD, v_TGD)
+            else:
+                o_THD = _run_kv_hook(kv_hook, self, q_THD, k_TGD, v_TGD)
         else:
             o_THD = self.backend(q_THD, k_TGD, v_TGD, meta, scale=self.scale)
         return self.wo(o_THD.reshape(T, -1))
+
+
+@torch.compiler.disable
+def _run_kv_hook(kv_hook, attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
+    """A KV hook marked ``traceable = False`` runs eagerly: its Python state (a cached path, segment lengths) changes
+    every call. Inside a block compiled without fullgraph this is the one graph break; the projections and the MLP
+    around it stay compiled."""
+    return kv_hook(attn, q_THD, k_TGD, v_TGD)
