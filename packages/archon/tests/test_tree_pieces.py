@@ -145,21 +145,17 @@ def test_dta_units_merge_single_child_chains(budget, want):
 
 
 def test_dta_compile_resolution():
-    """dta compiles only when asked (its blocks break the graph at the KV hook; not measured on GPU yet): unset
-    enable_compile resolves to eager for dta even on CUDA (config logic, no GPU needed), the other modes keep the
-    CUDA default, and the dta graphs are dynamic and not fullgraph."""
+    """dta compiles like the other modes (on by default on CUDA, config logic: no GPU needed), with dynamic graphs
+    that are not fullgraph (its blocks break the graph at the KV hook); the other modes keep fullgraph."""
     from archon.config.validate import compile_enabled
     from archon.engine.build import block_compile_config
 
     d1 = ParallelDims.from_allocation("archon:d1", 1)
     cuda = torch.device("cuda")
-    cfg = _cfg("dta")
-    validate_engine(cfg, d1, torch.device("cpu"))
-    assert not compile_enabled(cfg, cuda)
-    cfg.archon.enable_compile = True
-    validate_engine(cfg, d1, torch.device("cpu"))
-    c = block_compile_config(cfg, d1, cuda)
+    validate_engine(_cfg("dta"), d1, torch.device("cpu"))
+    for mode in ("disabled", "sparse", "dta"):
+        assert compile_enabled(_cfg(mode), cuda) and not compile_enabled(_cfg(mode), torch.device("cpu"))
+    c = block_compile_config(_cfg("dta"), d1, cuda)
     assert c.enabled and not c.fullgraph and c.dynamic is True
-    assert compile_enabled(_cfg("sparse"), cuda) and compile_enabled(_cfg("disabled"), cuda)
-    assert block_compile_config(_cfg("sparse"), d1, cuda).fullgraph
-    assert not compile_enabled(_cfg("disabled"), torch.device("cpu"))
+    c = block_compile_config(_cfg("sparse"), d1, cuda)
+    assert c.fullgraph and c.dynamic is None

@@ -14,8 +14,7 @@ from archon.config.fields import doc
 
 @dataclass
 class ArchonEngineConfig:
-    enable_compile: bool | None = doc(None, "torch.compile each decoder block; None = on for CUDA, off on CPU and for "
-                                             "tree_training_mode=dta (true: compiled around its KV hook)")
+    enable_compile: bool | None = doc(None, "torch.compile each decoder block; None = on for CUDA, off on CPU")
     compile_scope: str = doc("block", "what one compiled graph covers: block (each decoder block) | stack (all blocks "
                              "as one graph; not with FSDP sharding or dta; measured slower than block on one H200)")
     compile_mode: str = doc("default", "torch.compile mode: default | reduce-overhead (CUDA graphs; one GPU or "

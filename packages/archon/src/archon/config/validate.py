@@ -92,12 +92,9 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
 
 
 def compile_enabled(cfg, device: torch.device) -> bool:
-    """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere and for dta (its compiled blocks
-    break the graph at the KV hook: opt in with enable_compile=true; not measured on GPU yet)."""
+    """`actor.archon.enable_compile` resolved: None = on for CUDA, off elsewhere."""
     a = cfg.archon
-    if a.enable_compile is not None:
-        return a.enable_compile
-    return device.type == "cuda" and a.tree_training_mode != "dta"
+    return a.enable_compile if a.enable_compile is not None else device.type == "cuda"
 
 
 def fsdp_sharded(cfg, dims) -> bool:
