@@ -113,22 +113,27 @@ def _units(sched: DtaSchedule, rows_B: list[torch.Tensor], budget: int) -> list[
         return budget <= 0 or n + extra <= budget
 
     chains: list[list[int]] = []  # DFS order; a chain's blocks are consecutive blocks
+    chain_len: list[int] = []  # running token counts: linear in the number of blocks
     for b in range(len(start_B)):
         prev = chains[-1] if chains else None
         if (prev is not None and parent_B[b] == prev[-1] and nchild_B[prev[-1]] == 1
-                and fits(sum(length_B[i] for i in prev), length_B[b])):
+                and fits(chain_len[-1], length_B[b])):
             prev.append(b)
+            chain_len[-1] += length_B[b]
         else:
             chains.append([b])
+            chain_len.append(length_B[b])
     groups: list[list[list[int]]] = []
-    for c in chains:
+    group_len: list[int] = []
+    for c, n in zip(chains, chain_len):
         last = groups[-1] if groups else None
         if (last is not None and nchild_B[c[-1]] == 0 and nchild_B[last[-1][-1]] == 0
-                and parent_B[last[-1][0]] == parent_B[c[0]]
-                and fits(sum(length_B[i] for ch in last for i in ch), sum(length_B[i] for i in c))):
+                and parent_B[last[-1][0]] == parent_B[c[0]] and fits(group_len[-1], n)):
             last.append(c)
+            group_len[-1] += n
         else:
             groups.append([c])
+            group_len.append(n)
     unit_of_B = [0] * len(start_B)
     for u, g in enumerate(groups):
         for ch in g:
