@@ -165,10 +165,12 @@ def test_value_head_tree_modes_equal_flat(model_dir):
                     _assert_close(g, grads[n], f"value {mode} {name} {n}")
 
 
-def test_dta_separable_loss_walks_once(model_dir):
-    """A token-separable loss skips DTA's outputs pass: one model forward per unit instead of two."""
-    eng = _engine(model_dir, "dta", tree_dta_block_size=0)
-    b = _batches()["grpo"]
+@pytest.mark.parametrize("block_size", [0, 2])
+def test_dta_separable_loss_walks_once(model_dir, block_size):
+    """A token-separable loss skips DTA's outputs pass: one model forward per unit instead of two, plus (block 2:
+    the path's kept graphs are capped at 2 tokens) one no-grad forward per internal unit beyond the keep budget."""
+    eng = _engine(model_dir, "dta", tree_dta_block_size=block_size)
+    b = _batches()["multiturn" if block_size else "grpo"]
     calls = []
     handle = eng.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
@@ -180,5 +182,10 @@ def test_dta_separable_loss_walks_once(model_dir):
     finally:
         handle.remove()
     units = eng.runner._plan(b).units  # one micro-batch: the whole batch fits mb_max_tokens
-    assert sum(u.internal for u in units) >= 2 and any(len(u.seg_lens) > 1 for u in units)  # sharing, packing
-    assert counts == [2 * len(units), len(units)], counts
+    if block_size == 0:
+        assert sum(u.internal for u in units) >= 2 and any(len(u.seg_lens) > 1 for u in units)  # sharing, packing
+        assert counts == [2 * len(units), len(units)], counts
+    else:
+        recomputed = counts[1] - len(units)
+        assert counts[0] - counts[1] == len(units)  # the outputs pass
+        assert 0 < recomputed < sum(u.internal for u in units), counts  # some internal graphs kept, some not

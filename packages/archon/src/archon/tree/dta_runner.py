@@ -13,16 +13,20 @@ How one micro-batch trains (the loss is any function of the token-aligned output
    This gives every output row (a unique next-token pair, or a tree token for a value head).
 2. Upstream gradients: lay the rows out flat as leaf tensors, run `loss_fn` on them and back-propagate
    to get d loss / d row, for every row at once, without touching the model.
-3. Gradient walk: depth first again. An internal unit is forwarded with grad and its graph is kept; its
-   K/V per layer are detached into leaf tensors that require grad (the path's KV cache). Its children
-   attend to them, so their backward accumulates d loss / d (K, V) of this unit into the leaves' `.grad`.
-   When the subtree is done, one `torch.autograd.backward([rows, K, V per layer], [d rows, d K, d V])`
-   through the kept graph pushes its share into the parameters and into its ancestors' leaves. Leaf units
-   are forwarded with grad and back-propagated at once.
+3. Gradient walk: depth first again. An internal unit is forwarded with grad and its graph is kept (while
+   the path's kept graphs hold at most ``block_size`` tokens; deeper units are forwarded without grad now
+   and again with grad when their subtree is done); its K/V per layer are detached into leaf tensors that
+   require grad (the path's KV cache). Its children attend to them, so their backward accumulates
+   d loss / d (K, V) of this unit into the leaves' `.grad`. When the subtree is done, one
+   `torch.autograd.backward([rows, K, V per layer], [d rows, d K, d V])` through the unit's graph pushes
+   its share into the parameters and into its ancestors' leaves. Leaf units are forwarded with grad and
+   back-propagated at once.
 
 Every parameter thus receives exactly the gradient of training each sequence on its own. Memory: the
-K/V (+ grads) and the kept graphs of one root-to-leaf path plus one leaf unit (``block_size`` tokens);
-nothing grows with the batch. Every token is forwarded twice (pass 1 and pass 3) and back-propagated once.
+K/V (+ grads) of one root-to-leaf path, kept graphs of at most ``block_size`` tokens and one unit's
+activations; nothing grows with the batch. A token-separable loss skips pass 1 (see
+``_forward_backward_separable``); then every token is forwarded once and back-propagated once, plus one
+no-grad forward for internal units beyond the keep budget.
 
 Legend: N: tree tokens, B: blocks, U: units, R: output rows, T: flat tokens, Q: a unit's tokens.
 """
@@ -267,9 +271,17 @@ class DtaTreeRunner(TreeRunner):
                 before_last_backward()
             torch.autograd.backward(tensors, grads)
 
-        def finish(entry: _CacheEntry) -> None:
-            tensors, grads, kv = entry.kept
-            entry.kept = None
+        kept_tokens = 0  # tokens of the kept graphs on the path
+
+        def finish(entry: _CacheEntry, ancestors: list[_CacheEntry]) -> None:
+            nonlocal kept_tokens
+            if entry.kept is None:  # over the keep budget: forward again with grad, attending to the ancestors
+                tensors, grads, hook = forward(entry.unit, ancestors)
+                kv = hook.new_kv
+            else:
+                tensors, grads, kv = entry.kept
+                entry.kept = None
+                kept_tokens -= plan.units[entry.unit].length
             for attn, (k_QGD, v_QGD) in kv.items():
                 for x, leaf in zip((k_QGD, v_QGD), entry.kv[attn]):
                     if leaf.grad is not None:
@@ -280,16 +292,23 @@ class DtaTreeRunner(TreeRunner):
         path: list[_CacheEntry] = []
         for u, unit in enumerate(plan.units):
             while path and path[-1].unit != unit.parent:
-                finish(path.pop())
-            tensors, grads, hook = forward(u, path)
-            if unit.internal:
-                leaves = {a: (k.detach().requires_grad_(), v.detach().requires_grad_())
-                          for a, (k, v) in hook.new_kv.items()}
-                path.append(_CacheEntry(u, leaves, (tensors, grads, hook.new_kv)))
+                finish(path.pop(), path)
+            if not unit.internal:
+                backward(*forward(u, path)[:2])
+                continue
+            # Keep the graph while the path's kept graphs stay within the block budget (activations of at most
+            # about two budgets: the kept path and the current unit); deeper, recompute it when the subtree is done.
+            keep = self.block_size <= 0 or kept_tokens + unit.length <= self.block_size
+            if keep:
+                tensors, grads, hook = forward(u, path)
+                kept_tokens += unit.length
             else:
-                backward(tensors, grads)
+                with torch.no_grad():
+                    _, hook = self._forward(plan, u, path, want_entropy=False)
+            leaves = {a: (k.detach().requires_grad_(), v.detach().requires_grad_()) for a, (k, v) in hook.new_kv.items()}
+            path.append(_CacheEntry(u, leaves, (tensors, grads, hook.new_kv) if keep else None))
         while path:
-            finish(path.pop())
+            finish(path.pop(), path)
 
     # -- Runner interface -------------------------------------------------------------------------
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
