@@ -159,3 +159,12 @@ def test_dta_compile_resolution():
     assert c.enabled and not c.fullgraph and c.dynamic is True
     c = block_compile_config(_cfg("sparse"), d1, cuda)
     assert c.fullgraph and c.dynamic is None
+
+
+def test_sibling_key_index_lays_out_cache_then_own_tokens():
+    """The CUDA packed-sibling path gathers keys [cache; own] per sibling from [cache; all packed tokens]."""
+    from archon_attn.tree.dta import _sibling_key_index
+
+    idx = _sibling_key_index(2, (3, 1), torch.device("cpu"))
+    assert idx.tolist() == [0, 1, 2, 3, 4, 0, 1, 5]
+    assert _sibling_key_index(0, (2,), torch.device("cpu")).tolist() == [0, 1]

@@ -10,6 +10,7 @@ tokens, K: keys (C + Q), H: query heads, G: kv heads, D: head dim.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,7 @@ def prefix_attention(
         if seg_lens is None:
             return flash_prefix_attention(q_QHD, k_QGD, v_QGD, scale=scale)
         # Keys laid out per document, [cache; own tokens] each: the cache is copied once per sibling.
-        idx_K = _sibling_key_index(C, seg_lens).to(q_QHD.device, non_blocking=True)
+        idx_K = _sibling_key_index(C, tuple(seg_lens), q_QHD.device)
         return flash_prefix_attention(q_QHD, k_QGD[idx_K], v_QGD[idx_K], scale=scale, seg_q=seg_lens,
                                       seg_k=[C + n for n in seg_lens])
     # Expanding kv heads keeps every SDPA kernel available (CausalBias kernels do not all take enable_gqa).
@@ -124,11 +125,15 @@ def prefix_attention(
     return o_1HQD.squeeze(0).transpose(0, 1)
 
 
-def _sibling_key_index(C: int, seg_lens: list[int]) -> torch.Tensor:
-    """int64 index into [cache (C); packed own tokens] laying out each document's keys as [cache; own]."""
+@functools.lru_cache(maxsize=16)
+def _sibling_key_index(C: int, seg_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 index into [cache (C); packed own tokens] laying out each document's keys as [cache; own]. Cached:
+    every layer of a unit asks for the same one (built and copied once per unit, not once per layer)."""
     parts, offset = [], C
     for n in seg_lens:
         parts += [torch.arange(C), torch.arange(offset, offset + n)]
         offset += n
     idx = torch.cat(parts)
-    return idx.pin_memory() if torch.cuda.is_available() else idx
+    if device.type == "cuda":
+        idx = idx.pin_memory()
+    return idx.to(device, non_blocking=True)

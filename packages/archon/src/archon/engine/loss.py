@@ -18,7 +18,8 @@ def token_separable(loss_fn: LossFn, separable: bool = True) -> LossFn:
     """``loss_fn`` marked as token-separable: d loss / d output of a token depends on that token's output alone
     (every per-token loss: SFT, PPO with token-level ratios, value regression; not GSPO's sequence ratios).
     Runners may then compute a part of the batch's gradients before the rest of its outputs exist (DTA skips
-    its outputs pass). Marking a loss that is not separable gives wrong gradients."""
+    its outputs pass), calling the loss more than once per micro-batch (keep it free of side effects).
+    Marking a loss that is not separable gives wrong gradients."""
     marked = functools.partial(loss_fn)
     marked.token_separable = separable
     return marked
