@@ -86,6 +86,7 @@ class ArchonEngine:
 
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
+        self._trainable = self._aux_free_moe = None  # per-model lookups, made on first use
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
                                   dp_group=self.dp_group, pad_multiple=self.dims.tp,
                                   cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None,
