@@ -168,3 +168,12 @@ def test_sibling_key_index_lays_out_cache_then_own_tokens():
     idx = _sibling_key_index(2, (3, 1), torch.device("cpu"))
     assert idx.tolist() == [0, 1, 2, 3, 4, 0, 1, 5]
     assert _sibling_key_index(0, (2,), torch.device("cpu")).tolist() == [0, 1]
+
+
+def test_segment_bounds_for_packed_flash_prefix_attention():
+    """cu_q / cu_k of the packed-sibling flash call: cumulative query and key counts per document."""
+    from archon_attn.varlen import _segment_bounds
+
+    cu_q, cu_k = _segment_bounds((3, 1), (5, 3), torch.device("cpu"))
+    assert cu_q.tolist() == [0, 3, 4] and cu_k.tolist() == [0, 5, 8]
+    assert cu_q.dtype == cu_k.dtype == torch.int32

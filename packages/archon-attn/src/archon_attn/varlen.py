@@ -16,6 +16,7 @@ Legend: T packed tokens, H query heads, G key/value heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -161,13 +162,22 @@ def flash_prefix_attention(q_QHD: torch.Tensor, k_KGD: torch.Tensor, v_KGD: torc
         step = torch.arange(2, dtype=torch.int32, device=q_QHD.device)  # built on the device: no host copy
         cu_q, cu_k = step * Q, step * K
     else:
-        bounds = [[0, *itertools.accumulate(seg_q)], [0, *itertools.accumulate(seg_k)]]
-        cu_q, cu_k = to_device(torch.tensor(bounds, dtype=torch.int32), q_QHD.device)  # one non-blocking copy
+        cu_q, cu_k = _segment_bounds(tuple(seg_q), tuple(seg_k), q_QHD.device)
     max_q, max_k = max(seg_q), max(seg_k)
     if has_public_varlen_attn():
         return _public_flash(q_QHD, k_KGD, v_KGD, cu_q, max_q, scale, cu_k=cu_k, max_k=max_k)
     return _aten_flash_fwd(q_QHD.contiguous(), k_KGD.contiguous(), v_KGD.contiguous(), cu_q, cu_k, max_q, max_k,
                            scale)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _segment_bounds(seg_q: tuple[int, ...], seg_k: tuple[int, ...], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 cu_q, cu_k on ``device`` from per-document counts, one non-blocking copy; cached because every
+    layer of a DTA unit asks for the same bounds."""
+    bounds = [[0, *itertools.accumulate(seg_q)], [0, *itertools.accumulate(seg_k)]]
+    cu = to_device(torch.tensor(bounds, dtype=torch.int32), device)
+    return cu[0], cu[1]
 
 
 def causal_sdpa_one_document(q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, *,

@@ -227,6 +227,15 @@ class DtaTreeRunner(TreeRunner):
         return outs, hook
 
     # -- walks ------------------------------------------------------------------------------------
+    def _record_rows(self, out_R: dict[str, torch.Tensor], plan: _Plan, rows: torch.Tensor,
+                     outs: dict[str, torch.Tensor]) -> None:
+        """Write a unit's outputs (detached, fp32) into the per-row results, creating them on first use."""
+        for k, v in outs.items():
+            if k not in out_R:
+                out_R[k] = torch.zeros(plan.rows.num_rows, dtype=torch.float32, device=self.device)
+            if rows.numel():
+                out_R[k][rows] = v.detach().float()
+
     @torch.no_grad()
     def _walk_outputs(self, plan: _Plan, want_entropy: bool) -> dict[str, torch.Tensor]:
         """Pass 1: every output row, depth first with the path's K/V cached (no grad)."""
@@ -236,11 +245,7 @@ class DtaTreeRunner(TreeRunner):
             while path and path[-1].unit != unit.parent:
                 path.pop()
             outs, hook = self._forward(plan, u, path, want_entropy)
-            for k, v in outs.items():
-                if k not in out_R:
-                    out_R[k] = torch.zeros(plan.rows.num_rows, dtype=torch.float32, device=self.device)
-                if unit.rows.numel():
-                    out_R[k][unit.rows] = v.float()
+            self._record_rows(out_R, plan, unit.rows, outs)
             if unit.internal:
                 path.append(_CacheEntry(u, hook.new_kv))
         return out_R
@@ -351,23 +356,20 @@ class DtaTreeRunner(TreeRunner):
 
         def row_grads(u: int, outs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
             rows_u = plan.units[u].rows
-            live = {}
-            for k, out in outs.items():
-                if k not in out_R:
-                    out_R[k] = torch.zeros(plan.rows.num_rows, dtype=torch.float32, device=self.device)
-                if rows_u.numel():
-                    out_R[k][rows_u] = out.detach().float()
-                x = torch.zeros_like(out_R[k])
-                if rows_u.numel():
-                    x[rows_u] = out.detach().float()
-                live[k] = x.requires_grad_()
+            self._record_rows(out_R, plan, rows_u, outs)
+            zeros = {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
             if rows_u.numel() == 0:  # the dummy row of a unit without outputs: back-propagate zeros
-                return {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+                return zeros
+            live = {}
+            for k in outs:
+                x = torch.zeros_like(out_R[k])
+                x[rows_u] = out_R[k][rows_u]
+                live[k] = x.requires_grad_()
             with torch.enable_grad():
                 res = loss_fn({k: plan.rows.to_flat(x) for k, x in live.items()}, mb)
                 loss = res[0] if isinstance(res, tuple) else res
                 if not loss.requires_grad:
-                    return {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+                    return zeros
                 g = torch.autograd.grad(loss * scale, list(live.values()), allow_unused=True)
             return {k: None if gk is None else gk[rows_u] for k, gk in zip(live, g)}
 
