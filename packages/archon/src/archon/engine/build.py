@@ -90,6 +90,8 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     else:
         hooks = li.lora_parallel_hooks() if lora else {}
         parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
+    if compile_cfg.enabled and getattr(model, "output", None) is not None and hasattr(model.output, "compile_backend"):
+        model.output.compile_backend = compile_cfg.backend  # the LM head's softmax kernels compile with the blocks
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:

@@ -71,7 +71,7 @@ class ContextParallelRunner(FlatRunner):
                 values_L = self.model(ids_L, packed=packed)
                 return {"values": gather(values_L.float().reshape(-1))}
             lp_L, ent_L = self.model(ids_L, packed=packed, labels=labels_L, want_entropy=want_entropy,
-                                     logprob_chunk_size=self.chunk)
+                                     logprob_chunk_size=self.chunk, logprob_keep_last=True)
         out = {"logprobs": shift_to_tokens(gather(lp_L), cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(gather(ent_L), cu)

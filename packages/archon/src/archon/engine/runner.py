@@ -112,7 +112,7 @@ class FlatRunner(Runner):
                 values = self.model(ids, packed=packed)
                 return {"values": values.float().reshape(-1)}
             lp, ent = self.model(ids, packed=packed, labels=next_token_labels(ids), want_entropy=want_entropy,
-                                 logprob_chunk_size=self.chunk)
+                                 logprob_chunk_size=self.chunk, logprob_keep_last=True)
         out = {"logprobs": shift_to_tokens(lp, cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(ent, cu)

@@ -49,7 +49,7 @@ class SparseTreeRunner(TreeRunner):
                 return {"values": rows.to_flat(v_N.float().reshape(-1))}
             lp_R, ent_R = self.model(tree.tokens_N, position_ids=tree.depth_N, cu_seqlens=cu, kv_hook=hook,
                                      labels=rows.label_R, label_rows=rows.tree_index_R, want_entropy=want_entropy,
-                                     logprob_chunk_size=self.chunk)
+                                     logprob_chunk_size=self.chunk, logprob_keep_last=True)
         out = {"logprobs": rows.to_flat(lp_R)}
         if want_entropy:
             out["entropy"] = rows.to_flat(ent_R)

@@ -60,9 +60,10 @@ class LMHead(nn.Linear):
         super().__init__(dim, vocab_size, bias=False)
         self.vocab_parallel = None  # set by tensor parallelism: (local logits, labels) -> (logprobs, entropy)
         self.gather_logits = None  # set by tensor parallelism: local vocab shard -> full logits
+        self.compile_backend: str | None = None  # set by the engine when it compiles: the logprob kernels too
 
     def forward(self, h_TD: torch.Tensor, labels_T: torch.Tensor | None = None, *, chunk_size: int = 4096,
-                want_entropy: bool = False):
+                want_entropy: bool = False, keep_last_logits: bool = False):
         w = self.weight
         if hasattr(w, "to_local") and self.vocab_parallel is None:
             w = w.to_local()  # FSDP2-only: unsharded inside forward
@@ -72,7 +73,8 @@ class LMHead(nn.Linear):
         from archon.engine.logprobs import head_logprobs
 
         return head_logprobs(h_TD, w, labels_T, chunk_size=chunk_size, want_entropy=want_entropy,
-                             vocab_parallel=self.vocab_parallel)
+                             vocab_parallel=self.vocab_parallel, keep_last_logits=keep_last_logits,
+                             compile_backend=self.compile_backend)
 
 
 class Decoder(nn.Module):
@@ -160,7 +162,8 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None,
                 return_hidden: bool = False, labels: torch.Tensor | None = None, want_entropy: bool = False,
-                logprob_chunk_size: int = 4096, kv_hook=None, label_rows: torch.Tensor | None = None) -> Any:
+                logprob_chunk_size: int = 4096, logprob_keep_last: bool = False, kv_hook=None,
+                label_rows: torch.Tensor | None = None) -> Any:
         """Logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for packed input.
 
         `return_hidden=True` returns the final-normed hidden states instead of logits (the engine
@@ -168,7 +171,8 @@ class Decoder(nn.Module):
         For a value head the output is [.., 1]-squeezed values. With `labels` (packed [T]) an LM head
         returns (logprobs [T], entropy [T]) of those labels, computed chunk-wise inside the head; with
         `label_rows` [P] too, label p is scored at token `label_rows[p]` (tree training: one token may
-        predict several children) and the results are [P].
+        predict several children) and the results are [P]. `logprob_keep_last` keeps the last chunk's logits
+        for backward instead of recomputing them: for callers whose backward follows this forward directly.
         """
         if packed is None:
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
@@ -188,7 +192,7 @@ class Decoder(nn.Module):
                 if label_rows is not None:
                     h_TD = h_TD[label_rows]
                 return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
-                                   want_entropy=want_entropy)
+                                   want_entropy=want_entropy, keep_last_logits=logprob_keep_last)
             return packed.unflatten(self.output(h_TD))
         if self.score is not None:
             return packed.unflatten(self.score(h_TD).squeeze(-1))
