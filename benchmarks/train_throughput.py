@@ -83,7 +83,8 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
     actor.optimizer.lr = 1e-5
     actor.archon.enable_compile = compile_on
     actor.archon.compile_scope = scope
-    actor.archon.compile_mode = mode
+    actor.archon.compile_mode = "default" if mode == "cpp-wrapper" else mode
+    actor.archon.compile_cpp_wrapper = mode == "cpp-wrapper"
     eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=warm + steps, device="cuda").initialize()
     gen = torch.Generator().manual_seed(0)
     lengths = doc_lengths(shape, gen)
@@ -168,8 +169,9 @@ def main() -> None:
     p.add_argument("--scopes", nargs="+", default=["block"], choices=["block", "stack"],
                    help="Archon compile scopes to time when compile is on (each is one row)")
     p.add_argument("--modes", nargs="+", default=["default"],
-                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="Archon torch.compile modes to time when compile is on (each is one row)")
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper"],
+                   help="Archon torch.compile modes to time when compile is on (each is one row); cpp-wrapper: "
+                        "the default mode with compile_cpp_wrapper")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: Archon with archon:dN (HF skipped)")

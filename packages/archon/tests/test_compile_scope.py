@@ -142,3 +142,47 @@ def test_compile_mode_rules(model_dir):
     actor.archon.compile_mode = "fast"
     with pytest.raises(ValueError, match="compile_mode"):
         validate_compile_mode(actor, d1, CUDA)
+
+
+def test_compile_cpp_wrapper_rules_and_kwargs(model_dir):
+    """compile_cpp_wrapper is an inductor option merged into the mode's options (torch.compile takes a mode or
+    options, not both), and an error where nothing compiles."""
+    from archon.config.validate import validate_compile_mode
+    from archon_parallel.compile import compile_kwargs
+
+    actor = ActorConfig(path=model_dir)
+    d1 = ParallelDims.from_allocation("archon:d1", 1)
+    actor.archon.compile_cpp_wrapper = True
+    with pytest.raises(ValueError, match="compile-cpp-wrapper-needs-compile"):
+        validate_compile_mode(actor, d1, CPU)  # compile is off on CPU unless enabled
+    actor.archon.enable_compile = True
+    validate_compile_mode(actor, d1, CPU)
+    plain = compile_kwargs(CompileConfig(enabled=True, mode="reduce-overhead"))
+    assert plain["mode"] == "reduce-overhead" and "options" not in plain
+    kw = compile_kwargs(CompileConfig(enabled=True, mode="reduce-overhead", cpp_wrapper=True))
+    assert "mode" not in kw and kw["options"] == {"triton.cudagraphs": True, "cpp_wrapper": True}
+    assert compile_kwargs(CompileConfig(enabled=True, cpp_wrapper=True))["options"] == {"cpp_wrapper": True}
+    with pytest.raises(ValueError, match="inductor option"):
+        compile_kwargs(CompileConfig(enabled=True, backend="aot_eager", cpp_wrapper=True))
+
+
+def test_cpp_wrapper_compiled_blocks_train_like_eager_cpu(model_dir):
+    """The engine's own compile with compile_cpp_wrapper (inductor with its C++ wrapper, on CPU): loss and every
+    gradient equal the eager engine's (fp32; inductor's fused kernels may round differently, so relative 1e-5)."""
+    def grads(cpp_wrapper: bool):
+        torch._dynamo.reset()
+        actor = ActorConfig(path=model_dir, dtype="float32", mb_max_tokens=48, seed=3)
+        actor.archon.attn_impl = "varlen"
+        actor.archon.enable_compile = cpp_wrapper
+        actor.archon.compile_cpp_wrapper = cpp_wrapper
+        eng = ArchonEngine(actor, device="cpu").initialize()
+        loss = eng.accumulate_grads(_batch([30, 12, 7, 40]), sft_loss, target_tokens)["loss"]
+        return loss, {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in eng.model.named_parameters()}
+
+    want_loss, want = grads(False)
+    loss, got = grads(True)
+    torch._dynamo.reset()
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    for n, g in want.items():
+        rel = float((got[n] - g).norm() / g.norm().clamp(min=1e-12))
+        assert rel <= 1e-5, f"{n}: relative diff {rel:.2e}"

@@ -123,10 +123,14 @@ def compile_scope(cfg, dims, device: torch.device) -> str:
 
 def validate_compile_mode(cfg, dims, device: torch.device) -> None:
     """Rules compile-mode-*: CUDA graphs (reduce-overhead) need CUDA, and replay fixed addresses that FSDP2's
-    per-step all-gathered parameters do not have."""
+    per-step all-gathered parameters do not have. Rule compile-cpp-wrapper-needs-compile: the C++ wrapper is a
+    compile option, an error when nothing compiles."""
     a = cfg.archon
     if a.compile_mode not in COMPILE_MODES:
         raise ValueError(f"actor.archon.compile_mode {a.compile_mode!r} is not one of {COMPILE_MODES}")
+    if a.compile_cpp_wrapper and not compile_enabled(cfg, device):
+        raise ValueError("rule compile-cpp-wrapper-needs-compile: compile_cpp_wrapper configures torch.compile, which "
+                         "is off (enable_compile); set enable_compile: true or drop compile_cpp_wrapper")
     if a.compile_mode != "reduce-overhead":
         return
     if device.type != "cuda":

@@ -36,7 +36,7 @@ def block_compile_config(cfg, dims, device: torch.device):
     # hook runs eagerly between two graphs per block (no fullgraph).
     dynamic = False if cfg.archon.pad_to_maximum else (True if dta else None)
     return CompileConfig(enabled=compile_enabled(cfg, device), scope=compile_scope(cfg, dims, device), mode=mode,
-                         dynamic=dynamic, fullgraph=not dta)
+                         dynamic=dynamic, fullgraph=not dta, cpp_wrapper=cfg.archon.compile_cpp_wrapper)
 
 
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
