@@ -3,13 +3,12 @@ vocab is sharded and never gathered) and the per-head q/k norms of Qwen3.
 
 The head weight is sharded on the vocab dim over the tp mesh. Its input arrives on the sequence shard
 (sequence parallel) and is all-gathered; with labels the head returns per-token logprobs / entropy
-computed from the local vocab shard by `archon_parallel.vocab_parallel_logprobs_entropy`. Without labels
+computed from the local vocab shard by `archon.engine.logprobs.head_logprobs` (per-token statistics are
+all-reduced, the logits never are). Without labels
 (plain `model(ids)` calls) the logits are gathered over the vocab, which is fine for small evaluations.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
@@ -27,15 +26,13 @@ def _full_sequence(h: torch.Tensor, mesh: DeviceMesh) -> DTensor:
 
 def apply_vocab_parallel_head(head: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `head` (an archon LMHead) over `tp_mesh` on the vocab dim, in place."""
-    from archon_parallel.vocab_parallel import vocab_parallel_logprobs_entropy
-
     w = head.weight
     if not isinstance(w, DTensor):  # a tied weight may already be sharded by the embedding's plan
         head.weight = nn.Parameter(distribute_tensor(w, tp_mesh, [Shard(0)]), requires_grad=w.requires_grad)
     vocab = head.weight.shape[0]
     per_rank = -(-vocab // tp_mesh.size())
-    head.vocab_parallel = partial(vocab_parallel_logprobs_entropy, tp_group=tp_mesh.get_group(),
-                                  vocab_start=tp_mesh.get_local_rank() * per_rank)
+    head.tp_mesh = tp_mesh
+    head.vocab_start = tp_mesh.get_local_rank() * per_rank
     head.gather_logits = lambda logits: logits.full_tensor()
 
     def pre_hook(_mod, args, kwargs):

@@ -58,23 +58,29 @@ class LMHead(nn.Linear):
 
     def __init__(self, dim: int, vocab_size: int) -> None:
         super().__init__(dim, vocab_size, bias=False)
-        self.vocab_parallel = None  # set by tensor parallelism: (local logits, labels) -> (logprobs, entropy)
+        self.tp_mesh = None  # set by tensor parallelism: the weight is a vocab shard over this mesh
+        self.vocab_start = 0  # set by tensor parallelism: this rank's first vocab id
         self.gather_logits = None  # set by tensor parallelism: local vocab shard -> full logits
         self.compile_backend: str | None = None  # set by the engine when it compiles: the logprob kernels too
 
     def forward(self, h_TD: torch.Tensor, labels_T: torch.Tensor | None = None, *, chunk_size: int = 4096,
                 want_entropy: bool = False, keep_last_logits: bool = False):
         w = self.weight
-        if hasattr(w, "to_local") and self.vocab_parallel is None:
+        if hasattr(w, "to_local") and self.tp_mesh is None:
             w = w.to_local()  # FSDP2-only: unsharded inside forward
         if labels_T is None:
             logits = h_TD @ w.t()
             return self.gather_logits(logits) if self.gather_logits is not None else logits
         from archon.engine.logprobs import head_logprobs
 
+        tp = {}
+        if self.tp_mesh is not None:  # h: replicated DTensor; its gradient from this vocab shard is a partial sum
+            from torch.distributed.tensor import Partial
+
+            h_TD, w = h_TD.to_local(grad_placements=[Partial()]), w.to_local()
+            tp = dict(tp_group=self.tp_mesh.get_group(), vocab_start=self.vocab_start)
         return head_logprobs(h_TD, w, labels_T, chunk_size=chunk_size, want_entropy=want_entropy,
-                             vocab_parallel=self.vocab_parallel, keep_last_logits=keep_last_logits,
-                             compile_backend=self.compile_backend)
+                             keep_last_logits=keep_last_logits, compile_backend=self.compile_backend, **tp)
 
 
 class Decoder(nn.Module):
