@@ -203,8 +203,10 @@ class DtaTreeRunner(TreeRunner):
                              "sequences or use tree_training_mode=sparse with a smaller mb_max_tokens")
 
     # -- one unit ---------------------------------------------------------------------------------
-    def _forward(self, plan: _Plan, u: int, path: list[_CacheEntry], want_entropy: bool
+    def _forward(self, plan: _Plan, u: int, path: list[_CacheEntry], want_entropy: bool, keep_last: bool = False
                  ) -> tuple[dict[str, torch.Tensor], _PrefixKVHook]:
+        """One unit's outputs, attending to the cached path. `keep_last`: its backward follows directly, so the
+        LM head keeps its last chunk's logits instead of recomputing them."""
         unit = plan.units[u]
         s, n = unit.start, unit.length
         tok_Q, pos_Q = plan.tree.tokens_N[s:s + n], plan.tree.depth_N[s:s + n]
@@ -221,7 +223,8 @@ class DtaTreeRunner(TreeRunner):
                 else:
                     idx, lab = plan.rows.tree_index_R[rows_u] - s, plan.rows.label_R[rows_u]
                 lp, ent = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook, labels=lab,
-                                     label_rows=idx, want_entropy=want_entropy, logprob_chunk_size=self.chunk)
+                                     label_rows=idx, want_entropy=want_entropy, logprob_chunk_size=self.chunk,
+                                     logprob_keep_last=keep_last)
                 outs = {"logprobs": lp, "entropy": ent} if want_entropy else {"logprobs": lp}
         hook.recording = False
         return outs, hook
@@ -256,8 +259,9 @@ class DtaTreeRunner(TreeRunner):
         outputs) and the children's d (K, V)."""
         num_units, done = len(plan.units), 0
 
-        def forward(u: int, path: list[_CacheEntry]) -> tuple[list[torch.Tensor], list[torch.Tensor], _PrefixKVHook]:
-            outs, hook = self._forward(plan, u, path, want_entropy)
+        def forward(u: int, path: list[_CacheEntry], keep_last: bool
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], _PrefixKVHook]:
+            outs, hook = self._forward(plan, u, path, want_entropy, keep_last)
             tensors, grads = [], []
             for k, g in row_grads(u, outs).items():
                 if g is not None:
@@ -281,7 +285,7 @@ class DtaTreeRunner(TreeRunner):
         def finish(entry: _CacheEntry, ancestors: list[_CacheEntry]) -> None:
             nonlocal kept_tokens
             if entry.kept is None:  # over the keep budget: forward again with grad, attending to the ancestors
-                tensors, grads, hook = forward(entry.unit, ancestors)
+                tensors, grads, hook = forward(entry.unit, ancestors, keep_last=True)
                 kv = hook.new_kv
             else:
                 tensors, grads, kv = entry.kept
@@ -299,13 +303,13 @@ class DtaTreeRunner(TreeRunner):
             while path and path[-1].unit != unit.parent:
                 finish(path.pop(), path)
             if not unit.internal:
-                backward(*forward(u, path)[:2])
+                backward(*forward(u, path, keep_last=True)[:2])
                 continue
             # Keep the graph while the path's kept graphs stay within the block budget (activations of at most
             # about two budgets: the kept path and the current unit); deeper, recompute it when the subtree is done.
             keep = self.block_size <= 0 or kept_tokens + unit.length <= self.block_size
             if keep:
-                tensors, grads, hook = forward(u, path)
+                tensors, grads, hook = forward(u, path, keep_last=False)  # backward after the subtree
                 kept_tokens += unit.length
             else:
                 with torch.no_grad():
