@@ -18,7 +18,7 @@ job() {  # job GPU NAME CMD...
 T=benchmarks/train_throughput.py
 job 0 tp_1.7b_seq4096 python3 $T --models qwen3-1.7b --shapes seq4096 --json "$D/tp_1.7b_seq4096.json" --profile "$D/prof"
 job 1 tp_1.7b_packed_attn_tests bash -c "python3 $T --models qwen3-1.7b --shapes packed16k --json $D/tp_1.7b_packed.json;
-  python3 benchmarks/attention_varlen.py; python3 -m pytest -m gpu -q --timeout 300 -p no:cacheprovider packages tests"
+  python3 benchmarks/attention_varlen.py; python3 benchmarks/lm_head.py; python3 -m pytest -m gpu -q --timeout 300 -p no:cacheprovider packages tests"
 job 2 tp_0.6b python3 $T --models qwen3-0.6b --json "$D/tp_0.6b.json"
 job 3 tree python3 benchmarks/tree_training.py --json "$D/tree.json"
 wait
