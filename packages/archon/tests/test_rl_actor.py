@@ -145,3 +145,59 @@ def test_offload_onload_round_trip_is_bitwise_identical(model_dir, device):
         assert torch.equal(a_params[n], b_params[n]), n
     assert len(a_state) == len(b_state) > 0
     assert all(torch.equal(x, y) for x, y in zip(a_state, b_state))
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Ops that make the host wait for the device on a GPU: scalar reads, nonzero, boolean-mask indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        bool_index = func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if bool_index or func in (aten._local_scalar_dense.default, aten.nonzero.default,
+                                  aten.masked_select.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_cfg", [
+    PPOLossConfig(eps_clip=0.1, c_clip=3.0, entropy_coef=0.01, behav_imp_weight_cap=5.0),
+    PPOLossConfig(ratio_level="sequence", loss_agg="seq_mean_token_mean"),
+    PPOLossConfig(kl=__import__("archon_rl").KLConfig(coef=0.1, in_reward=False), loss_agg="constant",
+                  loss_norm_constant=8.0)], ids=["dual-clip-entropy-decoupled", "gspo", "kl-constant"])
+def test_actor_and_critic_losses_never_read_the_device(model_dir, loss_cfg):
+    """The loss functions the engine calls per micro-batch (and per DTA unit) read no device value on the host:
+    on a GPU such a read would stall the step. The value-checking RolloutBatch build does read (the detector
+    works); the actor's micro-batch view skips it because the batch was validated when it entered."""
+    from archon.rl.convert import from_packed
+    from archon_rl import PPOPolicyLoss, ValueLoss
+
+    eng = ArchonEngine(ActorConfig(path=model_dir, dtype="float32"), device="cpu").initialize()
+    actor = PPOActor(eng, loss_cfg, AdvantageConfig(estimator="grpo", group_size=2))
+    g = torch.Generator().manual_seed(3)
+    batch = _rollouts()
+    n = batch.num_tokens
+    batch = batch.replace(logprobs=torch.randn(n, generator=g) * 0.1 - 2.0, advantages=torch.randn(n, generator=g),
+                          prox_logprobs=torch.randn(n, generator=g) * 0.1 - 2.0,
+                          ref_logprobs=torch.randn(n, generator=g) * 0.1 - 2.0,
+                          values=torch.randn(n, generator=g), returns=torch.randn(n, generator=g))
+    mb = to_packed(batch)
+    outputs = {"logprobs": (torch.randn(n, generator=g) * 0.1 - 2.0).requires_grad_(),
+               "entropy": torch.rand(n, generator=g).requires_grad_()}
+    with _HostReads() as checked:
+        from_packed(mb)
+    assert checked.reads, "the detector must see the validating build's host reads"
+    want_loss, want_stats = PPOPolicyLoss(loss_cfg)(outputs, batch)
+    with _HostReads() as hot:
+        loss, stats = actor._loss_fn(outputs, mb)
+        loss.backward()
+        ValueLoss(ValueLossConfig(value_clip=0.2))({"values": outputs["entropy"]}, from_packed(mb, trusted=True))
+    assert hot.reads == []
+    torch.testing.assert_close(loss, want_loss)
+    assert stats.keys() == want_stats.keys()
+    for k in stats:
+        torch.testing.assert_close(stats[k], want_stats[k], msg=k)

@@ -161,7 +161,29 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> RolloutBatch:
         kw = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
               for f in fields(self)}
-        return RolloutBatch(**kw)
+        return RolloutBatch.trusted(**kw)  # validated when built: a move changes no value
+
+    @classmethod
+    def trusted(cls, **values: Any) -> RolloutBatch:
+        """Build without value checks, for views of data validated when it entered: a batch moved to a device,
+        the engine's micro-batches of a validated batch. `validate()` reads values on the host, which on a GPU
+        stalls the step until the device catches up. Shapes and dtypes are still normalized."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown RolloutBatch fields {sorted(unknown)}")
+        for name in ("input_ids", "cu_seqlens", "loss_mask"):
+            if not isinstance(values.get(name), torch.Tensor):
+                raise TypeError(f"RolloutBatch.trusted needs {name} as a tensor")
+        rb = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(rb, f.name, values.get(f.name))
+        rb.input_ids, rb.cu_seqlens, rb.loss_mask = rb.input_ids.long(), rb.cu_seqlens.to(torch.int32), \
+            rb.loss_mask.bool()
+        for name in TOKEN_FIELDS:
+            rb._check_len(name, rb.num_tokens, "T")
+        for name in SAMPLE_FIELDS:
+            rb._check_len(name, rb.num_seqs, "N")
+        return rb
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -73,12 +73,16 @@ def loss_normaliser(mask_T: torch.Tensor, cu_seqlens_N1: torch.Tensor, loss_agg:
 
 
 def _masked_stats(x_T: torch.Tensor, mask_T: torch.Tensor, prefix: str) -> Stats:
+    """Mean / min / max of ``x_T`` over the mask (1 for an empty mask), on the device: no host read, no
+    boolean indexing, so the loss never waits for the GPU."""
     x_T = x_T.detach()
-    if not bool(mask_T.any()):
-        one = x_T.new_ones(())
-        return {f"{prefix}_mean": one, f"{prefix}_min": one, f"{prefix}_max": one}
-    sel = x_T[mask_T]
-    return {f"{prefix}_mean": sel.mean(), f"{prefix}_min": sel.min(), f"{prefix}_max": sel.max()}
+    any_ = mask_T.any()
+    one = x_T.new_ones(())
+    mean = torch.where(any_, masked_mean(x_T, mask_T), one)
+    inf = x_T.new_full((1,), torch.inf)  # the identity of min, so an empty batch reduces too
+    lo = torch.where(any_, torch.cat([torch.where(mask_T, x_T, inf), inf]).amin(), one)
+    hi = torch.where(any_, torch.cat([torch.where(mask_T, x_T, -inf), -inf]).amax(), one)
+    return {f"{prefix}_mean": mean, f"{prefix}_min": lo, f"{prefix}_max": hi}
 
 
 def ppo_policy_loss(logp_T: torch.Tensor, behav_logp_T: torch.Tensor, adv_T: torch.Tensor,

@@ -63,7 +63,7 @@ class PPOActor:
         return mean_stats(rows)
 
     def _loss_fn(self, outputs: dict[str, torch.Tensor], mb: PackedBatch):
-        return self.loss(outputs, from_packed(mb, outputs["logprobs"].device))
+        return self.loss(outputs, from_packed(mb, outputs["logprobs"].device, trusted=True))  # built by to_packed
 
     def _loss_weight(self, mb: PackedBatch) -> float:
         return self.loss.loss_weight(from_packed(mb))

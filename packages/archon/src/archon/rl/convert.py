@@ -20,11 +20,15 @@ def to_packed(batch: RolloutBatch) -> PackedBatch:
     return PackedBatch(batch.input_ids, batch.cu_seqlens, batch.loss_mask.float(), tok, seq)
 
 
-def from_packed(batch: PackedBatch, device: torch.device | str | None = None) -> RolloutBatch:
-    """The rollout view of an engine (micro-)batch, optionally moved to ``device``."""
+def from_packed(batch: PackedBatch, device: torch.device | str | None = None, *, trusted: bool = False
+                ) -> RolloutBatch:
+    """The rollout view of an engine (micro-)batch, optionally moved to ``device``. ``trusted``: the batch is a
+    view of a validated RolloutBatch (`to_packed`, then the engine's micro-batching), so the value checks,
+    which read device tensors on the host inside the training step, are skipped."""
     kw = {n: v for n, v in batch.token_extras.items() if n in TOKEN_FIELDS}
     kw.update({n: v for n, v in batch.seq_extras.items() if n in SAMPLE_FIELDS})
-    rb = RolloutBatch(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask != 0, **kw)
+    make = RolloutBatch.trusted if trusted else RolloutBatch
+    rb = make(input_ids=batch.input_ids, cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask != 0, **kw)
     return rb.to(device) if device is not None else rb
 
 

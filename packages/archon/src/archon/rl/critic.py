@@ -68,7 +68,7 @@ class PPOCritic:
     def _loss_fn(self, outputs: dict[str, torch.Tensor], mb: PackedBatch):
         v_T = outputs["values"]
         values_T = shift_to_tokens(v_T, mb.cu_seqlens.to(v_T.device))
-        return self.loss({"values": values_T}, from_packed(mb, v_T.device))
+        return self.loss({"values": values_T}, from_packed(mb, v_T.device, trusted=True))  # built by to_packed
 
     def _loss_weight(self, mb: PackedBatch) -> float:
         return self.loss.loss_weight(from_packed(mb))
