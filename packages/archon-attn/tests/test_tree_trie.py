@@ -146,3 +146,19 @@ def test_pack_microbatches_and_merge():
     check_tree(forest, [seqs[i] for i in ids])
     with pytest.raises(ValueError, match="exceeds max_tree_tokens"):
         pack_tree_microbatches(seqs, 3)
+
+
+@pytest.mark.parametrize("case", ["grpo", "multiturn", "mixed"])
+def test_attention_pairs_counted_on_the_host(case):
+    """A built tree carries its attention-pair count (sum over distinct prefixes of their length, i.e. every
+    tree token times its ancestors-or-self); a moved tree keeps it; a tree without it counts on demand."""
+    g = torch.Generator().manual_seed(4)
+    seqs = {"grpo": lambda: grpo_batch(g, 3, 4, 9, 6), "multiturn": lambda: multiturn_batch(g, 3, 3, 5),
+            "mixed": lambda: mixed_batch(g)}[case]()
+    lists = [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs]
+    want = sum(len(p) for p in _distinct_prefixes(lists))
+    tree = build_tree(seqs)
+    assert tree.host_pairs == want and tree.to("cpu").host_pairs == want
+    bare = PackedTree(tree.tokens_N, tree.parent_N, tree.depth_N, tree.subtree_end_N, tree.seq_index_T,
+                      tree.cu_seqlens)
+    assert bare.host_pairs is None and bare.attention_pairs == want == tree_stats(tree).tree_attn_pairs

@@ -80,7 +80,7 @@ def tree_stats(tree: PackedTree, cost_model: TreeCostModel | None = None) -> Tre
     cost_model = cost_model or TreeCostModel()
     lens_S = torch.diff(tree.cu_seqlens)
     flat_pairs = int((lens_S * (lens_S + 1) // 2).sum())
-    tree_pairs = int((tree.depth_N + 1).sum())
+    tree_pairs = tree.attention_pairs
     S, T, N = tree.num_sequences, tree.num_tokens, tree.num_tree_tokens
     return TreeStats(
         num_sequences=S,

@@ -40,6 +40,8 @@ class PackedTree:
     """int64 tree index of every flat token, sequences concatenated in input order."""
     cu_seqlens: torch.Tensor
     """int64 [S + 1] offsets of each sequence in ``seq_index_T`` (the flat packed batch's offsets)."""
+    host_pairs: int | None = None
+    """`attention_pairs` counted on the host when the tree was built there (None: count on demand)."""
 
     @property
     def num_tree_tokens(self) -> int:
@@ -57,6 +59,12 @@ class PackedTree:
     def device(self) -> torch.device:
         return self.tokens_N.device
 
+    @property
+    def attention_pairs(self) -> int:
+        """(query, ancestor-or-self key) pairs of tree attention: the sum of depth + 1. Counted when the tree is
+        built on the host, so reading it from a device tree needs no device-to-host sync."""
+        return self.host_pairs if self.host_pairs is not None else int((self.depth_N + 1).sum())
+
     def sequence_index(self, s: int) -> torch.Tensor:
         """Tree indices of sequence ``s``'s tokens, in order."""
         return self.seq_index_T[self.cu_seqlens[s] : self.cu_seqlens[s + 1]]
@@ -66,7 +74,7 @@ class PackedTree:
         return self.tokens_N[self.sequence_index(s)]
 
     def to(self, device: torch.device | str) -> PackedTree:
-        return PackedTree(*(getattr(self, f).to(device) for f in _FIELDS))
+        return PackedTree(*(getattr(self, f).to(device) for f in _FIELDS), host_pairs=self.host_pairs)
 
 
 _FIELDS = ("tokens_N", "parent_N", "depth_N", "subtree_end_N", "seq_index_T", "cu_seqlens")
@@ -162,7 +170,8 @@ def build_tree(sequences: TokenSequences, *, device: torch.device | str | None =
     orig_seq_T = torch.repeat_interleave(torch.arange(lens_orig_S.numel()), lens_orig_S)
     orig_pos_T = torch.arange(T) - cu_seqlens[orig_seq_T]
     seq_index_T = tree_idx_T[sb.starts_S[rank_S[orig_seq_T]] + orig_pos_T]
-    tree = PackedTree(tokens_N, parent_N, depth_N, subtree_end_N, seq_index_T, cu_seqlens)
+    tree = PackedTree(tokens_N, parent_N, depth_N, subtree_end_N, seq_index_T, cu_seqlens,
+                      host_pairs=int((depth_N + 1).sum()))  # host tensors here: no device read
     return tree if device is None else tree.to(device)
 
 

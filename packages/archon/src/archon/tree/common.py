@@ -86,10 +86,10 @@ class TreeRunner(Runner):
     def count(self, tree: PackedTree, scale: float) -> None:
         if scale == 0.0:  # a padding micro-batch of a rank with fewer micro-batches than its peers
             return
-        pairs = int((tree.depth_N + 1).sum())
         self._counts[0] += tree.num_tokens
         self._counts[1] += tree.num_tree_tokens
-        self._counts[2] += self.cost_model(SegmentStats(tree.num_sequences, tree.num_tree_tokens, pairs))
+        self._counts[2] += self.cost_model(SegmentStats(tree.num_sequences, tree.num_tree_tokens,
+                                                        tree.attention_pairs))  # counted on the host
 
     def pop_stats(self) -> dict[str, float]:
         """Flat and tree tokens summed over DP ranks, their ratio, and max / mean of per-rank predicted cost."""
