@@ -4,8 +4,10 @@ Legend: T packed tokens, V vocab (Vl: the local vocab shard), C a chunk of token
 
 Both paths run one custom autograd Function that walks the tokens in chunks and upcasts each chunk
 to fp32, so full-vocab fp32 logits for all tokens never exist at once; backward recomputes the
-softmax per chunk. The vocab-parallel path reduces per-token statistics over the tp group
-(one MAX, one SUM all-reduce of [3, T]) and never gathers the vocab; backward needs no collective.
+softmax per chunk. The vocab-parallel path reduces per-token statistics over the tp group (one MAX,
+one SUM all-reduce of [3, T]) and never gathers the vocab; backward needs no collective. The per-chunk
+pieces (`shard_labels`, `shard_max`, `shard_sums`, `finish_stats`, `logits_grad`) are public: the engine's
+fused LM head (`archon.engine.logprobs`) computes the same statistics with them, compiled.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-__all__ = ["logprobs_entropy", "vocab_parallel_logprobs_entropy"]
+__all__ = ["finish_stats", "logits_grad", "logprobs_entropy", "shard_labels", "shard_max", "shard_sums",
+           "vocab_parallel_logprobs_entropy"]
 
 DEFAULT_CHUNK = 1024
 
@@ -25,54 +28,84 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
         dist.all_reduce(x, op=op, group=group)
 
 
+# -- the per-token statistics of a vocab shard, shared with the engine's fused LM head
+# (`archon.engine.logprobs`, which compiles them). C: a chunk of tokens, Vl: the local vocab shard.
+
+def shard_labels(labels_T: torch.Tensor, vocab_start: int, Vl: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label index inside this shard, clamped; whether the label is on this shard), both [T]."""
+    local_T = labels_T - vocab_start
+    in_shard_T = (local_T >= 0) & (local_T < Vl)
+    return local_T.clamp(0, Vl - 1), in_shard_T
+
+
+def shard_max(logits_CV: torch.Tensor) -> torch.Tensor:
+    """fp32 row max of a shard's logits [C] (reduced with MAX over the tp group)."""
+    return logits_CV.float().amax(dim=-1)
+
+
+def shard_sums(logits_CV: torch.Tensor, max_C: torch.Tensor, local_C: torch.Tensor, in_shard_C: torch.Tensor,
+               want_entropy: bool = True) -> torch.Tensor:
+    """fp32 [3, C] partial sums of a shard (reduced with SUM over the tp group): sum exp(x - max), the label's
+    logit (0 where the label is on another shard), sum exp(x - max) * x (zeros unless `want_entropy`)."""
+    x_CV = logits_CV.float()
+    e_CV = torch.exp(x_CV - max_C[:, None])
+    picked_C = torch.where(in_shard_C, x_CV.gather(1, local_C[:, None]).squeeze(1), 0.0)
+    ex_C = e_CV.mul(x_CV).sum(-1) if want_entropy else torch.zeros_like(max_C)
+    return torch.stack([e_CV.sum(-1), picked_C, ex_C])
+
+
+def finish_stats(max_T: torch.Tensor, sums_3T: torch.Tensor, want_entropy: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprob, logsumexp, entropy or zeros) from the reduced max and sums."""
+    lse_T = max_T + sums_3T[0].log()
+    ent_T = lse_T - sums_3T[2] / sums_3T[0] if want_entropy else torch.zeros_like(lse_T)  # H = lse - E_p[x]
+    return sums_3T[1] - lse_T, lse_T, ent_T
+
+
+def logits_grad(logits_CV: torch.Tensor, labels_C: torch.Tensor, lse_C: torch.Tensor, ent_C: torch.Tensor,
+                g_lp_C: torch.Tensor, g_ent_C: torch.Tensor | None, onehot_C: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits in the logits' dtype: d logprob/dx = onehot - p, d entropy/dx = -p (x - E_p[x]).
+    `onehot_C` is what lands on each label's logit: g_lp, or 0 where the label is on another shard."""
+    # In place where possible: eager mode then holds two fp32 [C, V] buffers, not five (compiled, it fuses).
+    x_CV = logits_CV.to(torch.float32, copy=True)  # a copy even from fp32: the saved logits stay intact
+    g_CV = torch.exp(x_CV - lse_C[:, None])  # p, becoming the gradient
+    if g_ent_C is None:
+        g_CV.mul_(-g_lp_C[:, None])
+    else:
+        coef_CV = x_CV.sub_((lse_C - ent_C)[:, None]).mul_(g_ent_C[:, None]).add_(g_lp_C[:, None])
+        g_CV.mul_(coef_CV).neg_()
+    g_CV.scatter_add_(1, labels_C[:, None], onehot_C[:, None])
+    return g_CV.to(logits_CV.dtype)
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, labels_T, group, vocab_start: int, chunk: int):
         T, Vl = logits_TV.shape
-        local_T = labels_T - vocab_start
-        in_shard_T = (local_T >= 0) & (local_T < Vl)
-        local_T = local_T.clamp(0, Vl - 1)
-        max_T = torch.empty(T, dtype=torch.float32, device=logits_TV.device)
-        for s in range(0, T, chunk):
-            max_T[s:s + chunk] = logits_TV[s:s + chunk].float().amax(dim=-1)
+        local_T, in_shard_T = shard_labels(labels_T, vocab_start, Vl)
+        spans = [slice(s, s + chunk) for s in range(0, T, chunk)]
+        max_T = logits_TV.new_empty(T, dtype=torch.float32)
+        for sl in spans:
+            max_T[sl] = shard_max(logits_TV[sl])
         _all_reduce(max_T, dist.ReduceOp.MAX, group)
-        # stats: sum exp(x - max), label logit (0 off-shard), sum exp(x - max) * x
-        stats_3T = torch.zeros(3, T, dtype=torch.float32, device=logits_TV.device)
-        for s in range(0, T, chunk):
-            x_CV = logits_TV[s:s + chunk].float()
-            e_CV = torch.exp(x_CV - max_T[s:s + chunk, None])
-            stats_3T[0, s:s + chunk] = e_CV.sum(-1)
-            picked_C = x_CV.gather(1, local_T[s:s + chunk, None]).squeeze(1)
-            stats_3T[1, s:s + chunk] = torch.where(in_shard_T[s:s + chunk], picked_C, 0.0)
-            stats_3T[2, s:s + chunk] = (e_CV * x_CV).sum(-1)
-        _all_reduce(stats_3T, dist.ReduceOp.SUM, group)
-        lse_T = max_T + stats_3T[0].log()
-        mean_x_T = stats_3T[2] / stats_3T[0]  # E_p[x]
-        logprobs_T = stats_3T[1] - lse_T
-        entropy_T = lse_T - mean_x_T
-        ctx.save_for_backward(logits_TV, local_T, in_shard_T, lse_T, mean_x_T)
-        ctx.chunk = chunk
+        sums_3T = logits_TV.new_empty(3, T, dtype=torch.float32)
+        for sl in spans:
+            sums_3T[:, sl] = shard_sums(logits_TV[sl], max_T[sl], local_T[sl], in_shard_T[sl])
+        _all_reduce(sums_3T, dist.ReduceOp.SUM, group)
+        logprobs_T, lse_T, entropy_T = finish_stats(max_T, sums_3T)
+        ctx.save_for_backward(logits_TV, local_T, in_shard_T, lse_T, entropy_T)
+        ctx.spans = spans
         return logprobs_T, entropy_T
 
     @staticmethod
     def backward(ctx, grad_logprobs_T, grad_entropy_T):
-        logits_TV, local_T, in_shard_T, lse_T, mean_x_T = ctx.saved_tensors
-        chunk = ctx.chunk
-        if grad_logprobs_T is None:
-            grad_logprobs_T = torch.zeros_like(lse_T)
-        if grad_entropy_T is None:
-            grad_entropy_T = torch.zeros_like(lse_T)
+        logits_TV, local_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
+        g_lp_T, g_ent_T = grad_logprobs_T.float(), grad_entropy_T.float()
+        onehot_T = torch.where(in_shard_T, g_lp_T, 0.0)
         grad_TV = torch.empty_like(logits_TV)
-        for s in range(0, logits_TV.shape[0], chunk):
-            x_CV = logits_TV[s:s + chunk].float()
-            p_CV = torch.exp(x_CV - lse_T[s:s + chunk, None])
-            glp_C1 = grad_logprobs_T[s:s + chunk, None].float()
-            gent_C1 = grad_entropy_T[s:s + chunk, None].float()
-            # d logprob/dx = onehot - p;  d entropy/dx = -p * (x - E_p[x])
-            g_CV = -p_CV * (glp_C1 + gent_C1 * (x_CV - mean_x_T[s:s + chunk, None]))
-            onehot_C = torch.where(in_shard_T[s:s + chunk], glp_C1.squeeze(1), 0.0)
-            g_CV.scatter_add_(1, local_T[s:s + chunk, None], onehot_C[:, None])
-            grad_TV[s:s + chunk] = g_CV.to(grad_TV.dtype)
+        for sl in ctx.spans:
+            grad_TV[sl] = logits_grad(logits_TV[sl], local_T[sl], lse_T[sl], entropy_T[sl], g_lp_T[sl], g_ent_T[sl],
+                                      onehot_T[sl])
         return grad_TV, None, None, None, None
 
 

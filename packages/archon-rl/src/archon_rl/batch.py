@@ -68,8 +68,9 @@ class RolloutBatch:
         self.validate()
 
     # ---------------------------------------------------------------- validation
-    def validate(self) -> None:
-        """Check shapes and values; raise ``ValueError`` naming the offending field."""
+    def validate(self, values: bool = True) -> None:
+        """Check shapes and dtypes (normalizing them) and, with ``values``, the values; raise ``ValueError``
+        naming the offending field. The value checks read tensors on the host."""
         if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.dim() != 1:
             raise ValueError(f"input_ids must be a 1-D tensor [T], got {_desc(self.input_ids)}")
         if self.input_ids.is_floating_point():
@@ -80,13 +81,14 @@ class RolloutBatch:
             raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1], got {_desc(cu)}")
         self.cu_seqlens = cu = cu.to(torch.int32)
         num_tokens = self.input_ids.numel()
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-        if bool((cu.diff() < 0).any()):
-            raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
-        if int(cu[-1]) != num_tokens:
-            raise ValueError(f"cu_seqlens must end at the number of tokens T={num_tokens}, got {int(cu[-1])}")
-        self.loss_mask = self._binary("loss_mask", self.loss_mask, num_tokens)
+        if values:
+            if int(cu[0]) != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+            if bool((cu.diff() < 0).any()):
+                raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
+            if int(cu[-1]) != num_tokens:
+                raise ValueError(f"cu_seqlens must end at the number of tokens T={num_tokens}, got {int(cu[-1])}")
+        self.loss_mask = self._binary("loss_mask", self.loss_mask, num_tokens, values)
         for name in TOKEN_FIELDS:
             self._check_len(name, num_tokens, "T")
         num_seqs = self.num_seqs
@@ -98,7 +100,7 @@ class RolloutBatch:
                 if t.is_floating_point():
                     raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
                 setattr(self, name, t.long())
-        if self.prompt_lens is not None and bool((self.prompt_lens > self.seq_lens).any()):
+        if values and self.prompt_lens is not None and bool((self.prompt_lens > self.seq_lens).any()):
             raise ValueError("prompt_lens must not exceed the sequence lengths")
 
     def _check_len(self, name: str, n: int, sym: str) -> None:
@@ -109,11 +111,11 @@ class RolloutBatch:
             raise ValueError(f"{name} must be a 1-D tensor [{sym}={n}], got {_desc(t)}")
 
     @staticmethod
-    def _binary(name: str, t: Any, n: int) -> torch.Tensor:
+    def _binary(name: str, t: Any, n: int, values: bool = True) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != n:
             raise ValueError(f"{name} must be a 1-D tensor [T={n}], got {_desc(t)}")
         if t.dtype != torch.bool:
-            if bool(((t != 0) & (t != 1)).any()):
+            if values and bool(((t != 0) & (t != 1)).any()):
                 raise ValueError(f"{name} must be binary (0/1 or bool)")
             t = t != 0
         return t
@@ -165,24 +167,16 @@ class RolloutBatch:
 
     @classmethod
     def trusted(cls, **values: Any) -> RolloutBatch:
-        """Build without value checks, for views of data validated when it entered: a batch moved to a device,
-        the engine's micro-batches of a validated batch. `validate()` reads values on the host, which on a GPU
-        stalls the step until the device catches up. Shapes and dtypes are still normalized."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
+        """Build checking shapes and dtypes only (`validate(values=False)`), for views of data validated when it
+        entered: a batch moved to a device, the engine's micro-batches of a validated batch. The value checks
+        read tensors on the host, which on a GPU stalls the step until the device catches up."""
+        names = {f.name for f in fields(cls)}
+        if unknown := set(values) - names:
             raise TypeError(f"unknown RolloutBatch fields {sorted(unknown)}")
-        for name in ("input_ids", "cu_seqlens", "loss_mask"):
-            if not isinstance(values.get(name), torch.Tensor):
-                raise TypeError(f"RolloutBatch.trusted needs {name} as a tensor")
-        rb = cls.__new__(cls)
-        for f in fields(cls):
-            setattr(rb, f.name, values.get(f.name))
-        rb.input_ids, rb.cu_seqlens, rb.loss_mask = rb.input_ids.long(), rb.cu_seqlens.to(torch.int32), \
-            rb.loss_mask.bool()
-        for name in TOKEN_FIELDS:
-            rb._check_len(name, rb.num_tokens, "T")
-        for name in SAMPLE_FIELDS:
-            rb._check_len(name, rb.num_seqs, "N")
+        rb = cls.__new__(cls)  # no __post_init__: validate below without the value checks
+        for name in names:
+            setattr(rb, name, values.get(name))
+        rb.validate(values=False)
         return rb
 
     # ---------------------------------------------------------------- construction

@@ -16,7 +16,9 @@ one H200 (`benchmarks/lm_head.py`: Qwen3-1.7B head, 4096 tokens, fwd+bwd with en
 kernels and the chunk rebuilt, 15.4 ms compiled with the last chunk kept.
 
 Under tensor parallelism the weight is a vocab shard: the same Function all-reduces per-token statistics (one
-MAX, one SUM of [3, C]) instead of gathering logits, and backward needs no collective.
+MAX, one SUM of [3, C]; the shard pieces of `archon_parallel.vocab_parallel`) instead of gathering logits, and
+backward needs no collective; the logits gradient is `archon_parallel.vocab_parallel.logits_grad` in both
+cases.
 
 T: packed tokens, C: a chunk of them, D: model dim, V: vocab (local shard under TP).
 """
@@ -29,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from archon_parallel.vocab_parallel import finish_stats, logits_grad, shard_labels, shard_max, shard_sums
 from torch.autograd.function import once_differentiable
 
 __all__ = ["head_logprobs", "next_token_labels", "shift_to_tokens"]
@@ -46,38 +49,6 @@ def _softmax_stats(logits_CV: torch.Tensor, labels_C: torch.Tensor, want_entropy
     return lp_C, lse_C, lse_C - p_CV.mul_(x_CV).sum(-1)  # H = lse - E_p[x]
 
 
-def _shard_max(logits_CV: torch.Tensor) -> torch.Tensor:
-    """fp32 row max of a vocab shard's logits [C] (all-reduced with MAX over the tp group)."""
-    return logits_CV.float().amax(dim=-1)
-
-
-def _shard_sums(logits_CV: torch.Tensor, max_C: torch.Tensor, local_C: torch.Tensor, in_shard_C: torch.Tensor,
-                want_entropy: bool) -> torch.Tensor:
-    """fp32 [3, C] partial sums of a vocab shard (all-reduced with SUM over the tp group): sum exp(x - max), the
-    label's logit (0 where the label is on another shard), and sum exp(x - max) * x (entropy only)."""
-    x_CV = logits_CV.float()
-    e_CV = torch.exp(x_CV - max_C[:, None])
-    picked_C = torch.where(in_shard_C, x_CV.gather(1, local_C[:, None]).squeeze(1), 0.0)
-    ex_C = e_CV.mul(x_CV).sum(-1) if want_entropy else torch.zeros_like(max_C)
-    return torch.stack([e_CV.sum(-1), picked_C, ex_C])
-
-
-def _logits_grad(logits_CV: torch.Tensor, labels_C: torch.Tensor, lse_C: torch.Tensor, ent_C: torch.Tensor,
-                 g_lp_C: torch.Tensor, g_ent_C: torch.Tensor | None, onehot_C: torch.Tensor) -> torch.Tensor:
-    """d loss / d logits in the logits' dtype: d logprob/dx = onehot - p, d entropy/dx = -p (x - E_p[x]).
-    `onehot_C` is what lands on each label's logit: g_lp, or 0 where the label is on another vocab shard."""
-    # In place where possible: eager mode then holds two fp32 [C, V] buffers, not five (compiled, it fuses).
-    x_CV = logits_CV.to(torch.float32, copy=True)  # a copy even from fp32: the saved logits stay intact
-    g_CV = torch.exp(x_CV - lse_C[:, None])  # p, becoming the gradient
-    if g_ent_C is None:
-        g_CV.mul_(-g_lp_C[:, None])
-    else:
-        coef_CV = x_CV.sub_((lse_C - ent_C)[:, None]).mul_(g_ent_C[:, None]).add_(g_lp_C[:, None])
-        g_CV.mul_(coef_CV).neg_()
-    g_CV.scatter_add_(1, labels_C[:, None], onehot_C[:, None])
-    return g_CV.to(logits_CV.dtype)
-
-
 class _Kernels(NamedTuple):
     stats: Callable
     shard_max: Callable
@@ -88,7 +59,7 @@ class _Kernels(NamedTuple):
 @functools.cache
 def _kernels(compile_backend: str | None) -> _Kernels:
     """The elementwise passes, compiled with `compile_backend` or eager (None)."""
-    fns = (_softmax_stats, _shard_max, _shard_sums, _logits_grad)
+    fns = (_softmax_stats, shard_max, shard_sums, logits_grad)
     if compile_backend is None:
         return _Kernels(*fns)
     return _Kernels(*(torch.compile(f, backend=compile_backend, dynamic=None) for f in fns))
@@ -98,17 +69,12 @@ def _vocab_parallel_stats(k: _Kernels, logits_CV: torch.Tensor, labels_C: torch.
                           group, vocab_start: int) -> tuple[torch.Tensor, ...]:
     """(logprob, logsumexp, entropy or zeros, local label index, label-on-this-shard) from a vocab shard: one
     MAX and one SUM all-reduce of per-token statistics, never the logits."""
-    Vl = logits_CV.shape[1]
-    local_C = labels_C - vocab_start
-    in_shard_C = (local_C >= 0) & (local_C < Vl)
-    local_C = local_C.clamp(0, Vl - 1)
+    local_C, in_shard_C = shard_labels(labels_C, vocab_start, logits_CV.shape[1])
     max_C = k.shard_max(logits_CV)
     dist.all_reduce(max_C, op=dist.ReduceOp.MAX, group=group)
     sums_3C = k.shard_sums(logits_CV, max_C, local_C, in_shard_C, want_entropy)
     dist.all_reduce(sums_3C, op=dist.ReduceOp.SUM, group=group)
-    lse_C = max_C + sums_3C[0].log()
-    ent_C = lse_C - sums_3C[2] / sums_3C[0] if want_entropy else torch.zeros_like(lse_C)
-    return sums_3C[1] - lse_C, lse_C, ent_C, local_C, in_shard_C
+    return *finish_stats(max_C, sums_3C, want_entropy), local_C, in_shard_C
 
 
 class _HeadChunk(torch.autograd.Function):

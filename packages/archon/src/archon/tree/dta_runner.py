@@ -361,9 +361,12 @@ class DtaTreeRunner(TreeRunner):
         def row_grads(u: int, outs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
             rows_u = plan.units[u].rows
             self._record_rows(out_R, plan, rows_u, outs)
-            zeros = {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+
+            def zeros() -> dict[str, torch.Tensor]:
+                return {k: torch.zeros_like(out) for k, out in outs.items() if k != "entropy"}
+
             if rows_u.numel() == 0:  # the dummy row of a unit without outputs: back-propagate zeros
-                return zeros
+                return zeros()
             live = {}
             for k in outs:
                 x = torch.zeros_like(out_R[k])
@@ -373,7 +376,7 @@ class DtaTreeRunner(TreeRunner):
                 res = loss_fn({k: plan.rows.to_flat(x) for k, x in live.items()}, mb)
                 loss = res[0] if isinstance(res, tuple) else res
                 if not loss.requires_grad:
-                    return zeros
+                    return zeros()
                 g = torch.autograd.grad(loss * scale, list(live.values()), allow_unused=True)
             return {k: None if gk is None else gk[rows_u] for k, gk in zip(live, g)}
 
