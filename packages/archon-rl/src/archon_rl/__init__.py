@@ -35,6 +35,7 @@ from archon_rl.losses import (
 )
 from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
+from archon_rl.requests import GenerationBackend, GenRequest, GenResult
 from archon_rl.sampler import (
     ForwardFn,
     Generation,
@@ -57,6 +58,9 @@ from archon_rl.segments import (
 )
 
 __all__ = [
+    "GenRequest",
+    "GenResult",
+    "GenerationBackend",
     "ADVANTAGE_ESTIMATORS", "BALANCE_METHODS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "SAMPLE_FIELDS",
     "TOKEN_FIELDS",
     "AdvantageConfig", "KLConfig", "MicroBatch", "OverlongConfig", "PPOLossConfig", "PPOPolicyLoss",
