@@ -9,6 +9,7 @@ import time
 import torch
 
 from archon.config.schema import TrainConfig
+from archon.config.validate import validate_no_inference
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
@@ -43,6 +44,7 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
 
 
 def run_train(cfg: TrainConfig) -> list[dict]:
+    validate_no_inference(cfg.allocation_mode)
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
     engine.initialize()

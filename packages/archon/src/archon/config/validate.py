@@ -229,3 +229,40 @@ def validate_pipeline(cfg, dims) -> None:
 
         stage_layout(a.pp_schedule, load_hf_config(cfg.path).num_hidden_layers, 0, dims.pp, a.pp_stages_per_rank,
                      first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)
+
+
+def validate_no_inference(allocation_mode: str, command: str = "archon train") -> None:
+    """Rule inference-part-needs-rl: only `archon rl` has rollouts, so an inference part elsewhere is an error."""
+    from archon_parallel.allocation import parse_allocation
+
+    infer = parse_allocation(allocation_mode).inference
+    if infer is not None:
+        part = f"{infer.backend}:" + "".join(f"{k}{v}" for k, v in infer.dims.items())
+        raise ValueError(f"rule inference-part-needs-rl: allocation_mode {allocation_mode!r} has an inference part "
+                         f"({part}) but {command} has no rollouts; drop '{part}+' (rollout servers are an "
+                         "`archon rl` feature)")
+
+
+def validate_rl_layout(cfg, world_size: int) -> None:
+    """Rule zero1-pure-dp for the colocated sampler: without rollout servers every rank samples from its own full
+    model replica, so the trainer must be `archon:dN` with dp_layout=zero1 (FSDP2, TP, CP, EP or PP would shard
+    the weights the sampler needs). With servers (an inference part) any training layout works."""
+    from archon_parallel.allocation import parse_allocation
+    from archon_parallel.dims import ParallelDims
+
+    alloc = parse_allocation(cfg.allocation_mode)
+    if alloc.inference is not None or world_size == 1:
+        return
+    dims = ParallelDims.from_allocation(cfg.allocation_mode, world_size)
+    servers = f"sglang:d1+{cfg.allocation_mode}"
+    if dims.dp_shard * dims.dp_replicate != world_size:
+        raise ValueError(f"rule zero1-pure-dp: archon rl with the embedded sampler on {world_size} ranks is data "
+                         f"parallel only: use allocation_mode=archon:d{world_size} with actor.archon.dp_layout=zero1, "
+                         f"or rollout servers for any layout (allocation_mode={servers})")
+    engines = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if cfg.rl.estimator == "gae" else [])
+    for name, c in engines:
+        if c.archon.dp_layout != "zero1":
+            raise ValueError(f"rule zero1-pure-dp: archon rl with the embedded sampler on {world_size} ranks samples "
+                             f"on every rank from a full model replica: set {name}.archon.dp_layout=zero1 (FSDP2 "
+                             f"shards the weights the sampler needs), or use rollout servers "
+                             f"(allocation_mode={servers})")

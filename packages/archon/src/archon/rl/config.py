@@ -12,6 +12,7 @@ from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, 
 
 from archon.config.fields import doc
 from archon.config.schema import ActorConfig, CheckpointConfig, LogConfig
+from archon.rl.rollout_config import RolloutSection, resolve_rollout
 
 __all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
 
@@ -65,10 +66,16 @@ class PPOConfig:
     export_dir: str = doc("", "write HF weights + READY (version) to export_dir/v<version> for inference engines")
     export_every_n_steps: int = doc(0, "export every N RL steps (0 = only at the end when export_dir is set)")
     export_dtype: str = doc("bfloat16", "exported weight dtype: bfloat16 | float32")
+    max_staleness: int = doc(0, "rollout servers: a step trains on samples generated at most this many weight "
+                             "versions ago (0 = synchronous; > 0 overlaps generation with training and uses the "
+                             "decoupled PPO loss with proximal logprobs recomputed by the trainer)")
+    behav_imp_weight_cap: float | None = doc(None, "max_staleness > 0: cap of the pi_prox / pi_behav token weight "
+                                             "(null = no cap)")
 
     def loss(self) -> PPOLossConfig:
         return PPOLossConfig(eps_clip=self.eps_clip, eps_clip_higher=self.eps_clip_higher, c_clip=self.c_clip,
                              entropy_coef=self.entropy_coef, loss_agg=self.loss_agg,
+                             behav_imp_weight_cap=self.behav_imp_weight_cap,
                              loss_norm_constant=self.loss_norm_constant,
                              kl=KLConfig(coef=self.kl_coef, estimator=self.kl_estimator))
 
@@ -92,7 +99,9 @@ class RewardConfig:
 class RLConfig:
     """`archon rl`: GRPO (or PPO with a critic) on a reward function, with the embedded sampler."""
 
-    allocation_mode: str = doc("archon:d1", "parallel layout of the trainer (the embedded sampler needs archon:d1)")
+    allocation_mode: str = doc("archon:d1", "trainer layout (archon:...), optionally after rollout servers: "
+                               "sglang:d2+archon:d2t2 (see rollout.*); without servers the embedded sampler "
+                               "samples on every rank (archon:dN with dp_layout=zero1)")
     total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
     device: str = doc("auto", "auto | cpu | cuda")
     actor: ActorConfig = doc(factory=ActorConfig, help="the policy")
@@ -101,6 +110,7 @@ class RLConfig:
     sampling: SamplingSection = doc(factory=SamplingSection, help="the embedded sampler")
     rl: PPOConfig = doc(factory=PPOConfig, help="the RL algorithm")
     reward: RewardConfig = doc(factory=RewardConfig, help="the reward")
+    rollout: RolloutSection = doc(factory=RolloutSection, help="rollout servers (allocation_mode sglang:dN+...)")
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="training checkpoints")
     log: LogConfig = doc(factory=LogConfig, help="logging")
 
@@ -138,5 +148,9 @@ class RLConfig:
             raise ValueError("data.task=jsonl needs data.path (a file of {\"prompt_ids\": [...]} lines)")
         if self.data.task != "jsonl" and self.data.num_digits < 1:
             raise ValueError(f"data.num_digits must be >= 1, got {self.data.num_digits}")
+        resolve_rollout(self.allocation_mode, self.rollout, max_staleness=r.max_staleness)
+        if r.behav_imp_weight_cap is not None and r.max_staleness == 0:
+            raise ValueError("rl.behav_imp_weight_cap caps the decoupled-PPO weight, which only rl.max_staleness > 0 "
+                             "uses; drop it or set rl.max_staleness")
         if not self.reward.fn:
             raise ValueError("reward.fn is empty: set it to 'module:function' (e.g. examples/rewards.py:digit_reward)")

@@ -52,8 +52,6 @@ class RLTrainer:
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=cfg.device).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
-        if self.engine.world_size > 1:
-            _check_replicas(cfg, self.engine)
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
         self.critic = None
@@ -210,20 +208,6 @@ class RLTrainer:
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
-
-
-def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
-    """Several ranks: each samples from its own full replica, so every engine must be `archon:dN` with
-    dp_layout=zero1 (an FSDP2-sharded model would need every rank in every decode step)."""
-    if engine.dims.dp_shard * engine.dims.dp_replicate != engine.world_size:
-        raise ValueError(f"archon rl on {engine.world_size} ranks is data parallel only: use allocation_mode="
-                         f"archon:d{engine.world_size} with actor.archon.dp_layout=zero1")
-    engines = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if cfg.rl.estimator == "gae" else [])
-    for name, c in engines:
-        if c.archon.dp_layout != "zero1":
-            raise ValueError(f"archon rl on {engine.world_size} ranks samples on every rank from a full model "
-                             f"replica: set {name}.archon.dp_layout=zero1 (FSDP2 shards the weights the sampler "
-                             "needs)")
 
 
 def _has_weights(path: str) -> bool:
