@@ -1,13 +1,11 @@
 """`archon rl` on 2 gloo ranks (archon:d2, zero1 replicas) equals one process: the same rollouts (each response
 samples from its own seed), rewards, losses and final weights; FSDP2-sharded RL is rejected with the fix named."""
 
-import types
 from pathlib import Path
 
 import pytest
 from archon.config.fields import load_config
 from archon.rl import RLConfig, RLTrainer
-from archon_parallel.dims import ParallelDims
 from archon_parallel.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +47,18 @@ def test_rl_on_two_replicas_equals_one_process(tmp_path, extra):
 
 
 def test_rl_on_several_ranks_needs_zero1_replicas():
-    from archon.rl.trainer import _check_replicas
+    """Rule zero1-pure-dp holds for the embedded sampler only, and is checked before any engine is built."""
+    from archon.config.validate import validate_rl_layout
 
     cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"), BASE)
-    engine = types.SimpleNamespace(world_size=2, dims=ParallelDims.from_allocation("archon:d2", 2))
-    with pytest.raises(ValueError, match="actor.archon.dp_layout=zero1"):
-        _check_replicas(cfg, engine)
+    cfg.allocation_mode = "archon:d2"
+    with pytest.raises(ValueError, match="rule zero1-pure-dp.*actor.archon.dp_layout=zero1"):
+        validate_rl_layout(cfg, 2)
     cfg.actor.archon.dp_layout = "zero1"
-    _check_replicas(cfg, engine)
-    engine.dims = ParallelDims.from_allocation("archon:t2", 2)
+    validate_rl_layout(cfg, 2)
+    cfg.allocation_mode = "archon:t2"
     with pytest.raises(ValueError, match="data parallel only"):
-        _check_replicas(cfg, engine)
+        validate_rl_layout(cfg, 2)
+    for layout in ("sglang:d1+archon:t2", "sglang:d2+archon:d2"):  # rollout servers: any layout
+        cfg.allocation_mode, cfg.actor.archon.dp_layout = layout, "fsdp"
+        validate_rl_layout(cfg, 2)

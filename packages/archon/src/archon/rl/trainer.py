@@ -1,14 +1,14 @@
-"""`archon rl`: the GRPO / PPO loop with the embedded sampler.
+"""`archon rl`: the GRPO / PPO loop, on the embedded sampler or on rollout servers.
 
-One step: sample ``batch_size / group_size`` prompts -> ``group_size`` responses each with the embedded
-sampler (the trainer's own weights) -> rewards -> old logprobs / reference logprobs / values ->
-advantages -> PPO update over ``n_minibatches`` (actor, and critic for GAE) -> optional weight export
-and in-memory weight callbacks. Every source of randomness is a function of (seed, step), so a run is
-reproducible and resumable.
+One step: ``batch_size / group_size`` prompts -> ``group_size`` responses each from the rollout source ->
+rewards -> old logprobs / reference logprobs / values -> advantages -> PPO update over ``n_minibatches``
+(actor, and critic for GAE) -> new weights to the rollout side, optional export and in-memory weight
+callbacks. Every source of randomness is a function of (seed, step), so a run is reproducible and resumable.
 
-Under ``torchrun`` with ``archon:dN`` and ``dp_layout: zero1`` every rank holds a full replica, samples its
-share of the step's prompt groups, and the update sums gradients over ranks. Each response samples from its own
-seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one process's.
+The rollout source is chosen once from the allocation (`archon.rl.rollouts`): without an inference part the
+embedded sampler samples on every rank (``archon:dN`` with ``dp_layout: zero1``, full replicas; each response
+samples from its own seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one
+process's); with ``sglang:dN+archon:...`` rollout servers generate and the trainer may use any layout.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from archon_rl import RolloutBatch
-
-from archon.engine.engine import ArchonEngine
+from archon.config.validate import validate_rl_layout
+from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
-from archon.rl.sampler import EmbeddedSampler
+from archon.rl.rollout_config import resolve_rollout
+from archon.rl.rollouts import ColocatedRollouts, RolloutSource
 
 log = logging.getLogger("archon")
 
@@ -45,12 +45,24 @@ class RLTrainer:
 
     def __init__(self, cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> None:
         cfg.validate()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_rl_layout(cfg, world)
         self.cfg = cfg
         r = cfg.rl
+        self.plan = resolve_rollout(cfg.allocation_mode, cfg.rollout, max_staleness=r.max_staleness)
+        device = cfg.device
+        self.placement = None
+        if self.plan is not None:
+            from archon.rl.servers import plan_placement
+
+            dev = resolve_device(cfg.device).type
+            self.placement = plan_placement(self.plan, world, dev, torch.cuda.device_count() if dev == "cuda" else 0)
+            device = self.placement.trainer_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = device
         self.reward_fn = load_reward_fn(cfg.reward.fn)
         total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
-                                   device=cfg.device).initialize()
+                                   device=device).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
@@ -60,14 +72,24 @@ class RLTrainer:
                                     seed=cfg.sampling.seed)
         self.ref = None
         if r.kl_coef > 0:
-            self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
-        self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
-                                       device=self.engine.device, autocast=self.engine._autocast)
+            self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=device).initialize()
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size
         if self.num_prompts % self.dp_world:
             raise ValueError(f"rl.batch_size / rl.group_size = {self.num_prompts} prompts per step must be divisible "
                              f"by the {self.dp_world} data-parallel ranks (each rank samples whole groups)")
+        if self.plan is None:
+            self.source: RolloutSource = ColocatedRollouts(self)
+        else:
+            from archon.rl.remote import RemoteRollouts
+
+            self.source = RemoteRollouts(self, self.plan, self.placement)
+
+    def prompts(self, start_step: int):
+        """The prompt stream from ``start_step`` on: step s's prompts depend only on (data.seed, s)."""
+        d = self.cfg.data
+        return prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
+                             start_step=start_step)
 
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
@@ -77,7 +99,7 @@ class RLTrainer:
         if from_actor:
             ccfg.path, ccfg.init_from_scratch = cfg.actor.path, True
         engine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
-                              total_steps=cfg.total_train_steps * cfg.rl.n_minibatches, device=cfg.device,
+                              total_steps=cfg.total_train_steps * cfg.rl.n_minibatches, device=self.device,
                               head="value").initialize()
         if from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
             load_backbone_from_lm(engine.model, cfg.actor.path)
@@ -97,37 +119,7 @@ class RLTrainer:
             self.ref.model.load_state_dict(self.engine.model.state_dict())
         return rows
 
-    def rollout(self, prompts: list[tuple[list[int], dict]], step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Generate ``group_size`` responses per prompt, score them, and pack a RolloutBatch.
-
-        ``prompts`` is the step's global list (the same on every rank); this rank samples its contiguous share
-        of whole groups. Every response samples from its own seed (seed, step, global index), so the rollouts,
-        and with one minibatch the whole run, equal one process's whatever the number of ranks. Stats are over
-        the global batch."""
-        g = self.cfg.rl.group_size
-        per_rank = len(prompts) // self.dp_world
-        first = self.dp_rank * per_rank
-        mine = prompts[first:first + per_rank]
-        prompt_ids = [p for p, _ in mine for _ in range(g)]
-        fields = [f for _, f in mine for _ in range(g)]
-        t0 = time.perf_counter()
-        gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
-        gen_time = time.perf_counter() - t0
-        responses, logps = gen.responses(), gen.response_logprobs()
-        rewards = [float(self.reward_fn(p, r, **f)) for p, r, f in zip(prompt_ids, responses, fields)]
-        samples = [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
-                    "group_id": step * self.num_prompts + first + i // g, "version": self.engine.version}
-                   for i, (p, r, lp, rw) in enumerate(zip(prompt_ids, responses, logps, rewards))]
-        batch = RolloutBatch.from_sequences(samples)
-        lens = gen.lengths_B.float()
-        n, r_sum, len_sum, stops, r_max, r_min, gen_time = self._global_stats(
-            [len(rewards), sum(rewards), float(lens.sum()), float(gen.stopped_B.float().sum())],
-            [max(rewards), -min(rewards), gen_time])
-        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "response_len": len_sum / n,
-                 "stop_frac": stops / n, "gen_time": gen_time, "gen_tokens_per_s": len_sum / max(gen_time, 1e-9)}
-        return batch, stats
-
-    def _global_stats(self, sums: list[float], maxes: list[float]) -> list[float]:
+    def global_stats(self, sums: list[float], maxes: list[float]) -> list[float]:
         """``sums`` summed and ``maxes`` maxed over the data-parallel ranks (as they are on one rank)."""
         if self.dp_world == 1:
             return [float(v) for v in sums + maxes]
@@ -140,22 +132,31 @@ class RLTrainer:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         return s.tolist() + m.tolist()
 
-    def step(self, step: int, prompts: list[tuple[list[int], dict]]) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, float]:
+        """One RL step: rollouts (from the source), old / reference logprobs, values, advantages, the PPO
+        update, then the weights to the rollout side. Time split: ``wait_time`` (blocked on rollouts),
+        ``train_time``, ``sync_time``; ``gen_time`` is the generation of this step's batch (overlapping the
+        previous steps' training when rl.max_staleness > 0)."""
         t0 = time.perf_counter()
-        batch, stats = self.rollout(prompts, step)
+        batch, stats = self.source.rollout(step)
+        t1 = time.perf_counter()
+        if self.source.decoupled:  # decoupled PPO: ratio to the current (proximal) policy, weighted by prox / behav
+            batch = batch.replace(prox_logprobs=self.actor.compute_logp(batch))
         ref_lp = self.ref.forward_batch(to_packed(batch))["logprobs"] if self.ref is not None else None
         values = self.critic.compute_values(batch) if self.critic is not None else None
         batch = self.actor.prepare(batch, ref_logprobs=ref_lp, values=values)
-        t1 = time.perf_counter()
         stats.update(self.actor.ppo_update(batch, step))
         if self.critic is not None:
             stats.update(self.critic.ppo_update(batch, step))
-        dt = time.perf_counter() - t0
-        (tokens,) = self._global_stats([float(batch.num_tokens)], [])
-        stats.update(train_time=time.perf_counter() - t1, step_time=dt, version=self.engine.version,
-                     tokens_per_s=tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
-        stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
+        t2 = time.perf_counter()
+        stats.update(self.source.after_update(step))
         self._after_update(step)
+        dt = time.perf_counter() - t0
+        (tokens,) = self.global_stats([float(batch.num_tokens)], [])
+        stats.update(train_time=t2 - t1, step_time=dt, version=self.engine.version,
+                     tokens_per_s=tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
+        stats.setdefault("sync_time", 0.0)
+        stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
         return stats
 
     def _after_update(self, step: int) -> None:
@@ -193,16 +194,17 @@ class RLTrainer:
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
-        d = cfg.data
-        prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
-                                start_step=start)
         history = []
-        for step in range(start, cfg.total_train_steps):
-            stats = self.step(step, next(prompts))
-            metrics.log(step + 1, stats)
-            history.append(stats)
-            if ckpt is not None:
-                ckpt.after_step(step + 1)
+        self.source.start(start)
+        try:
+            for step in range(start, cfg.total_train_steps):
+                stats = self.step(step)
+                metrics.log(step + 1, stats)
+                history.append(stats)
+                if ckpt is not None:
+                    ckpt.after_step(step + 1)
+        finally:
+            self.source.close()
         if ckpt is not None:
             ckpt.finish(cfg.total_train_steps)
         metrics.close()

@@ -1,0 +1,197 @@
+"""Rollouts from servers (`allocation_mode: sglang:dN+archon:...`): the trainer may use any layout.
+
+Trainer rank 0 owns the servers (started by `archon.rl.servers`, or `rollout.addresses`), the
+`RolloutClient` and the asynchronous loop (`archon.rl.producer`). At each step it takes the step's batch,
+checks the staleness bound, and hands the global samples to every trainer rank (one
+`broadcast_object_list`); each data-parallel rank keeps its contiguous share of whole groups, as with the
+embedded sampler. After the update every rank takes part in the weight sync (`archon.rl.weight_sync`) and
+the loop learns the servers' new version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from archon_rl import RolloutBatch
+
+from archon.rl.producer import RolloutProducer
+from archon.rl.rollout_config import RolloutPlan
+from archon.rl.rollouts import score_samples
+from archon.rl.servers import Placement, ServerDiedError, ServerGroup, server_specs
+from archon.rl.weight_sync import BroadcastWeightSync, DiskWeightSync, serving_dtype
+
+log = logging.getLogger("archon")
+
+__all__ = ["RemoteRollouts"]
+
+
+class RemoteRollouts:
+    """`RolloutSource` over rollout servers; see the module docstring."""
+
+    def __init__(self, trainer, plan: RolloutPlan, placement: Placement) -> None:
+        self.trainer = trainer
+        self.plan = plan
+        self.placement = placement
+        cfg = trainer.cfg
+        self.ro = cfg.rollout
+        self.max_staleness = cfg.rl.max_staleness
+        self.decoupled = self.max_staleness > 0
+        self.rank0 = trainer.engine.rank == 0
+        self.dtype = serving_dtype(self.ro.dtype, cfg.actor.dtype)
+        self.weight_dir = self.ro.weight_dir or os.path.join(cfg.log.dir, "rollout")
+        disk = DiskWeightSync(trainer.engine, self.weight_dir, self.dtype)
+        self.initial = disk
+        self.sync = disk if self.ro.weight_sync == "disk" else BroadcastWeightSync(
+            trainer.engine, self.dtype, self.ro.weight_bucket_mb, num_servers=plan.num_servers, host=self.ro.host,
+            timeout_s=self.ro.request_timeout_s)
+        self.group: ServerGroup | None = None
+        self.client = None
+        self._old_clients: list = []
+        self.producer: RolloutProducer | None = None
+        self.addresses: list[str] = []
+        self.lost: set[int] = set()
+
+    # -- start / stop ------------------------------------------------------------------------------
+    def start(self, start_step: int) -> None:
+        """Export the starting weights (collective), start or reach the servers, start the loop (rank 0)."""
+        path = self.initial.export(start_step)
+        if self.rank0:
+            try:
+                self._start_servers(path, start_step)
+            except BaseException:
+                self.close()
+                raise
+        if self.sync is not self.initial:
+            self.sync.connect(self.client)
+
+    def _start_servers(self, path: str, version: int) -> None:
+        from archon_rl.client import RolloutClient
+
+        t0 = time.perf_counter()
+        if self.plan.launch != "none":
+            specs = server_specs(self.plan, self.ro, self.placement, path, self.dtype)
+            self.group = ServerGroup(specs, os.path.join(self.trainer.cfg.log.dir, "servers")).start()
+            self.group.wait_healthy(self.ro.startup_timeout_s)
+            self.addresses = self.group.addresses
+        else:
+            self.addresses = list(self.plan.addresses)
+        self.client = RolloutClient(self.addresses, timeout=self.ro.request_timeout_s)
+        if self.plan.launch == "none":
+            self.client.wait_healthy(self.ro.startup_timeout_s)
+        if self.plan.launch == "none" or self.plan.launch == "sglang":
+            # external servers hold their own weights, and SGLang's launcher takes no version: load v<start>
+            self.client.update_weights_from_disk(path, weight_version=version)
+        log.info("rollout: %d server(s) ready in %.1fs (%s), weight sync by %s, max_staleness %d",
+                 len(self.addresses), time.perf_counter() - t0, ", ".join(self.addresses), self.ro.weight_sync,
+                 self.max_staleness)
+        t = self.trainer
+        s = t.cfg.sampling
+        self.producer = RolloutProducer(lambda: self.client, t.prompts(version), self._score,
+                                        sampling=s.build(), seed=s.seed, group_size=t.cfg.rl.group_size,
+                                        max_staleness=self.max_staleness, start_step=version,
+                                        total_steps=t.cfg.total_train_steps)
+        self.producer.start()
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
+        for c in [self.client, *self._old_clients]:
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - best effort while stopping
+                    pass
+        self.client, self._old_clients = None, []
+        self.sync.close()
+        if self.group is not None:
+            self.group.stop()
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _score(self, prompts: list, results: list, step: int) -> list[dict]:
+        t = self.trainer
+        g = t.cfg.rl.group_size
+        ids = [p for p, _ in prompts for _ in range(g)]
+        fields = [f for _, f in prompts for _ in range(g)]
+        versions = [int(r.weight_version) if r.weight_version is not None else -1 for r in results]
+        group_ids = [step * t.num_prompts + i // g for i in range(len(ids))]
+        return score_samples(t.reward_fn, ids, [r.output_ids for r in results], [r.logprobs for r in results],
+                             fields, group_ids, versions)
+
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        payload = [self._take(step) if self.rank0 else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))
+        samples, stats = payload[0]
+        t = self.trainer
+        g = t.cfg.rl.group_size
+        per_rank = t.num_prompts // t.dp_world
+        first = t.dp_rank * per_rank * g
+        return RolloutBatch.from_sequences(samples[first:first + per_rank * g]), stats
+
+    def _take(self, step: int) -> tuple[list[dict], dict[str, float]]:
+        t0 = time.perf_counter()
+        self.check_servers()
+        ready = self.producer.get(step, check=self.check_servers)
+        wait = time.perf_counter() - t0
+        samples = ready.samples
+        lags = [step - s["version"] for s in samples]
+        if min(s["version"] for s in samples) < 0:
+            raise RuntimeError("a rollout server answered without meta_info.weight_version; Archon needs it to bound "
+                               "staleness (SGLang >= 0.5 and `archon serve` report it)")
+        if max(lags) > self.max_staleness:
+            raise RuntimeError(f"step {step}: a sample of weight version {step - max(lags)} is older than "
+                               f"rl.max_staleness={self.max_staleness} allows (a server that lags behind the "
+                               "others' weights?)")
+        rewards = [s["reward"] for s in samples]
+        n = len(samples)
+        stats = {"reward": sum(rewards) / n, "reward_max": max(rewards), "reward_min": min(rewards),
+                 "response_len": ready.num_tokens / n, "stop_frac": ready.stopped / n, "gen_time": ready.gen_time,
+                 "gen_tokens_per_s": ready.num_tokens / max(ready.gen_time, 1e-9), "wait_time": wait,
+                 "staleness_mean": sum(lags) / n, "staleness_max": float(max(lags)),
+                 "server_queue": float(sum(self.client.outstanding)),
+                 "batches_ahead": float(self.producer.outstanding_batches)}
+        return samples, stats
+
+    def after_update(self, step: int) -> dict[str, float]:
+        """The servers get version ``step + 1`` (collective over trainer ranks)."""
+        version = step + 1
+        t0 = time.perf_counter()
+        if step + 1 < self.trainer.cfg.total_train_steps:  # the last step's weights serve no rollout
+            self.sync.push(self.client, version, recover=self._recover)
+            if self.rank0:
+                self.check_servers()
+                self.producer.set_server_version(version)
+        return {"sync_time": time.perf_counter() - t0, "server_version": float(version)}
+
+    # -- server loss -------------------------------------------------------------------------------
+    def _recover(self):
+        before = len(self.lost)
+        self.check_servers()
+        if len(self.lost) == before:  # no server died: the failure was something else
+            raise
+        return self.client
+
+    def check_servers(self) -> None:
+        """Raise `ServerDiedError` naming a server whose process exited; with rollout.allow_server_loss, go on
+        with the others (a new client over the live servers)."""
+        if self.group is None:
+            return
+        new = [i for i in self.group.dead() if i not in self.lost]
+        if not new:
+            return
+        err = self.group.died_error(new)
+        if not self.ro.allow_server_loss or len(self.lost) + len(new) >= len(self.addresses):
+            hint = "" if self.ro.allow_server_loss else " (set rollout.allow_server_loss=true to go on without it)"
+            raise ServerDiedError(f"{err}{hint}", err.names)
+        from archon_rl.client import RolloutClient
+
+        self.lost.update(new)
+        log.warning("rollout: lost %s; continuing on %d server(s)", ", ".join(err.names),
+                    len(self.addresses) - len(self.lost))
+        live = [a for i, a in enumerate(self.addresses) if i not in self.lost]
+        self._old_clients.append(self.client)  # its requests in flight finish on the live servers (retries)
+        self.client = RolloutClient(live, timeout=self.ro.request_timeout_s)
