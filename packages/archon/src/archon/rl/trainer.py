@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
 from archon.config.validate import validate_rl_layout
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
