@@ -42,6 +42,10 @@ class GenResult:
     """``stop``: ended on a stop token; ``length``: hit max_new_tokens; ``abort``: cut by the caller."""
     matched_stop: int | None = None
     """The stop token id when ``finish_reason == "stop"``."""
+    weight_version: str | None = None
+    """The weight version the engine held while producing this result (set by servers; None in-process)."""
+    prompt_tokens: int | None = None
+    """Length of the prompt, as the server counted it (None in-process)."""
 
 
 @runtime_checkable

@@ -1,5 +1,5 @@
 """The `archon` command line: `archon train CONFIG.yaml [--section.field=value ...]`, `archon rl ...`,
-`archon export-hf CKPT OUT`."""
+`archon export-hf CKPT OUT`, `archon serve MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("out", help="output HF directory")
     p_exp.add_argument("--model", required=True, help="HF config directory / config.json of the model")
     p_exp.add_argument("--dtype", default="bfloat16", help="export dtype (bfloat16 | float32)")
+    from archon.serve.app import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="rollout server: SGLang's HTTP API on Archon's sampler"))
     parser.epilog = _fields_epilog(TrainConfig).replace("config fields", "`archon train` config fields", 1)
     args, rest = parser.parse_known_args(argv)
     # under torchrun, INFO lines come from rank 0 only (every rank would print the same step logs)
@@ -59,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             from archon.train import run_train
 
             run_train(load_config(TrainConfig, args.config, _split_overrides(rest)))
+        elif args.command == "serve":
+            from archon.serve.app import run_serve
+
+            if rest:
+                raise ValueError(f"archon serve: unknown arguments {rest}; see `archon serve --help`")
+            run_serve(args)
         elif args.command == "rl":
             from archon.rl_cli import run_rl
 
