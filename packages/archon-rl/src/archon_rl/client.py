@@ -19,6 +19,7 @@ API (every method is synchronous and thread-safe; the HTTP work runs on the clie
 - ``update_weights_from_distributed(names, dtypes, shapes, group_name=..., weight_version=None) -> Future``:
   the servers receive each tensor by ``broadcast(src=0)`` in ``names`` order while the calls are open, so the
   trainer broadcasts after calling this and then waits on the future.
+- ``get_weights_by_name(name, truncate_size)``: one tensor's leading rows from every server (for checks).
 - ``pause_generation(mode="abort" | "retract" | "in_place")``, ``continue_generation()``.
 - ``close()`` (also a context manager).
 
@@ -191,6 +192,10 @@ class RolloutClient:
 
     def get_server_info(self) -> list[dict]:
         return self._run(self._all("/get_server_info", method="GET"))
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:
+        """The first ``truncate_size`` rows of tensor ``name`` on every server (for checks, not for speed)."""
+        return self._run(self._all("/get_weights_by_name", {"name": name, "truncate_size": truncate_size}))
 
     def pause_generation(self, mode: str = "abort") -> list[Any]:
         return self._run(self._all("/pause_generation", {"mode": mode}))

@@ -25,7 +25,7 @@ from archon_rl import GenRequest, GenResult, SamplingConfig
 from archon_rl.protocol import ProtocolError, encode_answer, parse_generate
 from archon_rl.weight_group import WeightGroup, init_weight_group
 
-from archon.serve.weights import load_from_disk, ready_version, receive_broadcast
+from archon.serve.weights import hf_targets, load_from_disk, ready_version, receive_broadcast
 
 log = logging.getLogger("archon.serve")
 
@@ -89,6 +89,7 @@ class RolloutServer:
             post("/generate", self.generate), get("/health", self.health), get("/health_generate", self.health_generate),
             get("/get_model_info", self.get_model_info), get("/get_server_info", self.get_server_info),
             get("/get_weight_version", self.get_weight_version),
+            post("/get_weights_by_name", self.get_weights_by_name), get("/get_weights_by_name", self.get_weights_by_name),
             post("/flush_cache", self.flush_cache), get("/flush_cache", self.flush_cache),
             post("/update_weights_from_disk", self.update_weights_from_disk),
             post("/init_weights_update_group", self.init_weights_update_group),
@@ -223,6 +224,21 @@ class RolloutServer:
 
     async def get_weight_version(self, request: web.Request) -> web.Response:
         return web.json_response({"weight_version": self._ready().weight_version})
+
+    async def get_weights_by_name(self, request: web.Request) -> web.Response:
+        """The first ``truncate_size`` rows (dim 0) of one HF-named tensor, as nested lists (as SGLang answers)."""
+        served = self._ready()
+        body = await self._body(request)
+        name, truncate = body.get("name"), body.get("truncate_size", 100)
+        if not isinstance(truncate, int) or truncate < 1:
+            raise ProtocolError(f"truncate_size must be an integer >= 1, got {truncate!r}")
+        t = hf_targets(served.model).get(name) if isinstance(name, str) else None
+        if t is None:
+            raise ProtocolError(f"name {name!r} is not an HF tensor name of this model")
+        async with self._lock:
+            rows = t[:truncate] if t.ndim else t
+            data = rows.detach().float().cpu().tolist()  # float32 -> Python float is exact (bf16 too)
+        return web.json_response(data)
 
     async def get_server_info(self, request: web.Request) -> web.Response:
         n_batches = sum(self.batch_sizes.values())
