@@ -30,6 +30,7 @@ def _split_overrides(rest: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from archon.rl.servers import ServerDiedError
     from archon.rl_cli import RLConfig
 
     parser = argparse.ArgumentParser(prog="archon", description="Archon: PyTorch-native RL post-training engine",
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"archon: error: {e}", file=sys.stderr)
         return 2
+    except ServerDiedError as e:  # a rollout server the run depends on exited: a run-time stop, not a bug
+        print(f"archon: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

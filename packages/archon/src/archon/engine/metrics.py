@@ -25,8 +25,10 @@ class MetricsLogger:
     """Writes one JSON object per step to `run_dir/metrics.jsonl` (rank 0 only) and updates a tqdm bar."""
 
     def __init__(self, run_dir: str, total_steps: int, *, enabled: bool = True, progress_bar: bool = True,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, bar_keys: tuple[str, ...] = ("loss", "reward", "grad_norm", "lr", "tokens_per_s")
+                 ) -> None:
         self.enabled = enabled
+        self.bar_keys = bar_keys
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.bar = None
         if enabled:
@@ -44,8 +46,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.bar is not None:
-            keys = ("loss", "reward", "grad_norm", "lr", "tokens_per_s")
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in keys if k in row})
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.bar_keys if k in row})
             self.bar.update(1)
 
     def close(self) -> None:

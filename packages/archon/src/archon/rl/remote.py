@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from archon_rl import RolloutBatch
 
+from archon.engine.weight_sync import BroadcastWeightSync, DiskWeightSync
 from archon.rl.producer import RolloutProducer
 from archon.rl.rollout_config import RolloutPlan
 from archon.rl.rollouts import score_samples
-from archon.rl.servers import Placement, ServerDiedError, ServerGroup, server_specs
-from archon.rl.weight_sync import BroadcastWeightSync, DiskWeightSync, serving_dtype
+from archon.rl.servers import Placement, ServerDiedError, ServerGroup, free_port, healthy, server_specs
 
 log = logging.getLogger("archon")
 
@@ -41,13 +41,10 @@ class RemoteRollouts:
         self.max_staleness = cfg.rl.max_staleness
         self.decoupled = self.max_staleness > 0
         self.rank0 = trainer.engine.rank == 0
-        self.dtype = serving_dtype(self.ro.dtype, cfg.actor.dtype)
+        name = cfg.actor.dtype if self.ro.dtype == "auto" else self.ro.dtype
+        self.dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(name, name)
         self.weight_dir = self.ro.weight_dir or os.path.join(cfg.log.dir, "rollout")
-        disk = DiskWeightSync(trainer.engine, self.weight_dir, self.dtype)
-        self.initial = disk
-        self.sync = disk if self.ro.weight_sync == "disk" else BroadcastWeightSync(
-            trainer.engine, self.dtype, self.ro.weight_bucket_mb, num_servers=plan.num_servers, host=self.ro.host,
-            timeout_s=self.ro.request_timeout_s)
+        self.sync: DiskWeightSync | BroadcastWeightSync | None = None
         self.group: ServerGroup | None = None
         self.client = None
         self._old_clients: list = []
@@ -57,16 +54,30 @@ class RemoteRollouts:
 
     # -- start / stop ------------------------------------------------------------------------------
     def start(self, start_step: int) -> None:
-        """Export the starting weights (collective), start or reach the servers, start the loop (rank 0)."""
-        path = self.initial.export(start_step)
+        """Export the starting weights (collective), start or reach the servers and the loop (rank 0), and set
+        up the weight sync (collective)."""
+        engine, ro = self.trainer.engine, self.ro
+        dtype = getattr(torch, self.dtype)
+        disk = DiskWeightSync(None, self.weight_dir, dtype=dtype, bucket_mb=ro.weight_bucket_mb)
+        path = os.path.abspath(disk.push(engine.model, start_step))  # READY carries the RL version
         if self.rank0:
             try:
                 self._start_servers(path, start_step)
             except BaseException:
                 self.close()
                 raise
-        if self.sync is not self.initial:
-            self.sync.connect(self.client)
+        if ro.weight_sync == "disk":
+            disk.client = self.client
+            self.sync = disk
+        else:  # one GPU shared with the server: NCCL cannot pair two ranks on one device, gloo can
+            nccl = engine.device.type == "cuda" and not self.placement.shared
+            self.sync = BroadcastWeightSync(self.client, master_address=ro.host,
+                                            master_port=free_port(ro.host) if self.rank0 else 0, dtype=dtype,
+                                            bucket_mb=ro.weight_bucket_mb, backend="nccl" if nccl else "gloo",
+                                            device=engine.device if nccl else "cpu", timeout=ro.request_timeout_s)
+            self.sync.connect()
+        if self.rank0:
+            self.producer.start()
 
     def _start_servers(self, path: str, version: int) -> None:
         from archon_rl.client import RolloutClient
@@ -82,8 +93,7 @@ class RemoteRollouts:
         self.client = RolloutClient(self.addresses, timeout=self.ro.request_timeout_s)
         if self.plan.launch == "none":
             self.client.wait_healthy(self.ro.startup_timeout_s)
-        if self.plan.launch == "none" or self.plan.launch == "sglang":
-            # external servers hold their own weights, and SGLang's launcher takes no version: load v<start>
+        if self.plan.launch != "archon":  # `archon serve` read the version from READY; others load v<start> now
             self.client.update_weights_from_disk(path, weight_version=version)
         log.info("rollout: %d server(s) ready in %.1fs (%s), weight sync by %s, max_staleness %d",
                  len(self.addresses), time.perf_counter() - t0, ", ".join(self.addresses), self.ro.weight_sync,
@@ -94,11 +104,12 @@ class RemoteRollouts:
                                         sampling=s.build(), seed=s.seed, group_size=t.cfg.rl.group_size,
                                         max_staleness=self.max_staleness, start_step=version,
                                         total_steps=t.cfg.total_train_steps)
-        self.producer.start()
 
     def close(self) -> None:
         if self.producer is not None:
             self.producer.stop()
+        if self.sync is not None and hasattr(self.sync, "close"):
+            self.sync.close()
         for c in [self.client, *self._old_clients]:
             if c is not None:
                 try:
@@ -106,7 +117,6 @@ class RemoteRollouts:
                 except Exception:  # noqa: BLE001 - best effort while stopping
                     pass
         self.client, self._old_clients = None, []
-        self.sync.close()
         if self.group is not None:
             self.group.stop()
 
@@ -161,29 +171,28 @@ class RemoteRollouts:
         version = step + 1
         t0 = time.perf_counter()
         if step + 1 < self.trainer.cfg.total_train_steps:  # the last step's weights serve no rollout
-            self.sync.push(self.client, version, recover=self._recover)
             if self.rank0:
                 self.check_servers()
+            self.sync.push(self.trainer.engine.model, version)
+            if self.rank0:
                 self.producer.set_server_version(version)
         return {"sync_time": time.perf_counter() - t0, "server_version": float(version)}
 
     # -- server loss -------------------------------------------------------------------------------
-    def _recover(self):
-        before = len(self.lost)
-        self.check_servers()
-        if len(self.lost) == before:  # no server died: the failure was something else
-            raise
-        return self.client
-
     def check_servers(self) -> None:
         """Raise `ServerDiedError` naming a server whose process exited; with rollout.allow_server_loss, go on
         with the others (a new client over the live servers)."""
-        if self.group is None:
+        if self.group is not None:
+            new = [i for i in self.group.dead() if i not in self.lost]
+            err = self.group.died_error(new) if new else None
+        elif self.ro.allow_server_loss:  # servers of launch=none: those that stopped answering
+            new = [i for i, a in enumerate(self.addresses) if i not in self.lost and not healthy(a)]
+            err = ServerDiedError("; ".join(f"rollout server {self.addresses[i]} stopped answering" for i in new),
+                                  [self.addresses[i] for i in new]) if new else None
+        else:
             return
-        new = [i for i in self.group.dead() if i not in self.lost]
         if not new:
             return
-        err = self.group.died_error(new)
         if not self.ro.allow_server_loss or len(self.lost) + len(new) >= len(self.addresses):
             hint = "" if self.ro.allow_server_loss else " (set rollout.allow_server_loss=true to go on without it)"
             raise ServerDiedError(f"{err}{hint}", err.names)
@@ -195,3 +204,4 @@ class RemoteRollouts:
         live = [a for i, a in enumerate(self.addresses) if i not in self.lost]
         self._old_clients.append(self.client)  # its requests in flight finish on the live servers (retries)
         self.client = RolloutClient(live, timeout=self.ro.request_timeout_s)
+        self.sync.client = self.client

@@ -97,6 +97,10 @@ def resolve_rollout(allocation_mode: str, rollout: RolloutSection, *, max_stalen
         raise ValueError(f"rule rollout-archon-no-model-parallel: rollout.launch=archon starts `archon serve`, "
                          f"which has no tensor / pipeline / expert parallelism, but the inference part has {bad}; "
                          f"use sglang:d{n} (one GPU per server) or rollout.launch=sglang")
+    if rollout.allow_server_loss and rollout.weight_sync == "broadcast":
+        raise ValueError("rule server-loss-needs-disk-sync: rollout.allow_server_loss goes on without a lost server, "
+                         "but a torch.distributed broadcast group cannot lose a member; use "
+                         "rollout.weight_sync=disk or allow_server_loss=false")
     if rollout.launch == "none":
         if len(rollout.addresses) != n:
             raise ValueError(f"rule rollout-addresses-count: rollout.launch=none connects to rollout.addresses, "

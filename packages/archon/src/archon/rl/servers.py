@@ -30,7 +30,7 @@ from archon.rl.rollout_config import RolloutPlan, RolloutSection
 
 log = logging.getLogger("archon")
 
-__all__ = ["Placement", "plan_placement", "ServerSpec", "ServerGroup", "server_specs", "ServerDiedError"]
+__all__ = ["Placement", "plan_placement", "ServerSpec", "ServerGroup", "server_specs", "ServerDiedError", "healthy"]
 
 
 class ServerDiedError(RuntimeError):
@@ -231,7 +231,7 @@ class ServerGroup:
             if dead := sorted(self.dead()):
                 raise self.died_error(dead)
             for i in sorted(pending):
-                if _healthy(self.specs[i].address):
+                if healthy(self.specs[i].address):
                     pending.discard(i)
             if not pending:
                 break
@@ -276,7 +276,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _healthy(address: str) -> bool:
+def healthy(address: str) -> bool:
     try:
         with urllib.request.urlopen(f"{address}/health_generate", timeout=5) as r:
             return r.status == 200

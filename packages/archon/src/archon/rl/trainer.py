@@ -35,6 +35,10 @@ from archon.rl.rollouts import ColocatedRollouts, RolloutSource
 
 log = logging.getLogger("archon")
 
+BAR_KEYS = ("reward", "loss", "grad_norm", "gen_tokens_per_s", "gen_time", "wait_time", "train_time", "sync_time",
+            "staleness_max", "server_queue", "step_time")
+"""Shown on the progress bar (every metric goes to metrics.jsonl); absent keys (colocated runs) are skipped."""
+
 __all__ = ["RLTrainer", "run_rl", "WeightCallback"]
 
 WeightCallback = Callable[[dict[str, torch.Tensor], int], None]
@@ -191,7 +195,7 @@ class RLTrainer:
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
             start = ckpt.maybe_resume()
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
-                                progress_bar=cfg.log.progress_bar, start_step=start)
+                                progress_bar=cfg.log.progress_bar, start_step=start, bar_keys=BAR_KEYS)
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
