@@ -25,8 +25,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from archon.rl.rollout_config import RolloutPlan, RolloutSection
+if TYPE_CHECKING:  # annotations only: this module imports nothing heavy (tests run it in a bare interpreter)
+    from archon.rl.rollout_config import RolloutPlan, RolloutSection
 
 log = logging.getLogger("archon")
 
