@@ -33,6 +33,9 @@ BASE = ["--total_train_steps=3", "--rl.sft_warmup_steps=2", "--rl.batch_size=32"
         f"--reward.fn={ROOT / 'examples/rewards.py'}:digit_reward"]
 
 
+SERVER_GROUP: list[ServerGroup] = []  # the module's servers (a test stops one of them)
+
+
 def _run(log_dir: str, *overrides: str, callbacks=()) -> dict:
     cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"), [*BASE, f"--log.dir={log_dir}", *overrides])
     trainer = RLTrainer(cfg, weight_callbacks=callbacks)
@@ -62,6 +65,7 @@ def servers(tmp_path_factory):
                                 "127.0.0.1", port, {"OMP_NUM_THREADS": "1"}))
     with ServerGroup(specs, str(tmp_path_factory.mktemp("server_logs"))) as group:
         group.wait_healthy(240)
+        SERVER_GROUP[:] = [group]
         yield group.addresses
 
 
@@ -88,17 +92,20 @@ def test_one_server_synchronous_equals_colocated(servers, colocated, tmp_path):
     assert all(h["staleness_max"] == 0 for h in got["history"])
 
 
-def test_two_servers_fsdp2_trainer_equals_colocated(servers, colocated, tmp_path):
-    extra = ["--allocation_mode=sglang:d2+archon:d2", *_remote(servers)]  # dp_layout fsdp (the default)
-    for got in run_ranks(_ranks, 2, str(tmp_path), extra, timeout=350):
-        _assert_same_run(colocated, got, 1e-5)  # FSDP2 sums gradients over ranks in another order
+def _layouts(rank: int, world: int, log_dir: str, runs: list[list[str]]) -> list[dict]:
+    return [_run(f"{log_dir}/{i}/r{rank}", *extra) for i, extra in enumerate(runs)]
 
 
-@pytest.mark.parametrize("layout", ["t2", "p2"])
-def test_tensor_and_pipeline_parallel_trainers(servers, colocated, tmp_path, layout):
-    for got in run_ranks(_ranks, 2, str(tmp_path), [f"--allocation_mode=sglang:d1+archon:{layout}",
-                                                    *_remote(servers[1:])], timeout=350):
-        _assert_same_run(colocated, got, 1e-5)
+def test_fsdp2_tp_pp_trainers_equal_colocated(servers, colocated, tmp_path):
+    """2 servers + FSDP2 d2, then 1 server + t2 and + p2, in the same two ranks (one spawn)."""
+    runs = [["--allocation_mode=sglang:d2+archon:d2", *_remote(servers)],  # dp_layout fsdp (the default)
+            ["--allocation_mode=sglang:d1+archon:t2", *_remote(servers[1:])],
+            ["--allocation_mode=sglang:d1+archon:p2", *_remote(servers[:1])]]
+    for rank_runs in run_ranks(_layouts, 2, str(tmp_path), runs, timeout=380):
+        for got in rank_runs:
+            # Rollouts equal; weights within 5e-5: gradients summed in another order differ by ~1e-7, and AdamW's
+            # normalised steps (lr 2e-3) lift that on near-zero gradients to ~1e-5 (as between zero1 replicas).
+            _assert_same_run(colocated, got, 5e-5)
 
 
 def test_staleness_two_is_bounded_and_uses_the_decoupled_loss(servers, tmp_path):
@@ -119,32 +126,51 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("allow_loss", [False, True], ids=["stop", "continue"])
-def test_a_killed_server_stops_the_run_or_is_dropped(tmp_path, allow_loss):
-    """The run starts its own servers (launch=archon); server 0 is killed after step 1."""
+def _killer(seen: dict, kill):
+    def callback(_sd, _version):  # after the first step's update
+        if "killed" not in seen:
+            seen["killed"] = kill(seen["trainer"])
+    return callback
+
+
+def test_a_lost_server_is_dropped_with_allow_server_loss(servers, tmp_path):
+    """Server 1 of the module is killed after step 1 (no later test uses it); the run goes on with server 0."""
     seen: dict = {}
 
-    def kill_server0(_sd, _version):
-        group = seen["trainer"].source.group
-        seen.setdefault("pids", list(group.pids))
-        if "killed" not in seen:
-            seen["killed"] = group.specs[0].name
-            os.kill(group.pids[0], signal.SIGKILL)
-            group.procs[0].wait(10)
+    def kill(_trainer):
+        group = SERVER_GROUP[0]
+        os.kill(group.pids[1], signal.SIGKILL)
+        group.procs[1].wait(10)
+        return servers[1]
 
     cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"),
-                      [*BASE, f"--log.dir={tmp_path}", "--allocation_mode=sglang:d2+archon:d1",
-                       f"--rollout.allow_server_loss={str(allow_loss).lower()}", "--rollout.startup_timeout_s=240"])
-    trainer = seen["trainer"] = RLTrainer(cfg, weight_callbacks=[kill_server0])
-    if allow_loss:
-        history = trainer.run()
-        assert len(history) == 3 and all(h["reward"] >= 0 for h in history)
-    else:
-        with pytest.raises(ServerDiedError) as info:
-            trainer.run()
-        assert seen["killed"] in str(info.value) and "exited" in str(info.value)
-        assert "rollout.allow_server_loss" in str(info.value)
-    assert len(seen["pids"]) == 2 and not any(_alive(p) for p in seen["pids"])  # nothing left behind
+                      [*BASE, f"--log.dir={tmp_path}", "--allocation_mode=sglang:d2+archon:d1", *_remote(servers),
+                       "--rollout.allow_server_loss=true"])
+    seen["trainer"] = trainer = RLTrainer(cfg, weight_callbacks=[_killer(seen, kill)])
+    history = trainer.run()
+    assert seen["killed"] and len(history) == 3 and trainer.source.lost == {1}
+
+
+def test_a_killed_server_stops_the_run_naming_it(tmp_path):
+    """The run starts its own server (launch=archon); it is killed after step 1: a clear error, nothing left."""
+    seen: dict = {}
+
+    def kill(trainer):
+        group = trainer.source.group
+        seen["pids"] = list(group.pids)
+        os.kill(group.pids[0], signal.SIGKILL)
+        group.procs[0].wait(10)
+        return group.specs[0].name
+
+    cfg = load_config(RLConfig, str(ROOT / "examples/grpo_tiny.yaml"),
+                      [*BASE, f"--log.dir={tmp_path}", "--allocation_mode=sglang:d1+archon:d1",
+                       "--rollout.startup_timeout_s=240"])
+    seen["trainer"] = trainer = RLTrainer(cfg, weight_callbacks=[_killer(seen, kill)])
+    with pytest.raises(ServerDiedError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert seen["killed"] in message and "exited" in message and "rollout.allow_server_loss" in message
+    assert not any(_alive(p) for p in seen["pids"])  # nothing left behind
 
 
 @pytest.fixture

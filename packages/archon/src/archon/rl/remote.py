@@ -185,12 +185,10 @@ class RemoteRollouts:
         if self.group is not None:
             new = [i for i in self.group.dead() if i not in self.lost]
             err = self.group.died_error(new) if new else None
-        elif self.ro.allow_server_loss:  # servers of launch=none: those that stopped answering
-            new = [i for i, a in enumerate(self.addresses) if i not in self.lost and not healthy(a)]
+        else:  # servers of launch=none: those that stopped answering (the client would retry on the others)
+            new = [i for i, a in enumerate(self.addresses) if i not in self.lost and not healthy(a, "/health")]
             err = ServerDiedError("; ".join(f"rollout server {self.addresses[i]} stopped answering" for i in new),
                                   [self.addresses[i] for i in new]) if new else None
-        else:
-            return
         if not new:
             return
         if not self.ro.allow_server_loss or len(self.lost) + len(new) >= len(self.addresses):

@@ -278,9 +278,10 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def healthy(address: str) -> bool:
+def healthy(address: str, path: str = "/health_generate") -> bool:
+    """GET ``address + path`` answers 200 (``/health_generate``: ready to generate; ``/health``: the process is up)."""
     try:
-        with urllib.request.urlopen(f"{address}/health_generate", timeout=5) as r:
+        with urllib.request.urlopen(f"{address}{path}", timeout=5) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
