@@ -213,8 +213,21 @@ class RLTrainer:
         if ckpt is not None:
             ckpt.finish(cfg.total_train_steps)
         metrics.close()
+        if self.engine.rank == 0:
+            log_time_split(history)
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
+
+
+def log_time_split(history: list[dict]) -> None:
+    """Log the mean time split over the steps after the first (which includes warm-up work)."""
+    rows = history[1:] or history
+    if not rows:
+        return
+    keys = ("gen_time", "wait_time", "train_time", "sync_time", "step_time", "gen_tokens_per_s")
+    mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
+    log.info("time split (mean of %d steps): generate %.3fs, wait %.3fs, train %.3fs, sync %.3fs | step %.3fs | "
+             "rollout %.0f tok/s", len(rows), *(mean[k] for k in keys))
 
 
 def _has_weights(path: str) -> bool:
