@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="language-model / SFT training", description=TrainConfig.__doc__,
                              epilog=_fields_epilog(TrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("config", nargs="?", help="YAML config file")
-    p_rl = sub.add_parser("rl", help="GRPO / PPO with the embedded sampler", description=RLConfig.__doc__,
+    p_rl = sub.add_parser("rl", help="GRPO / PPO (embedded sampler or rollout servers)", description=RLConfig.__doc__,
                           epilog=_fields_epilog(RLConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p_rl.add_argument("config", nargs="?", help="YAML config file")
     p_exp = sub.add_parser("export-hf", help="convert a training checkpoint into an HF model directory")

@@ -1,4 +1,4 @@
-"""`archon rl`: GRPO / PPO with the embedded sampler (config schema and driver)."""
+"""`archon rl`: GRPO / PPO on the embedded sampler or rollout servers (config schema and driver)."""
 
 from __future__ import annotations
 

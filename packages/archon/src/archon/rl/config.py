@@ -97,7 +97,8 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """`archon rl`: GRPO (or PPO with a critic) on a reward function, with the embedded sampler."""
+    """`archon rl`: GRPO (or PPO with a critic) on a reward function; rollouts from the embedded sampler, or from
+    rollout servers when allocation_mode has an inference part (sglang:dN+archon:...)."""
 
     allocation_mode: str = doc("archon:d1", "trainer layout (archon:...), optionally after rollout servers: "
                                "sglang:d2+archon:d2t2 (see rollout.*); without servers the embedded sampler "
@@ -107,7 +108,7 @@ class RLConfig:
     actor: ActorConfig = doc(factory=ActorConfig, help="the policy")
     critic: ActorConfig = doc(factory=ActorConfig, help="the critic (rl.estimator=gae); empty path = actor.path")
     data: PromptConfig = doc(factory=PromptConfig, help="prompts")
-    sampling: SamplingSection = doc(factory=SamplingSection, help="the embedded sampler")
+    sampling: SamplingSection = doc(factory=SamplingSection, help="sampling (embedded sampler or servers)")
     rl: PPOConfig = doc(factory=PPOConfig, help="the RL algorithm")
     reward: RewardConfig = doc(factory=RewardConfig, help="the reward")
     rollout: RolloutSection = doc(factory=RolloutSection, help="rollout servers (allocation_mode sglang:dN+...)")
