@@ -116,10 +116,10 @@ class RolloutClient:
                     raise RolloutServerError(f"{url} answered HTTP {resp.status}: {_error_message(text)}")
                 ctype = resp.headers.get("Content-Type", "")
                 return await resp.json(content_type=None) if "json" in ctype or text[:1] in "[{" else text
+        except TimeoutError:  # first: aiohttp's socket timeouts are also ClientConnectionErrors; never retried
+            raise RolloutServerError(f"{url}: no answer within the client timeout of {self.timeout:g}s") from None
         except (aiohttp.ClientConnectionError, ConnectionError) as e:
             raise _Retry(f"{url}: {type(e).__name__}: {e}") from None
-        except TimeoutError:
-            raise RolloutServerError(f"{url}: no answer within the client timeout of {self.timeout:g}s") from None
         finally:
             self.outstanding[i] -= weight
 
