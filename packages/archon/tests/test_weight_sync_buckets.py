@@ -59,3 +59,25 @@ def test_counter_sees_a_retaining_consumer():
 def test_bad_bucket_size():
     with pytest.raises(ValueError, match="bucket size"):
         next(hf_buckets(iter([]), 0))
+
+
+def test_lora_is_merged_like_the_export(tmp_path):
+    """A LoRA engine streams base + B @ A * scale, the tensors the merged HF export writes."""
+    from archon.config.schema import ActorConfig
+    from archon.engine.engine import ArchonEngine
+    from archon.lora_integration import iter_merged_hf_tensors
+
+    archon.save_pretrained(archon.from_pretrained(TINY, seed=4), tmp_path)
+    actor = ActorConfig(path=str(tmp_path), dtype="float32")
+    actor.lora.enabled, actor.lora.r, actor.lora.alpha = True, 4, 8.0
+    model = ArchonEngine(actor, device="cpu").initialize().model
+    with torch.no_grad():  # B starts at zero: make the update visible
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    got = dict(iter_full_hf_tensors(model, dtype=torch.float32))
+    ref = dict(iter_merged_hf_tensors(model, torch.float32))
+    base = dict(iter_hf_tensors(archon.from_pretrained(str(tmp_path))))
+    assert got.keys() == ref.keys() == base.keys()
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
