@@ -4,9 +4,11 @@
 
 API (every method is synchronous and thread-safe; the HTTP work runs on the client's own event loop thread):
 
-- ``generate(requests, return_logprob=True) -> list[GenResult]``: one POST /generate per request, all at once,
-  each to the server with the fewest outstanding requests; results in request order, each tagged with
-  ``weight_version`` (the version the server held when it produced it) and ``prompt_tokens``.
+- ``generate(requests, return_logprob=True) -> list[GenResult]``: the requests go out at once as batched POST
+  /generate calls (``input_ids`` as a list of lists, per-request ``sampling_params``; at least one call per server,
+  at most ``max_chunk`` prompts each), each to the server with the fewest outstanding prompts; results in request
+  order, each tagged with ``weight_version`` (the version the server held when it produced it) and
+  ``prompt_tokens``. One batched call per server lets a server generate them in one batch.
   ``generate_async(...)`` returns a ``concurrent.futures.Future`` of the same list (for async RL).
 - ``health() -> list[bool]`` (GET /health_generate on each server), ``wait_healthy(timeout)``,
   ``flush_cache()``, ``get_model_info()``, ``get_server_info()`` (lists: one answer per server).
@@ -36,7 +38,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from archon_rl.protocol import ProtocolError, decode_answer, encode_generate
+from archon_rl.protocol import ProtocolError, decode_answer, encode_generate_batch
 from archon_rl.requests import GenRequest, GenResult
 
 __all__ = ["RolloutClient", "RolloutServerError", "RolloutRequestError"]
@@ -62,13 +64,16 @@ class RolloutClient:
     """See the module docstring."""
 
     def __init__(self, urls: str | Sequence[str], *, timeout: float = 600.0, connect_timeout: float = 10.0,
-                 retries: int = 2, backoff: float = 0.2, max_connections: int = 1024) -> None:
+                 retries: int = 2, backoff: float = 0.2, max_connections: int = 1024, max_chunk: int = 64) -> None:
         aiohttp = _aiohttp()
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.urls = [u if "://" in u else f"http://{u}" for u in (u.rstrip("/") for u in self.urls)]
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+        self.max_chunk = max_chunk
         self.outstanding = [0] * len(self.urls)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._loop = asyncio.new_event_loop()
@@ -96,10 +101,10 @@ class RolloutClient:
         candidates = [i for i in range(len(self.urls)) if i not in exclude] or list(range(len(self.urls)))
         return min(candidates, key=lambda i: self.outstanding[i])
 
-    async def _post_once(self, i: int, path: str, payload: Any, method: str) -> Any:
+    async def _post_once(self, i: int, path: str, payload: Any, method: str, weight: int = 1) -> Any:
         aiohttp = _aiohttp()
         url = self.urls[i] + path
-        self.outstanding[i] += 1
+        self.outstanding[i] += weight
         try:
             async with self._session.request(method, url, json=payload) as resp:
                 text = await resp.text()
@@ -111,15 +116,15 @@ class RolloutClient:
                     raise RolloutServerError(f"{url} answered HTTP {resp.status}: {_error_message(text)}")
                 ctype = resp.headers.get("Content-Type", "")
                 return await resp.json(content_type=None) if "json" in ctype or text[:1] in "[{" else text
+        except TimeoutError:  # first: aiohttp's socket timeouts are also ClientConnectionErrors; never retried
+            raise RolloutServerError(f"{url}: no answer within the client timeout of {self.timeout:g}s") from None
         except (aiohttp.ClientConnectionError, ConnectionError) as e:
             raise _Retry(f"{url}: {type(e).__name__}: {e}") from None
-        except TimeoutError:
-            raise RolloutServerError(f"{url}: no answer within the client timeout of {self.timeout:g}s") from None
         finally:
-            self.outstanding[i] -= 1
+            self.outstanding[i] -= weight
 
     async def _request(self, path: str, payload: Any = None, *, server: int | None = None,
-                       method: str = "POST") -> Any:
+                       method: str = "POST", weight: int = 1) -> Any:
         """One call with retries: to ``server`` or to the least-loaded server (another one on each retry)."""
         tried: list[str] = []
         errors: list[str] = []
@@ -127,7 +132,7 @@ class RolloutClient:
             i = server if server is not None else self._pick({self.urls.index(u) for u in tried})
             tried.append(self.urls[i])
             try:
-                return await self._post_once(i, path, payload, method)
+                return await self._post_once(i, path, payload, method, weight)
             except _Retry as e:
                 errors.append(str(e))
                 if attempt < self.retries:
@@ -140,14 +145,23 @@ class RolloutClient:
 
     # ------------------------------------------------------------------------------------------- generation
     async def _generate(self, requests: Sequence[GenRequest], return_logprob: bool) -> list[GenResult]:
-        async def one(r: GenRequest) -> GenResult:
-            answer = await self._request("/generate", encode_generate(r, return_logprob=return_logprob))
+        if not requests:
+            return []
+        n_chunks = max(min(len(self.urls), len(requests)), -(-len(requests) // self.max_chunk))
+        size = -(-len(requests) // n_chunks)
+        chunks = [requests[i: i + size] for i in range(0, len(requests), size)]
+
+        async def one(chunk: Sequence[GenRequest]) -> list[GenResult]:
+            answers = await self._request("/generate", encode_generate_batch(chunk, return_logprob=return_logprob),
+                                          weight=len(chunk))
+            if not isinstance(answers, list) or len(answers) != len(chunk):
+                raise RolloutServerError(f"/generate answered {str(answers)[:200]} for a batch of {len(chunk)}")
             try:
-                return decode_answer(answer)
+                return [decode_answer(a) for a in answers]
             except ProtocolError as e:
                 raise RolloutServerError(str(e)) from None
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        return [r for rs in await asyncio.gather(*(one(c) for c in chunks)) for r in rs]
 
     def generate(self, requests: Sequence[GenRequest], *, return_logprob: bool = True) -> list[GenResult]:
         return self._run(self._generate(list(requests), return_logprob))

@@ -16,7 +16,7 @@ from typing import Any
 from archon_rl.requests import GenRequest, GenResult
 from archon_rl.sampler import SamplingConfig
 
-__all__ = ["ProtocolError", "GenerateCall", "parse_generate", "encode_answer", "encode_generate", "decode_answer",
+__all__ = ["ProtocolError", "GenerateCall", "parse_generate", "encode_answer", "encode_generate", "encode_generate_batch", "decode_answer",
            "finish_reason_json", "SGLANG_DEFAULT_MAX_NEW_TOKENS"]
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
@@ -170,6 +170,13 @@ def encode_generate(request: GenRequest, *, return_logprob: bool = True) -> dict
     if request.seed is not None:
         params["sampling_seed"] = int(request.seed)
     return {"input_ids": list(request.input_ids), "sampling_params": params, "return_logprob": return_logprob}
+
+
+def encode_generate_batch(requests, *, return_logprob: bool = True) -> dict:
+    """One batched `/generate` body for several requests (``input_ids`` and ``sampling_params`` as lists)."""
+    bodies = [encode_generate(r, return_logprob=return_logprob) for r in requests]
+    return {"input_ids": [b["input_ids"] for b in bodies], "sampling_params": [b["sampling_params"] for b in bodies],
+            "return_logprob": return_logprob}
 
 
 def decode_answer(answer: Any) -> GenResult:

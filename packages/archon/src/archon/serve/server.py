@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from aiohttp import web
 from archon_rl import GenRequest, GenResult, SamplingConfig
 from archon_rl.protocol import ProtocolError, encode_answer, parse_generate
@@ -332,6 +333,8 @@ class RolloutServer:
         device = next(served.model.parameters()).device
         if backend == "nccl" and device.type != "cuda":
             return _fail("backend nccl needs a CUDA server (--device cuda); a CPU server joins with backend gloo")
+        if backend == "gloo":  # gloo moves host tensors; each one is copied onto the model's device after receipt
+            device = torch.device("cpu")
         if name in self.groups:
             return _fail(f"weight update group {name!r} already exists")
         loop = asyncio.get_running_loop()
