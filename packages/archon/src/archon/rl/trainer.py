@@ -200,8 +200,8 @@ class RLTrainer:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
         history = []
-        self.source.start(start)
         try:
+            self.source.start(start)
             for step in range(start, cfg.total_train_steps):
                 stats = self.step(step)
                 metrics.log(step + 1, stats)
