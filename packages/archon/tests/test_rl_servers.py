@@ -10,8 +10,8 @@ import sys
 import textwrap
 import time
 
-import pytest
 import archon.rl.servers as servers_module
+import pytest
 from archon.rl.servers import ServerDiedError, ServerGroup, ServerSpec, free_port
 
 FAKE = textwrap.dedent("""
