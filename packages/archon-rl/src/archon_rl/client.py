@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -186,8 +188,6 @@ class RolloutClient:
 
     def wait_healthy(self, timeout: float = 300.0, poll: float = 0.2) -> None:
         """Block until every server answers /health_generate with 200; RolloutServerError after ``timeout``."""
-        import time
-
         end = time.monotonic() + timeout
         while True:
             ok = self.health()
@@ -274,8 +274,6 @@ class _Retry(Exception):
 
 
 def _error_message(text: str) -> str:
-    import json
-
     try:
         body = json.loads(text)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
