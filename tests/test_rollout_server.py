@@ -255,6 +255,22 @@ def test_sync_from_fsdp2_tp_and_pp_trainers_bit_for_bit(server, client, dirs, tm
     assert sorted(os.listdir(tmp_path / "exports")) == ["v000024"]
 
 
+def test_pause_abort_and_continue(client):
+    cfg = SamplingConfig(max_new_tokens=3, temperature=0.0)
+    client.pause_generation("in_place")
+    held = client.generate_async([GenRequest([1, 2], cfg)])
+    time.sleep(0.3)
+    assert not held.done()  # paused: queued, not generated
+    client.pause_generation("abort")
+    r = held.result(timeout=30)[0]
+    assert r.finish_reason == "abort" and r.output_ids == []
+    later = client.generate_async([GenRequest([1, 2], cfg)])
+    time.sleep(0.3)
+    assert not later.done()
+    client.continue_generation()
+    assert len(later.result(timeout=30)[0].output_ids) == 3
+
+
 def test_dead_or_hung_server_raises_within_timeout(server, client):
     hung = socket.socket()  # accepts connections, never answers
     hung.bind(("127.0.0.1", 0))
