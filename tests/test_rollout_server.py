@@ -191,14 +191,17 @@ def test_update_from_disk_and_failed_update_keeps_weights(client, dirs, tmp_path
     assert client.get_model_info()[0]["weight_version"] == "5"
 
 
-def test_update_by_gloo_broadcast_from_this_process(client, dirs):
+def test_update_by_gloo_broadcast_from_this_process(client, dirs, tmp_path):
+    """bf16 on the wire into the fp32 server: it serves the bf16-rounded weights (reference: a bf16 export)."""
     cfg = SamplingConfig(max_new_tokens=5, temperature=0.0)
-    sync = BroadcastWeightSync(client, master_address="127.0.0.1", master_port=free_port(), dtype=torch.float32,
+    sync = BroadcastWeightSync(client, master_address="127.0.0.1", master_port=free_port(), dtype=torch.bfloat16,
                                bucket_mb=0.02, backend="gloo", group_name="local", timeout=60)
+    trainer = archon.from_pretrained(dirs["m2"])
+    archon.save_pretrained(trainer, tmp_path / "m2_bf16", dtype=torch.bfloat16)
     try:
         sync.connect()
-        sync.push(archon.from_pretrained(dirs["m2"]), version=9)
-        ref_ids, ref_lps = reference(dirs["m2"], PROMPTS, cfg)
+        sync.push(trainer, version=9)
+        ref_ids, ref_lps = reference(str(tmp_path / "m2_bf16"), PROMPTS, cfg)
         assert_matches(client.generate([GenRequest(p, cfg) for p in PROMPTS]), ref_ids, ref_lps, "9")
         # a bad name is received and dropped: an error, and the old weights keep serving
         bad = client.update_weights_from_distributed(["nope.weight"], ["float32"], [[4]], group_name="local")
@@ -250,6 +253,22 @@ def test_sync_from_fsdp2_tp_and_pp_trainers_bit_for_bit(server, client, dirs, tm
         for n, t in ref.items():
             assert torch.equal(weights[n], t), f"{key}: {n}"
     assert sorted(os.listdir(tmp_path / "exports")) == ["v000024"]
+
+
+def test_pause_abort_and_continue(client):
+    cfg = SamplingConfig(max_new_tokens=3, temperature=0.0)
+    client.pause_generation("in_place")
+    held = client.generate_async([GenRequest([1, 2], cfg)])
+    time.sleep(0.3)
+    assert not held.done()  # paused: queued, not generated
+    client.pause_generation("abort")
+    r = held.result(timeout=30)[0]
+    assert r.finish_reason == "abort" and r.output_ids == []
+    later = client.generate_async([GenRequest([1, 2], cfg)])
+    time.sleep(0.3)
+    assert not later.done()
+    client.continue_generation()
+    assert len(later.result(timeout=30)[0].output_ids) == 3
 
 
 def test_dead_or_hung_server_raises_within_timeout(server, client):

@@ -34,6 +34,7 @@ from archon_rl.losses import (
     value_loss,
 )
 from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
+from archon_rl.protocol import ProtocolError, decode_answer, encode_answer, encode_generate, parse_generate
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
 from archon_rl.requests import GenerationBackend, GenRequest, GenResult
 from archon_rl.sampler import (
@@ -56,8 +57,24 @@ from archon_rl.segments import (
     to_padded,
     token_positions,
 )
+from archon_rl.weight_group import WeightGroup, init_weight_group
+
+_CLIENT = ("RolloutClient", "RolloutServerError", "RolloutRequestError")
+
+
+def __getattr__(name: str):
+    """The HTTP client needs the `client` extra (aiohttp): imported on first use, not with the package."""
+    if name in _CLIENT:
+        from archon_rl import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'archon_rl' has no attribute {name!r}")
+
 
 __all__ = [
+    *_CLIENT,
+    "ProtocolError", "decode_answer", "encode_answer", "encode_generate", "parse_generate",
+    "WeightGroup", "init_weight_group",
     "GenRequest",
     "GenResult",
     "GenerationBackend",

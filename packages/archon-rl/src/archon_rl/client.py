@@ -22,6 +22,7 @@ API (every method is synchronous and thread-safe; the HTTP work runs on the clie
   the servers receive each tensor by ``broadcast(src=0)`` in ``names`` order while the calls are open, so the
   trainer broadcasts after calling this and then waits on the future.
 - ``get_weights_by_name(name, truncate_size)``: one tensor's leading rows from every server (for checks).
+- ``update_weight_version(version)``: the version every server reports from now on (/update_weight_version).
 - ``pause_generation(mode="abort" | "retract" | "in_place")``, ``continue_generation()``.
 - ``close()`` (also a context manager).
 
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -186,8 +189,6 @@ class RolloutClient:
 
     def wait_healthy(self, timeout: float = 300.0, poll: float = 0.2) -> None:
         """Block until every server answers /health_generate with 200; RolloutServerError after ``timeout``."""
-        import time
-
         end = time.monotonic() + timeout
         while True:
             ok = self.health()
@@ -224,6 +225,11 @@ class RolloutClient:
                    "abort_all_requests": abort_all_requests,
                    "weight_version": None if weight_version is None else str(weight_version)}
         return _check_success(self._run(self._all("/update_weights_from_disk", payload)), self.urls)
+
+    def update_weight_version(self, version: str | int, *, abort_all_requests: bool = False) -> list[dict]:
+        """Set the version every server reports (after tensors sent by `update_weights_from_distributed`)."""
+        payload = {"new_version": str(version), "abort_all_requests": abort_all_requests}
+        return _check_success(self._run(self._all("/update_weight_version", payload)), self.urls)
 
     def init_weights_update_group(self, master_address: str, master_port: int, world_size: int, *,
                                   group_name: str = "weight_update_group", backend: str = "nccl",
@@ -274,8 +280,6 @@ class _Retry(Exception):
 
 
 def _error_message(text: str) -> str:
-    import json
-
     try:
         body = json.loads(text)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):

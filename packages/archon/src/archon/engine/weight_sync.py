@@ -12,8 +12,8 @@ Two ways to ship them (both collective on every trainer rank; rank 0 talks to th
   `export_weights` writes, then ``/update_weights_from_disk`` on every server.
 - `BroadcastWeightSync`: ``/init_weights_update_group`` once (trainer rank 0 + the servers), then per bucket
   ``/update_weights_from_distributed`` with names/dtypes/shapes while trainer rank 0 broadcasts each tensor.
-  Generation is paused (``pause_mode``) for the whole update, so no sample sees half-updated weights; a last
-  call without tensors sets the new ``weight_version``.
+  Generation is paused (``pause_mode``) for the whole update, so no sample sees half-updated weights; then
+  ``/update_weight_version`` sets the new version.
 """
 
 from __future__ import annotations
@@ -186,19 +186,19 @@ class BroadcastWeightSync:
             for bucket in hf_buckets(iter_full_hf_tensors(model, dtype=self.dtype, device=self.device),
                                      self.bucket_bytes):
                 if rank0:
-                    self._send(bucket, None)
+                    self._send(bucket)
                 del bucket
-            if rank0:  # the version changes once every bucket has arrived: an empty last call carries it
-                self._send([], version)
+            if rank0:  # the version changes once every bucket has arrived
+                self.client.update_weight_version(version)
         finally:
             if rank0 and self.pause_mode:
                 self.client.continue_generation()
         _barrier()
 
-    def _send(self, bucket: list[Named], version: int | None) -> None:
+    def _send(self, bucket: list[Named]) -> None:
         done = self.client.update_weights_from_distributed(
             [n for n, _ in bucket], [dtype_name(t.dtype) for _, t in bucket], [list(t.shape) for _, t in bucket],
-            group_name=self.group_name, weight_version=None if version is None else str(version))
+            group_name=self.group_name)
         for _, t in bucket:
             self.group.broadcast(t.contiguous(), src=0)
         done.result(timeout=self.timeout)

@@ -95,6 +95,7 @@ class RolloutServer:
             post("/update_weights_from_disk", self.update_weights_from_disk),
             post("/init_weights_update_group", self.init_weights_update_group),
             post("/update_weights_from_distributed", self.update_weights_from_distributed),
+            post("/update_weight_version", self.update_weight_version),
             post("/pause_generation", self.pause_generation), post("/continue_generation", self.continue_generation),
         ])
         app.on_startup.append(self._start)
@@ -319,6 +320,19 @@ class RolloutServer:
             served.weight_version = version or ready_version(path) or served.weight_version
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": 0})
+
+    async def update_weight_version(self, request: web.Request) -> web.Response:
+        served = self._ready()
+        body = await self._body(request)
+        version = body.get("new_version")
+        if not isinstance(version, (str, int)) or isinstance(version, bool):
+            raise ProtocolError(f"new_version must be a string, got {version!r}")
+        _, abort = self._update_options(body)
+        if abort:
+            self._abort_queued()
+        async with self._lock:
+            served.weight_version = str(version)
+        return web.json_response({"success": True, "message": f"weight version set to {version}"})
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         served = self._ready()

@@ -77,9 +77,13 @@ def receive_broadcast(model, group: WeightGroup, names: list[str], dtypes: list[
         elif list(t.shape) != list(shape):
             problems.append(f"{name!r} has shape {list(shape)}, the model's is {list(t.shape)}")
     for name, dt, shape in zip(names, parsed, shapes):
+        dst = None if problems else targets[name]
+        if dst is not None and dst.dtype == dt and dst.device == group.device and dst.is_contiguous():
+            group.broadcast(dst, src=0)  # straight into the parameter: no staging copy
+            continue
         buf = torch.empty(tuple(shape), dtype=dt, device=group.device)
         group.broadcast(buf, src=0)
-        if not problems:
-            targets[name].copy_(buf)
+        if dst is not None:
+            dst.copy_(buf)
     if problems:
         raise ValueError("weights not updated: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
