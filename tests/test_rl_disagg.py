@@ -109,8 +109,9 @@ def test_fsdp2_tp_pp_trainers_equal_colocated(servers, colocated, tmp_path):
 
 
 def test_staleness_two_is_bounded_and_uses_the_decoupled_loss(servers, tmp_path):
+    """Weights by gloo broadcast to both servers while generation runs ahead."""
     got = _run(str(tmp_path), "--allocation_mode=sglang:d2+archon:d1", "--rl.max_staleness=2",
-               "--total_train_steps=5", *_remote(servers))
+               "--total_train_steps=5", "--rollout.weight_sync=broadcast", *_remote(servers))
     lags = [h["staleness_max"] for h in got["history"]]
     assert max(lags) <= 2 and lags[0] == 0, lags
     assert max(lags) >= 1, lags  # batches 0-2 were sent before the first update: the loop ran ahead

@@ -71,8 +71,9 @@ class RemoteRollouts:
             self.sync = disk
         else:  # one GPU shared with the server: NCCL cannot pair two ranks on one device, gloo can
             nccl = engine.device.type == "cuda" and not self.placement.shared
-            self.sync = BroadcastWeightSync(self.client, master_address=ro.host,
-                                            master_port=free_port(ro.host) if self.rank0 else 0, dtype=dtype,
+            port = free_port(ro.host) if self.rank0 else 0
+            self.sync = BroadcastWeightSync(self.client, master_address=ro.host, master_port=port, dtype=dtype,
+                                            group_name=f"archon-rl-{os.getpid()}-{port}",  # servers may outlive a run
                                             bucket_mb=ro.weight_bucket_mb, backend="nccl" if nccl else "gloo",
                                             device=engine.device if nccl else "cpu", timeout=ro.request_timeout_s)
             self.sync.connect()
