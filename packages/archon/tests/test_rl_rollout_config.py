@@ -8,7 +8,7 @@ from archon.cli import main
 from archon.config.fields import load_config
 from archon.rl import RLConfig
 from archon.rl.rollout_config import RolloutSection, resolve_rollout
-from archon.rl.servers import plan_placement
+from archon.rl.servers import free_port, plan_placement
 
 ROOT = Path(__file__).resolve().parents[3]
 GRPO = str(ROOT / "examples/grpo_tiny.yaml")
@@ -48,6 +48,15 @@ def test_train_rejects_an_inference_part(capsys, tmp_path):
     code, err = _cli(capsys, "train", str(ROOT / "examples/sft_tiny.yaml"), "--allocation_mode=sglang:d2+archon:d1",
                      f"--actor.path={ROOT / 'examples/tiny_qwen3/config.json'}", f"--log.dir={tmp_path}")
     assert code == 2 and "rule inference-part-needs-rl" in err and "drop 'sglang:d2+'" in err, err
+
+
+def test_unreachable_servers_are_one_error_line(capsys, tmp_path):
+    port = free_port()  # nothing listens there
+    code, err = _cli(capsys, "rl", GRPO, *BASE, f"--log.dir={tmp_path}", "--allocation_mode=sglang:d1+archon:d1",
+                     "--rollout.launch=none", f"--rollout.addresses=[127.0.0.1:{port}]", "--rl.sft_warmup_steps=0",
+                     "--rollout.startup_timeout_s=1")
+    assert code == 3 and err.startswith("archon: error: rollout servers of rollout.addresses did not answer"), err
+    assert f"127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def test_sglang_launch_takes_model_parallel_servers():

@@ -81,7 +81,7 @@ class RemoteRollouts:
             self.producer.start()
 
     def _start_servers(self, path: str, version: int) -> None:
-        from archon_rl.client import RolloutClient
+        from archon_rl.client import RolloutClient, RolloutServerError
 
         t0 = time.perf_counter()
         if self.plan.launch != "none":
@@ -93,7 +93,12 @@ class RemoteRollouts:
             self.addresses = list(self.plan.addresses)
         self.client = RolloutClient(self.addresses, timeout=self.ro.request_timeout_s)
         if self.plan.launch == "none":
-            self.client.wait_healthy(self.ro.startup_timeout_s)
+            try:
+                self.client.wait_healthy(self.ro.startup_timeout_s)
+            except RolloutServerError as e:
+                raise ServerDiedError(f"rollout servers of rollout.addresses did not answer /health_generate within "
+                                      f"rollout.startup_timeout_s={self.ro.startup_timeout_s:g}s ({e}); start them "
+                                      "or fix rollout.addresses") from None
         if self.plan.launch != "archon":  # `archon serve` read the version from READY; others load v<start> now
             self.client.update_weights_from_disk(path, weight_version=version)
         log.info("rollout: %d server(s) ready in %.1fs (%s), weight sync by %s, max_staleness %d",

@@ -36,7 +36,8 @@ __all__ = ["Placement", "plan_placement", "ServerSpec", "ServerGroup", "server_s
 
 
 class ServerDiedError(RuntimeError):
-    """A rollout server process exited; the message names it and shows the end of its log."""
+    """A rollout server exited, stopped answering or never came up; the message names it (and shows the end of
+    its log when the run started it)."""
 
     def __init__(self, message: str, names: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -239,8 +240,8 @@ class ServerGroup:
                 break
             if time.monotonic() > deadline:
                 names = ", ".join(self.specs[i].name for i in sorted(pending))
-                raise TimeoutError(f"rollout {names} not healthy after {timeout_s:.0f}s (rollout.startup_timeout_s); "
-                                   f"see {self.log_dir}")
+                raise ServerDiedError(f"rollout {names} not healthy after {timeout_s:.0f}s (rollout.startup_timeout_s); "
+                                      f"see {self.log_dir}", [self.specs[i].name for i in sorted(pending)])
             time.sleep(0.2)
 
     def stop(self) -> None:
