@@ -126,24 +126,29 @@ def test_greedy_and_seeded_equal_in_process_sampler(server, client, dirs):
 
 
 def test_three_concurrent_clients_batched(server, dirs):
+    """Three clients' requests wait in the queue together (held by a pause, so CI load cannot split them) and are
+    generated in one batch; each client gets its own answer."""
     cfg = SamplingConfig(max_new_tokens=4, temperature=0.0)
     ref_ids, ref_lps = reference(dirs["m0"], PROMPTS[:3], cfg)
-    with RolloutClient([server["url"]]) as c:
-        before = c.get_server_info()[0]["batch_size_histogram"].get("3", 0)
     out: list = [None] * 3
-    start = threading.Barrier(3)
 
     def run(i: int) -> None:
         with RolloutClient([server["url"]], timeout=60) as c:
-            start.wait()
             out[i] = c.generate([GenRequest(PROMPTS[i], cfg)])[0]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    assert_matches(out, ref_ids, ref_lps)  # each client got its own answer
-    with RolloutClient([server["url"]]) as c:
-        assert c.get_server_info()[0]["batch_size_histogram"].get("3", 0) == before + 1
+    with RolloutClient([server["url"]]) as admin:
+        before = admin.get_server_info()[0]["batch_size_histogram"].get("3", 0)
+        admin.pause_generation("in_place")
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        deadline = time.monotonic() + 60
+        while admin.get_server_info()[0]["queued"] < 3:
+            assert time.monotonic() < deadline, "the three requests never reached the server"
+            time.sleep(0.05)
+        admin.continue_generation()
+        [t.join(60) for t in threads]
+        assert_matches(out, ref_ids, ref_lps)
+        assert admin.get_server_info()[0]["batch_size_histogram"].get("3", 0) == before + 1
 
 
 BAD = [
