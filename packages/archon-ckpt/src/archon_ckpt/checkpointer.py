@@ -28,16 +28,16 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from archon_ckpt.atomic import TMP_MARKER, atomic_write_text, publish_directory
+from archon_ckpt.safe_load import SafeBytesPlanner, SafeFileSystemReader, UnsafeCheckpointError
 from archon_ckpt.state import RNGState
 from archon_ckpt.validate import ValidatingLoadPlanner, check_files, collect_failure
 
-__all__ = ["Checkpointer", "CheckpointError", "iter_dcp_tensors", "step_dir_name"]
+__all__ = ["Checkpointer", "CheckpointError", "iter_dcp_tensors", "read_metadata", "step_dir_name"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a complete DCP checkpoint: {meta_file} is missing")
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: {e!r}") from e
 
@@ -264,7 +266,8 @@ class Checkpointer:
                            and not getattr(state[n], "rank_subset", False)] if strict else []
         planner = ValidatingLoadPlanner(path, strict_prefixes)
         try:
-            dcp.load(shadow, checkpoint_id=str(path), planner=planner, no_dist=not _dist_on())
+            dcp.load(shadow, storage_reader=SafeFileSystemReader(str(path)), planner=planner,
+                     no_dist=not _dist_on())
         except CheckpointException as e:
             raise CheckpointError(collect_failure(e, path)) from None
         for name, loaded in shadow.items():
@@ -296,7 +299,7 @@ def iter_dcp_tensors(path: str | os.PathLike, prefix: str = "model.", *,
 
     def flush() -> Iterator[tuple[str, torch.Tensor]]:
         try:
-            dcp.load(batch, checkpoint_id=str(path), no_dist=True)
+            dcp.load(batch, storage_reader=SafeFileSystemReader(str(path)), planner=SafeBytesPlanner(), no_dist=True)
         except CheckpointException as e:
             raise CheckpointError(collect_failure(e, path)) from None
         for k in sorted(batch):

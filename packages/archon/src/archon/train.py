@@ -10,8 +10,10 @@ import torch
 
 from archon.config.schema import TrainConfig
 from archon.engine.batch import PackedBatch
-from archon.engine.engine import ArchonEngine
+from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.hf import load_hf_config
+from archon.run_guard import RunGuard, check_token_ids, init_process_group
 
 log = logging.getLogger("archon")
 
@@ -43,6 +45,7 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
 
 
 def run_train(cfg: TrainConfig) -> list[dict]:
+    init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
     engine.initialize()
@@ -57,19 +60,27 @@ def run_train(cfg: TrainConfig) -> list[dict]:
                             progress_bar=cfg.log.progress_bar, start_step=start)
     data = _data(cfg, engine, start)
     history = []
+    guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
+    guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
+    vocab = load_hf_config(cfg.actor.path).vocab_size if cfg.data.task == "jsonl" else None
     for step in range(start, cfg.total_train_steps):
         batch = next(data)
+        if vocab is not None:
+            check_token_ids(batch.input_ids, vocab, f"data.path {cfg.data.path!r}")
         t0 = time.perf_counter()
-        stats = engine.train_batch(batch, sft_loss, target_tokens)
+        with guard.step(step + 1):
+            stats = engine.train_batch(batch, sft_loss, target_tokens)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
                      peak_mem_gb=peak_memory_gb(engine.device))
         metrics.log(step + 1, stats)
         history.append(stats)
+        guard.after_step(step + 1, stats)
         if ckpt is not None:
             ckpt.after_step(step + 1)
     if ckpt is not None:
         ckpt.finish(cfg.total_train_steps)
+    guard.close()
     metrics.close()
     if engine.rank == 0:
         log.info("done: %d steps, metrics in %s", cfg.total_train_steps, os.path.join(cfg.log.dir, "metrics.jsonl"))

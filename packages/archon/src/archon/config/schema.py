@@ -108,7 +108,7 @@ class CheckpointConfig:
     dir: str = doc("", "checkpoint root; empty = no checkpoints")
     every_n_steps: int = doc(0, "save every N steps (0 = only at the end when dir is set)")
     keep_last_n: int = doc(2, "checkpoints to keep")
-    resume: str = doc("none", "none | auto (resume from `latest` if present) | a step number")
+    resume: int | str = doc("none", "none | auto (resume from `latest` if present) | a step number")
     async_save: bool = doc(False, "save asynchronously")
     adapter_only: bool = doc(False, "with actor.lora.enabled: save only the trainable (adapter) weights and their "
                              "optimizer state; resume rebuilds the frozen base from actor.path")
@@ -121,12 +121,22 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = doc(1800.0, "seconds a collective may wait for the other ranks (every process group); a "
+                           "stalled or dead rank ends the run within it, naming the rank. Long enough for a first "
+                           "torch.compile; waits on rollout servers are not collectives")
+
+
+@dataclass
 class TrainConfig:
     """`archon train`: supervised / language-model training."""
 
     allocation_mode: str = doc("archon:d1", "parallel layout, e.g. archon:d2t2 (see docs/allocation.md)")
     total_train_steps: int = doc(100, "optimizer steps")
     device: str = doc("auto", "auto | cpu | cuda")
+    max_skipped_steps: int = doc(10, "stop with an error after this many steps in a row skipped for a non-finite "
+                                 "loss or gradient")
+    distributed: DistributedConfig = doc(factory=DistributedConfig, help="process groups")
     actor: ActorConfig = doc(factory=ActorConfig, help="the trained model")
     data: DataConfig = doc(factory=DataConfig, help="training data")
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="training checkpoints")

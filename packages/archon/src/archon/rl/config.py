@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, ValueLossConfig
 
 from archon.config.fields import doc
-from archon.config.schema import ActorConfig, CheckpointConfig, LogConfig
+from archon.config.schema import ActorConfig, CheckpointConfig, DistributedConfig, LogConfig
 
 __all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
 
@@ -95,6 +95,9 @@ class RLConfig:
     allocation_mode: str = doc("archon:d1", "parallel layout of the trainer (the embedded sampler needs archon:d1)")
     total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
     device: str = doc("auto", "auto | cpu | cuda")
+    max_skipped_steps: int = doc(10, "stop with an error after this many updates in a row skipped for a "
+                                 "non-finite loss or gradient")
+    distributed: DistributedConfig = doc(factory=DistributedConfig, help="process groups")
     actor: ActorConfig = doc(factory=ActorConfig, help="the policy")
     critic: ActorConfig = doc(factory=ActorConfig, help="the critic (rl.estimator=gae); empty path = actor.path")
     data: PromptConfig = doc(factory=PromptConfig, help="prompts")

@@ -23,14 +23,16 @@ from collections.abc import Callable, Sequence
 import torch
 from archon_rl import RolloutBatch
 
-from archon.engine.engine import ArchonEngine
+from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
+from archon.rl.reward_call import score
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.sampler import EmbeddedSampler
+from archon.run_guard import RunGuard, init_process_group
 
 log = logging.getLogger("archon")
 
@@ -48,6 +50,7 @@ class RLTrainer:
         self.cfg = cfg
         r = cfg.rl
         self.reward_fn = load_reward_fn(cfg.reward.fn)
+        init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
         total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=cfg.device).initialize()
@@ -116,7 +119,7 @@ class RLTrainer:
         gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
         gen_time = time.perf_counter() - t0
         responses, logps = gen.responses(), gen.response_logprobs()
-        rewards = [float(self.reward_fn(p, r, **f)) for p, r, f in zip(prompt_ids, responses, fields)]
+        rewards = score(self.reward_fn, self.cfg.reward.fn, prompt_ids, responses, fields)
         samples = [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
                     "group_id": step * self.num_prompts + first + i // g, "version": self.engine.version}
                    for i, (p, r, lp, rw) in enumerate(zip(prompt_ids, responses, logps, rewards))]
@@ -199,14 +202,19 @@ class RLTrainer:
         prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
                                 start_step=start)
         history = []
+        guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
+        guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
         for step in range(start, cfg.total_train_steps):
-            stats = self.step(step, next(prompts))
+            with guard.step(step + 1):
+                stats = self.step(step, next(prompts))
             metrics.log(step + 1, stats)
             history.append(stats)
+            guard.after_step(step + 1, stats)
             if ckpt is not None:
                 ckpt.after_step(step + 1)
         if ckpt is not None:
             ckpt.finish(cfg.total_train_steps)
+        guard.close()
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
