@@ -34,6 +34,7 @@ from archon_ckpt.safetensors_io import (
     save_safetensors_sharded,
 )
 from archon_ckpt.state import ModelState, OptimizerState, RNGState, SchedulerState
+from archon_ckpt.writer_lock import WriterLock, WriterLockError
 
 __all__ = [
     "atomic_directory",
@@ -60,4 +61,6 @@ __all__ = [
     "OptimizerState",
     "RNGState",
     "SchedulerState",
+    "WriterLock",
+    "WriterLockError",
 ]

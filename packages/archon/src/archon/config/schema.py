@@ -20,7 +20,8 @@ class ArchonEngineConfig:
     compile_mode: str = doc("default", "torch.compile mode: default | reduce-overhead (CUDA graphs; one GPU or "
                             "zero1 replicas, not FSDP2) | max-autotune-no-cudagraphs")
     compile_cpp_wrapper: bool = doc(False, "inductor's C++ wrapper launches each compiled graph's kernels (less "
-                                    "host time per compiled call than its Python wrapper; longer first compile)")
+                                    "host time per compiled call than its Python wrapper; longer first compile); "
+                                    "CPU only: refused on CUDA, where inductor fails on packed batches")
     ac_mode: str = doc("none", "activation checkpointing: none | full | selective | memory_budget")
     ac_selective_every: int = doc(1, "selective AC: checkpoint every N-th block (1 = op-level SAC on every block)")
     ac_memory_budget: float = doc(0.5, "activation memory budget in (0, 1] for ac_mode=memory_budget (needs compile)")

@@ -54,7 +54,8 @@ class EngineCheckpointer:
 
         self.engine = engine
         self.cfg = cfg
-        self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save)
+        self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save,
+                                 writer=True)
         self.train_state = {"step": 0, "version": 0}
 
     def _state(self) -> dict:
