@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -56,13 +57,17 @@ def run_train(cfg: TrainConfig) -> list[dict]:
 
         ckpt = EngineCheckpointer(engine, cfg.checkpoint)
         start = ckpt.maybe_resume()
-    metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
-                            progress_bar=cfg.log.progress_bar, start_step=start)
-    data = _data(cfg, engine, start)
-    history = []
     guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
     guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
     vocab = load_hf_config(cfg.actor.path).vocab_size if cfg.data.task == "jsonl" else None
+    data = _data(cfg, engine, start)
+    first = next(data)  # read (and check) the data before anything is written
+    if vocab is not None:
+        check_token_ids(first.input_ids, vocab, f"data.path {cfg.data.path!r}")
+    data = itertools.chain([first], data)
+    metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
+                            progress_bar=cfg.log.progress_bar, start_step=start)
+    history = []
     for step in range(start, cfg.total_train_steps):
         batch = next(data)
         if vocab is not None:

@@ -14,6 +14,7 @@ seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
@@ -193,17 +194,18 @@ class RLTrainer:
 
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
             start = ckpt.maybe_resume()
+        guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
+        guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
+        d = cfg.data
+        prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
+                                start_step=start)
+        prompts = itertools.chain([next(prompts)], prompts)  # read (and check) the prompts before writing
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
                                 progress_bar=cfg.log.progress_bar, start_step=start)
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
-        d = cfg.data
-        prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
-                                start_step=start)
         history = []
-        guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
-        guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
         for step in range(start, cfg.total_train_steps):
             with guard.step(step + 1):
                 stats = self.step(step, next(prompts))
