@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -116,8 +117,10 @@ def safe_torch_load(data: bytes | io.BytesIO, origin: str = "checkpoint value") 
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(buf, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"{origin}: refusing to unpickle it (weights_only): "
-                                    f"{str(e).splitlines()[0]}") from None
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        why = found.group(1) if found else str(e).splitlines()[0]
+        raise UnsafeCheckpointError(f"{origin}: refusing to load it, it names more than tensors and plain "
+                                    f"values (it could run code): {why}") from None
 
 
 class SafeBytesPlanner(DefaultLoadPlanner):
