@@ -160,6 +160,8 @@ RL = [
      "has no function 'bad'"),
     ("rl-group", {"c.yaml": RL_BASE, "rewards.py": REWARDS}, ["rl", "c.yaml", "--rl.group_size=3"],
      "rl.group_size 3 must divide"),
+    ("rl-prompt-too-long", {"c.yaml": RL_BASE, "rewards.py": REWARDS, "p.jsonl": '{"prompt_ids": %s}\n' % ([1] * 300)},
+     ["rl", "c.yaml", "--data.task=jsonl", "--data.path=p.jsonl"], "a prompt of 300 tokens"),
     ("rl-prompts-syntax", {"c.yaml": RL_BASE, "rewards.py": REWARDS, "p.jsonl": '{"prompt_ids": [1, 2]\n'},
      ["rl", "c.yaml", "--data.task=jsonl", "--data.path=p.jsonl"], "p.jsonl line 1"),
 ]

@@ -180,3 +180,12 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, source: str) -> None:
         bad = lo if lo < 0 else hi
         raise UserError(f"{source}: token id {bad} is outside the model's vocabulary [0, {vocab_size}); check the "
                         "tokenizer matches actor.path")
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, context: int, source: str) -> None:
+    """A prompt plus its response must fit the model's context (`max_position_embeddings`)."""
+    longest = max((len(p) for p in prompt_ids), default=0)
+    if longest + max_new_tokens > context:
+        raise UserError(f"{source}: a prompt of {longest} tokens plus sampling.max_new_tokens={max_new_tokens} "
+                        f"exceeds the model's context of {context} tokens (max_position_embeddings); shorten the "
+                        "prompts or lower sampling.max_new_tokens")

@@ -26,6 +26,7 @@ from archon_rl import RolloutBatch
 
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.hf import load_hf_config
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
@@ -33,7 +34,7 @@ from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.reward_call import score
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.sampler import EmbeddedSampler
-from archon.run_guard import RunGuard, init_process_group
+from archon.run_guard import RunGuard, check_prompt_lengths, init_process_group
 
 log = logging.getLogger("archon")
 
@@ -199,7 +200,11 @@ class RLTrainer:
         d = cfg.data
         prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
                                 start_step=start)
-        prompts = itertools.chain([next(prompts)], prompts)  # read (and check) the prompts before writing
+        first = next(prompts)  # read (and check) the prompts before writing
+        context = load_hf_config(cfg.actor.path).max_position_embeddings
+        source = f"data.path {d.path!r}" if d.task == "jsonl" else f"data.task {d.task!r}"
+        check_prompt_lengths([p for p, _ in first], cfg.sampling.max_new_tokens, context, source)
+        prompts = itertools.chain([first], prompts)
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
                                 progress_bar=cfg.log.progress_bar, start_step=start)
         if start == 0 and cfg.rl.sft_warmup_steps:
@@ -207,8 +212,10 @@ class RLTrainer:
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
         history = []
         for step in range(start, cfg.total_train_steps):
+            batch = next(prompts)
+            check_prompt_lengths([p for p, _ in batch], cfg.sampling.max_new_tokens, context, source)
             with guard.step(step + 1):
-                stats = self.step(step, next(prompts))
+                stats = self.step(step, batch)
             metrics.log(step + 1, stats)
             history.append(stats)
             guard.after_step(step + 1, stats)
