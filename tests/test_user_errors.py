@@ -210,3 +210,34 @@ def test_documented_forms_are_accepted(tmp_path):
         """).replace("BASE", ""))
     cfg = check_config(load_config(TrainConfig, str(p), ["--checkpoint.resume=12"]))
     assert cfg.checkpoint.resume == 12
+
+
+def test_boundary_classifies_generic_errors(capsys):
+    """What a new subcommand gets for free: generic exception classes become one line with the right code; a
+    bug keeps its traceback."""
+    import errno
+    import json
+
+    from archon.errors import RunError, UserError, run_guarded
+
+    def fail(exc):
+        def fn():
+            raise exc
+        return fn
+
+    cases = [
+        (fail(FileNotFoundError(errno.ENOENT, "No such file or directory", "data/x.bin")), 2, "data/x.bin: No such"),
+        (lambda: json.loads('{"a": 1,}'), 2, "invalid JSON at line 1"),
+        (fail(UserError("bad key")), 2, "bad key"),
+        (fail(RunError("reward.fn 'f' raised")), 1, "reward.fn 'f' raised"),
+        (fail(OSError(errno.ENOSPC, "No space left on device", "ck/x")), 1, "no space left on the device"),
+        (fail(PermissionError(errno.EACCES, "Permission denied", "/root/run")), 2, "/root/run: Permission denied"),
+    ]
+    for fn, code, needle in cases:
+        assert run_guarded(fn) == code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("archon: error: ") and needle in err, err
+        assert err.count("\n") == 1, err
+    assert run_guarded(lambda: 1 / 0) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "archon: internal error: ZeroDivisionError" in err
