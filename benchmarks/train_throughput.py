@@ -171,7 +171,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["default"],
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "cpp-wrapper"],
                    help="Archon torch.compile modes to time when compile is on (each is one row); cpp-wrapper: "
-                        "the default mode with compile_cpp_wrapper")
+                        "the default mode with compile_cpp_wrapper (refused on CUDA by rule compile-cpp-wrapper-cuda: "
+                        "inductor failed on an H100)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: Archon with archon:dN (HF skipped)")

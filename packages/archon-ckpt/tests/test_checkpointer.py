@@ -51,7 +51,7 @@ def test_latest_pointer_prune_and_async(tmp_path):
     ckpt.close()
     assert ckpt.steps() == [2, 3] and ckpt.latest_step() == 3
     assert (tmp_path / "latest").read_text().strip() == step_dir_name(3)
-    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000002", "step-00000003"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "latest", "step-00000002", "step-00000003"]  # .lock: writer lock
     fresh, train2 = make_model(1), {"step": -1, "cursor": torch.zeros(3)}
     cursor = train2["cursor"]
     assert Checkpointer(tmp_path).load({"model": ModelState(fresh), "train": train2}, step=2) == 2

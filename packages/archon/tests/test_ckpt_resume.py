@@ -12,8 +12,8 @@ EXAMPLE = str(ROOT / "examples" / "sft_tiny.yaml")
 TIMING = ("step_time", "tokens_per_s", "peak_mem_gb")
 
 
-class _Crash(Exception):
-    pass
+class _Crash(BaseException):
+    """Not an Exception: it passes the CLI's error boundary like a kill would."""
 
 
 def _runs(rank, world, runs):

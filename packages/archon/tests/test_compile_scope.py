@@ -157,6 +157,8 @@ def test_compile_cpp_wrapper_rules_and_kwargs(model_dir):
         validate_compile_mode(actor, d1, CPU)  # compile is off on CPU unless enabled
     actor.archon.enable_compile = True
     validate_compile_mode(actor, d1, CPU)
+    with pytest.raises(ValueError, match="compile-cpp-wrapper-cuda"):
+        validate_compile_mode(actor, d1, CUDA)  # inductor fails on CUDA for packed batches
     plain = compile_kwargs(CompileConfig(enabled=True, mode="reduce-overhead"))
     assert plain["mode"] == "reduce-overhead" and "options" not in plain
     kw = compile_kwargs(CompileConfig(enabled=True, mode="reduce-overhead", cpp_wrapper=True))

@@ -55,7 +55,7 @@ def test_unreachable_servers_are_one_error_line(capsys, tmp_path):
     code, err = _cli(capsys, "rl", GRPO, *BASE, f"--log.dir={tmp_path}", "--allocation_mode=sglang:d1+archon:d1",
                      "--rollout.launch=none", f"--rollout.addresses=[127.0.0.1:{port}]", "--rl.sft_warmup_steps=0",
                      "--rollout.startup_timeout_s=1")
-    assert code == 3 and err.startswith("archon: error: rollout servers of rollout.addresses did not answer"), err
+    assert code == 1 and err.startswith("archon: error: rollout servers of rollout.addresses did not answer"), err
     assert f"127.0.0.1:{port}" in err and "Traceback" not in err
 
 

@@ -16,9 +16,16 @@ HF weights::
 """
 
 from archon_ckpt.atomic import atomic_directory, atomic_write_text
-from archon_ckpt.checkpointer import Checkpointer, CheckpointError, iter_dcp_tensors, step_dir_name
+from archon_ckpt.checkpointer import (
+    Checkpointer,
+    CheckpointError,
+    iter_dcp_tensors,
+    read_metadata,
+    step_dir_name,
+)
 from archon_ckpt.hf_load import HFSource, LoadReport, clean_fqn, load_into_module
 from archon_ckpt.multi_writer import save_safetensors_multi_writer
+from archon_ckpt.safe_load import SafeFileSystemReader, UnsafeCheckpointError, safe_torch_load
 from archon_ckpt.safetensors_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -27,6 +34,7 @@ from archon_ckpt.safetensors_io import (
     save_safetensors_sharded,
 )
 from archon_ckpt.state import ModelState, OptimizerState, RNGState, SchedulerState
+from archon_ckpt.writer_lock import WriterLock, WriterLockError
 
 __all__ = [
     "atomic_directory",
@@ -34,6 +42,10 @@ __all__ = [
     "Checkpointer",
     "CheckpointError",
     "iter_dcp_tensors",
+    "read_metadata",
+    "SafeFileSystemReader",
+    "UnsafeCheckpointError",
+    "safe_torch_load",
     "step_dir_name",
     "HFSource",
     "LoadReport",
@@ -49,4 +61,6 @@ __all__ = [
     "OptimizerState",
     "RNGState",
     "SchedulerState",
+    "WriterLock",
+    "WriterLockError",
 ]

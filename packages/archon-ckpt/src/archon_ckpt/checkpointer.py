@@ -28,16 +28,17 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from archon_ckpt.atomic import TMP_MARKER, atomic_write_text, publish_directory
+from archon_ckpt.safe_load import SafeBytesPlanner, SafeFileSystemReader, UnsafeCheckpointError
 from archon_ckpt.state import RNGState
 from archon_ckpt.validate import ValidatingLoadPlanner, check_files, collect_failure
+from archon_ckpt.writer_lock import WriterLock, WriterLockError
 
-__all__ = ["Checkpointer", "CheckpointError", "iter_dcp_tensors", "step_dir_name"]
+__all__ = ["Checkpointer", "CheckpointError", "iter_dcp_tensors", "read_metadata", "step_dir_name"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,17 @@ def _assign_into(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+def _reraise_root_cause(exc: BaseException) -> None:
+    """Raise the first rank's underlying error of a DCP ``CheckpointException`` (e.g. ``OSError(ENOSPC)``),
+    so the caller sees what went wrong; any other exception as it is."""
+    if isinstance(exc, CheckpointException):
+        for _, wrapped in sorted(exc.failures.items()):
+            err = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exception", wrapped)
+            if isinstance(err, BaseException):
+                raise err from exc
+    raise exc
+
+
 def read_metadata(path: str | os.PathLike) -> Metadata:
     """DCP metadata of a checkpoint directory; ``CheckpointError`` naming the file if unreadable."""
     path = Path(path)
@@ -100,7 +112,9 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a complete DCP checkpoint: {meta_file} is missing")
     try:
-        return FileSystemReader(str(path)).read_metadata()
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: {e!r}") from e
 
@@ -121,13 +135,35 @@ class Checkpointer:
     """
 
     def __init__(self, root_dir: str | os.PathLike, *, keep_last_n: int | None = None,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, writer: bool = False) -> None:
         if keep_last_n is not None and keep_last_n < 1:
             raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
         self.root = Path(root_dir)
         self.keep_last_n = keep_last_n
         self.async_save = async_save
         self._pending: tuple[Future, int, Path, Path] | None = None
+        self._lock = WriterLock(self.root)
+        self._locked = False  # the same on every rank (rank 0 holds the file lock)
+        if writer:  # fail now, before any training, when another run writes here
+            self.lock()
+
+    def lock(self) -> None:
+        """Become the only writer of ``root`` (rank 0 holds ``root/.lock``); `WriterLockError` if taken."""
+        error = None
+        if _rank() == 0:
+            try:
+                self._lock.acquire()
+                self._remove_stale_temps()  # left by a killed writer; no other writer can be running now
+            except WriterLockError as e:
+                error = e
+        if _dist_on():  # every rank learns the outcome, so none waits in a later collective
+            failed = torch.tensor([int(error is not None)])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and error is None:
+                error = WriterLockError(f"{self.root} is being written by another run (rank 0 holds no lock)")
+        if error is not None:
+            raise error
+        self._locked = True
 
     # -- paths ----------------------------------------------------------------------------------
     def step_path(self, step: int) -> Path:
@@ -165,6 +201,12 @@ class Checkpointer:
         self.wait()
         final = self.step_path(step)
         tmp = self.root / f".{final.name}{TMP_MARKER}save"
+        if not self._locked:
+            self.lock()
+        latest = self.latest_step()  # every rank reads it (shared filesystem): all raise together
+        if latest is not None and step < latest:  # the lineage rule: `latest` never moves back
+            raise CheckpointError(f"refusing to save step {step} into {self.root}: its latest checkpoint is "
+                                  f"step {latest} and steps never go backwards; use a new checkpoint dir")
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left by a crashed save of the same step
@@ -177,10 +219,18 @@ class Checkpointer:
             fut: Future = getattr(resp, "upload_completion", resp)
             self._pending = (fut, step, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=no_dist)
-            # dcp.save returns on every rank only after rank 0 wrote .metadata (its last collective)
-            self._publish(step, tmp, final)
+            try:
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=no_dist)
+                # dcp.save returns on every rank only after rank 0 wrote .metadata (its last collective)
+                self._publish(step, tmp, final)
+            except BaseException as e:  # a full disk, a bad value: keep `latest` and remove the partial step
+                self._discard(tmp)
+                _reraise_root_cause(e)
             _barrier()
+
+    def _discard(self, tmp: Path) -> None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _publish(self, step: int, tmp: Path, final: Path) -> None:
         if _rank() != 0:
@@ -189,10 +239,15 @@ class Checkpointer:
         atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
         self._prune()
 
-    def _prune(self) -> None:
+    def _remove_stale_temps(self) -> None:
+        if not self.root.is_dir():
+            return
         for p in self.root.iterdir():
             if p.name.startswith(".step-") and TMP_MARKER in p.name and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _prune(self) -> None:
+        self._remove_stale_temps()
         if self.keep_last_n is None:
             return
         latest = self.latest_step()
@@ -206,12 +261,20 @@ class Checkpointer:
             return
         fut, step, tmp, final = self._pending
         self._pending = None
-        fut.result()
-        self._publish(step, tmp, final)
+        try:
+            fut.result()
+            self._publish(step, tmp, final)
+        except BaseException as e:
+            self._discard(tmp)
+            _reraise_root_cause(e)
 
     def close(self) -> None:
-        """Finish any pending async save."""
-        self.wait()
+        """Finish any pending async save; drop the writer lock."""
+        try:
+            self.wait()
+        finally:
+            self._lock.release()
+            self._locked = False
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -264,7 +327,8 @@ class Checkpointer:
                            and not getattr(state[n], "rank_subset", False)] if strict else []
         planner = ValidatingLoadPlanner(path, strict_prefixes)
         try:
-            dcp.load(shadow, checkpoint_id=str(path), planner=planner, no_dist=not _dist_on())
+            dcp.load(shadow, storage_reader=SafeFileSystemReader(str(path)), planner=planner,
+                     no_dist=not _dist_on())
         except CheckpointException as e:
             raise CheckpointError(collect_failure(e, path)) from None
         for name, loaded in shadow.items():
@@ -296,7 +360,7 @@ def iter_dcp_tensors(path: str | os.PathLike, prefix: str = "model.", *,
 
     def flush() -> Iterator[tuple[str, torch.Tensor]]:
         try:
-            dcp.load(batch, checkpoint_id=str(path), no_dist=True)
+            dcp.load(batch, storage_reader=SafeFileSystemReader(str(path)), planner=SafeBytesPlanner(), no_dist=True)
         except CheckpointException as e:
             raise CheckpointError(collect_failure(e, path)) from None
         for k in sorted(batch):

@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from archon_ckpt.safe_load import safe_torch_load
+
 __all__ = ["ModelState", "OptimizerState", "RNGState", "SchedulerState"]
 
 
@@ -120,7 +122,8 @@ class RNGState(Stateful):
         except ImportError:
             pass
         else:
-            entry["numpy"] = np.random.get_state()
+            kind, keys, pos, has_gauss, cached = np.random.get_state()
+            entry["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)  # plain types: loads weights_only
         # One opaque blob per rank: its content (CUDA or not, numpy or not) may differ between
         # save and load without changing the checkpoint's key set.
         buf = io.BytesIO()
@@ -129,8 +132,8 @@ class RNGState(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank, _ = _rank_and_world()
-        # Our own blob from a trusted checkpoint (DCP itself unpickles objects the same way).
-        entry = torch.load(io.BytesIO(state_dict[f"rank{rank}"]), weights_only=False)
+        # weights_only: a hostile blob cannot run code (older checkpoints hold a numpy array: allowed too)
+        entry = safe_torch_load(state_dict[f"rank{rank}"], f"RNG state of rank {rank}")
         torch.set_rng_state(entry["torch_cpu"])
         random.setstate(entry["python"])
         if "torch_cuda" in entry and self._cuda_on():
@@ -143,7 +146,8 @@ class RNGState(Stateful):
             except ImportError:
                 pass
             else:
-                np.random.set_state(entry["numpy"])
+                kind, keys, *rest = entry["numpy"]
+                np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
 
     @staticmethod
     def loadable_from(saved_keys: set[str], prefix: str) -> bool:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
+
+from archon_ckpt.safe_load import SafeBytesPlanner
 
 __all__ = ["ValidatingLoadPlanner", "check_files", "collect_failure"]
 
@@ -45,7 +46,7 @@ def check_files(path: Path, metadata: Metadata) -> None:
             raise _error(f"checkpoint data file {f} is truncated: {size} bytes, metadata needs {need}")
 
 
-class ValidatingLoadPlanner(DefaultLoadPlanner):
+class ValidatingLoadPlanner(SafeBytesPlanner):
     """DefaultLoadPlanner that first reports *all* missing / unexpected keys and shape mismatches.
 
     ``strict_prefixes``: checkpoint keys under these prefixes must all be requested by the state

@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 
+from archon.config.checks import check_config
 from archon.config.fields import describe, load_config
 from archon.config.schema import TrainConfig
+from archon.errors import UserError, run_guarded, set_strict
 
 
 def _fields_epilog(cls: type) -> str:
@@ -24,18 +26,29 @@ def _fields_epilog(cls: type) -> str:
 def _split_overrides(rest: list[str]) -> list[str]:
     bad = [a for a in rest if "=" not in a]
     if bad:
-        raise SystemExit(f"archon: overrides must look like --section.field=value, got {bad[0]!r}")
+        raise UserError(f"overrides must look like --section.field=value, got {bad[0]!r}")
     return rest
 
 
+def _load(cls: type, path: str | None, rest: list[str]):
+    return check_config(load_config(cls, path, _split_overrides(rest)))
+
+
+def _global_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """`--debug` and `--strict` may stand anywhere on the line."""
+    debug, strict = "--debug" in argv, "--strict" in argv
+    return [a for a in argv if a not in ("--debug", "--strict")], debug, strict
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from archon.rl.servers import ServerDiedError
+    argv, debug, strict = _global_flags(list(sys.argv[1:] if argv is None else argv))
     from archon.rl_cli import RLConfig
 
     parser = argparse.ArgumentParser(prog="archon", description="Archon: PyTorch-native RL post-training engine",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,rl,export-hf}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any failure")
+    parser.add_argument("--strict", action="store_true", help="turn warnings into errors")
+    sub = parser.add_subparsers(dest="command", metavar="{train,rl,serve,export-hf}")
     p_train = sub.add_parser("train", help="language-model / SFT training", description=TrainConfig.__doc__,
                              epilog=_fields_epilog(TrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("config", nargs="?", help="YAML config file")
@@ -47,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("out", help="output HF directory")
     p_exp.add_argument("--model", required=True, help="HF config directory / config.json of the model")
     p_exp.add_argument("--dtype", default="bfloat16", help="export dtype (bfloat16 | float32)")
+    p_exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     from archon.serve.app import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="rollout server: SGLang's HTTP API on Archon's sampler"))
@@ -58,32 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    try:
+    set_strict(strict)
+
+    def command() -> None:
         if args.command == "train":
             from archon.train import run_train
 
-            run_train(load_config(TrainConfig, args.config, _split_overrides(rest)))
+            run_train(_load(TrainConfig, args.config, rest))
         elif args.command == "serve":
             from archon.serve.app import run_serve
 
             if rest:
-                raise ValueError(f"archon serve: unknown arguments {rest}; see `archon serve --help`")
+                raise UserError(f"archon serve: unknown argument {rest[0]!r} (see archon serve --help)")
             run_serve(args)
         elif args.command == "rl":
             from archon.rl_cli import run_rl
 
-            run_rl(load_config(RLConfig, args.config, _split_overrides(rest)))
+            run_rl(_load(RLConfig, args.config, rest))
         else:
+            if rest:
+                raise UserError(f"export-hf: unknown argument {rest[0]!r} (see archon export-hf --help)")
             from archon.engine.checkpoint import export_checkpoint_to_hf
 
-            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype)
-    except ValueError as e:
-        print(f"archon: error: {e}", file=sys.stderr)
-        return 2
-    except ServerDiedError as e:  # a rollout server the run depends on exited: a run-time stop, not a bug
-        print(f"archon: error: {e}", file=sys.stderr)
-        return 3
-    return 0
+            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype, overwrite=args.overwrite)
+
+    return run_guarded(command, debug=debug)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ Synthetic vocabulary: 0 pad, 1 bos, 2 sep, 3 eos, 4..13 the digits 0..9. An exam
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 
 from archon.engine.batch import PackedBatch
+from archon.errors import parse_json_line
 
 PAD, BOS, SEP, EOS, DIGIT0 = 0, 1, 2, 3, 4
 TASKS = ("copy", "reverse", "sort")
@@ -61,8 +61,8 @@ def jsonl_batches(path: str, batch_size: int, *, rank: int = 0, world: int = 1, 
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "input_ids" not in row:
+            row = parse_json_line(path, i + 1, line)
+            if not isinstance(row, dict) or "input_ids" not in row:
                 raise ValueError(f"{path}:{i + 1}: missing 'input_ids'")
             ids = row["input_ids"]
             mask = row.get("loss_mask", [1] * len(ids))

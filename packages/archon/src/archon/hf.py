@@ -32,7 +32,16 @@ def load_hf_config(path_or_config: Any):
         path = os.path.dirname(path) or "."
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} has no config.json; pass an HF model directory or an HF config")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    from archon.errors import UserError, read_json_file
+
+    file = os.path.join(path, "config.json")
+    raw = read_json_file(file)  # names the file and line of a syntax error
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise UserError(f"{file}: not an HF model config (a JSON object with a model_type)")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{file}: transformers cannot read this config: {str(e).splitlines()[0]}") from None
 
 
 def build_model(hf_config: Any, *, head: str = "lm", device: str | torch.device = "meta",

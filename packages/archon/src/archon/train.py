@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -11,8 +12,10 @@ import torch
 from archon.config.schema import TrainConfig
 from archon.config.validate import validate_no_inference
 from archon.engine.batch import PackedBatch
-from archon.engine.engine import ArchonEngine
+from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.hf import load_hf_config
+from archon.run_guard import RunGuard, check_token_ids, init_process_group
 
 log = logging.getLogger("archon")
 
@@ -45,6 +48,7 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
 
 def run_train(cfg: TrainConfig) -> list[dict]:
     validate_no_inference(cfg.allocation_mode)
+    init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
     engine.initialize()
@@ -55,23 +59,35 @@ def run_train(cfg: TrainConfig) -> list[dict]:
 
         ckpt = EngineCheckpointer(engine, cfg.checkpoint)
         start = ckpt.maybe_resume()
+    guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
+    guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
+    vocab = load_hf_config(cfg.actor.path).vocab_size if cfg.data.task == "jsonl" else None
+    data = _data(cfg, engine, start)
+    first = next(data)  # read (and check) the data before anything is written
+    if vocab is not None:
+        check_token_ids(first.input_ids, vocab, f"data.path {cfg.data.path!r}")
+    data = itertools.chain([first], data)
     metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
                             progress_bar=cfg.log.progress_bar, start_step=start)
-    data = _data(cfg, engine, start)
     history = []
     for step in range(start, cfg.total_train_steps):
         batch = next(data)
+        if vocab is not None:
+            check_token_ids(batch.input_ids, vocab, f"data.path {cfg.data.path!r}")
         t0 = time.perf_counter()
-        stats = engine.train_batch(batch, sft_loss, target_tokens)
+        with guard.step(step + 1):
+            stats = engine.train_batch(batch, sft_loss, target_tokens)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
                      peak_mem_gb=peak_memory_gb(engine.device))
         metrics.log(step + 1, stats)
         history.append(stats)
+        guard.after_step(step + 1, stats)
         if ckpt is not None:
             ckpt.after_step(step + 1)
     if ckpt is not None:
         ckpt.finish(cfg.total_train_steps)
+    guard.close()
     metrics.close()
     if engine.rank == 0:
         log.info("done: %d steps, metrics in %s", cfg.total_train_steps, os.path.join(cfg.log.dir, "metrics.jsonl"))

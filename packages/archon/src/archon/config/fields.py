@@ -7,12 +7,16 @@ its doc and default. Unknown keys and wrong types raise ValueError naming the do
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any
 
 import yaml
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|nan)$", re.IGNORECASE)
 
 
 def doc(default: Any = MISSING, help: str = "", *, factory: Any = MISSING) -> Any:  # noqa: A002
@@ -73,6 +77,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -119,6 +125,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(cls: type, yaml_path: str | None, overrides: list[str] = ()) -> Any:
     data: dict[str, Any] = {}
     if yaml_path:
+        if os.path.isdir(yaml_path):
+            raise ValueError(f"{yaml_path}: is a directory; pass a YAML config file")
         with open(yaml_path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):

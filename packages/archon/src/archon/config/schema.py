@@ -20,7 +20,8 @@ class ArchonEngineConfig:
     compile_mode: str = doc("default", "torch.compile mode: default | reduce-overhead (CUDA graphs; one GPU or "
                             "zero1 replicas, not FSDP2) | max-autotune-no-cudagraphs")
     compile_cpp_wrapper: bool = doc(False, "inductor's C++ wrapper launches each compiled graph's kernels (less "
-                                    "host time per compiled call than its Python wrapper; longer first compile)")
+                                    "host time per compiled call than its Python wrapper; longer first compile); "
+                                    "CPU only: refused on CUDA, where inductor fails on packed batches")
     ac_mode: str = doc("none", "activation checkpointing: none | full | selective | memory_budget")
     ac_selective_every: int = doc(1, "selective AC: checkpoint every N-th block (1 = op-level SAC on every block)")
     ac_memory_budget: float = doc(0.5, "activation memory budget in (0, 1] for ac_mode=memory_budget (needs compile)")
@@ -108,7 +109,7 @@ class CheckpointConfig:
     dir: str = doc("", "checkpoint root; empty = no checkpoints")
     every_n_steps: int = doc(0, "save every N steps (0 = only at the end when dir is set)")
     keep_last_n: int = doc(2, "checkpoints to keep")
-    resume: str = doc("none", "none | auto (resume from `latest` if present) | a step number")
+    resume: int | str = doc("none", "none | auto (resume from `latest` if present) | a step number")
     async_save: bool = doc(False, "save asynchronously")
     adapter_only: bool = doc(False, "with actor.lora.enabled: save only the trainable (adapter) weights and their "
                              "optimizer state; resume rebuilds the frozen base from actor.path")
@@ -121,12 +122,22 @@ class LogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = doc(1800.0, "seconds a collective may wait for the other ranks (every process group); a "
+                           "stalled or dead rank ends the run within it, naming the rank. Long enough for a first "
+                           "torch.compile; waits on rollout servers are not collectives")
+
+
+@dataclass
 class TrainConfig:
     """`archon train`: supervised / language-model training."""
 
     allocation_mode: str = doc("archon:d1", "parallel layout, e.g. archon:d2t2 (see docs/allocation.md)")
     total_train_steps: int = doc(100, "optimizer steps")
     device: str = doc("auto", "auto | cpu | cuda")
+    max_skipped_steps: int = doc(10, "stop with an error after this many steps in a row skipped for a non-finite "
+                                 "loss or gradient")
+    distributed: DistributedConfig = doc(factory=DistributedConfig, help="process groups")
     actor: ActorConfig = doc(factory=ActorConfig, help="the trained model")
     data: DataConfig = doc(factory=DataConfig, help="training data")
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="training checkpoints")

@@ -124,13 +124,22 @@ def compile_scope(cfg, dims, device: torch.device) -> str:
 def validate_compile_mode(cfg, dims, device: torch.device) -> None:
     """Rules compile-mode-*: CUDA graphs (reduce-overhead) need CUDA, and replay fixed addresses that FSDP2's
     per-step all-gathered parameters do not have. Rule compile-cpp-wrapper-needs-compile: the C++ wrapper is a
-    compile option, an error when nothing compiles."""
+    compile option, an error when nothing compiles; rule compile-cpp-wrapper-cuda: refused on CUDA, where inductor
+    cannot run it for Archon's batches."""
     a = cfg.archon
     if a.compile_mode not in COMPILE_MODES:
         raise ValueError(f"actor.archon.compile_mode {a.compile_mode!r} is not one of {COMPILE_MODES}")
     if a.compile_cpp_wrapper and not compile_enabled(cfg, device):
         raise ValueError("rule compile-cpp-wrapper-needs-compile: compile_cpp_wrapper configures torch.compile, which "
                          "is off (enable_compile); set enable_compile: true or drop compile_cpp_wrapper")
+    if a.compile_cpp_wrapper and device.type == "cuda":
+        # Measured on one H100 (torch 2.11, benchmarks/train_throughput.py --modes cpp-wrapper): inductor fails on
+        # packed batches ("arg type List[int] is not yet supported") and at seq 4096 ("CudaKernelParamCache not
+        # populated"); the CPU C++ wrapper runs (tests/test_compile_scope.py).
+        raise ValueError("rule compile-cpp-wrapper-cuda: inductor's C++ wrapper fails on CUDA for the batches Archon "
+                         "runs (packed batches: 'arg type List[int] is not yet supported'; one 4096-token sequence "
+                         "on an H100: 'CudaKernelParamCache not populated'); set compile_cpp_wrapper: false on CUDA "
+                         "(compile_mode=reduce-overhead also cuts host time per call)")
     if a.compile_mode != "reduce-overhead":
         return
     if device.type != "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from archon.errors import UserError
 from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger("archon")
@@ -53,7 +54,8 @@ class EngineCheckpointer:
 
         self.engine = engine
         self.cfg = cfg
-        self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save)
+        self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save,
+                                 writer=True)
         self.train_state = {"step": 0, "version": 0}
 
     def _state(self) -> dict:
@@ -106,15 +108,29 @@ class EngineCheckpointer:
         self.ckpt.close()
 
 
-def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16") -> None:
-    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory."""
+def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16", *,
+                            overwrite: bool = False) -> None:
+    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory.
+
+    Checked before anything is written (`archon.export_guard`): `out_dir` is not the checkpoint or a folder
+    holding it, is empty unless `overwrite`, and the model of `model_config` has the checkpoint's shapes."""
     import json
     import os
 
+    from archon.export_guard import check_export_target, check_shapes_match
     from archon.hf import build_model, hf_config_dict, load_hf_config
     from archon.spec import get_model_spec
-    from archon_ckpt import Checkpointer, atomic_write_text, iter_dcp_tensors, save_safetensors_sharded
+    from archon_ckpt import (
+        Checkpointer,
+        atomic_write_text,
+        iter_dcp_tensors,
+        read_metadata,
+        save_safetensors_sharded,
+    )
 
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"export-hf: checkpoint {checkpoint!r} is not a directory")
+    check_export_target(checkpoint, out_dir, overwrite=overwrite)
     step_dir = checkpoint
     if not os.path.exists(os.path.join(checkpoint, ".metadata")):
         c = Checkpointer(checkpoint)
@@ -131,6 +147,9 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
     model = build_model(hf_cfg, device="meta")
     adapter = get_model_spec(hf_cfg.model_type).state_dict_adapter(model.args)
     tied = model.args.tie_embeddings
+    saved = {k[len("model."):]: tuple(md.size) for k, md in read_metadata(step_dir).state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(md, "size")}
+    check_shapes_match({n: tuple(t.shape) for n, t in model.state_dict().items()}, saved, model_config, step_dir)
 
     def tensors():
         for name, t in iter_dcp_tensors(step_dir, prefix="model."):
@@ -146,9 +165,9 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
 
 def _reject_lora_checkpoint(step_dir: str) -> None:
     from archon.lora_integration import is_lora_param
-    from torch.distributed.checkpoint import FileSystemReader
+    from archon_ckpt import read_metadata
 
-    keys = FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    keys = read_metadata(step_dir).state_dict_metadata
     if any(k.startswith("model.") and is_lora_param(k) for k in keys):
         raise ValueError(f"{step_dir!r} is a LoRA training checkpoint: export-hf converts full-model checkpoints; "
                          "export a LoRA run with engine.export_weights(dir, merged=True) or engine.save_adapter(dir)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -19,6 +20,13 @@ def peak_memory_gb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     except Exception:  # pragma: no cover
         return 0.0
+
+
+def _json_number(v: Any) -> Any:
+    """Strict JSON: a non-finite float is written as null (JSON has no NaN / Infinity)."""
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else None
+    return v
 
 
 class MetricsLogger:
@@ -42,11 +50,11 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.bar_keys if k in row})
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.bar_keys if row.get(k) is not None})
             self.bar.update(1)
 
     def close(self) -> None:

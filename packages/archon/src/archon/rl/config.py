@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, ValueLossConfig
 
 from archon.config.fields import doc
-from archon.config.schema import ActorConfig, CheckpointConfig, LogConfig
+from archon.config.schema import ActorConfig, CheckpointConfig, DistributedConfig, LogConfig
 from archon.rl.rollout_config import RolloutSection, resolve_rollout
 
 __all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
@@ -105,6 +105,9 @@ class RLConfig:
                                "samples on every rank (archon:dN with dp_layout=zero1)")
     total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
     device: str = doc("auto", "auto | cpu | cuda")
+    max_skipped_steps: int = doc(10, "stop with an error after this many updates in a row skipped for a "
+                                 "non-finite loss or gradient")
+    distributed: DistributedConfig = doc(factory=DistributedConfig, help="process groups")
     actor: ActorConfig = doc(factory=ActorConfig, help="the policy")
     critic: ActorConfig = doc(factory=ActorConfig, help="the critic (rl.estimator=gae); empty path = actor.path")
     data: PromptConfig = doc(factory=PromptConfig, help="prompts")

@@ -134,7 +134,7 @@ class RemoteRollouts:
         fields = [f for _, f in prompts for _ in range(g)]
         versions = [int(r.weight_version) if r.weight_version is not None else -1 for r in results]
         group_ids = [step * t.num_prompts + i // g for i in range(len(ids))]
-        return score_samples(t.reward_fn, ids, [r.output_ids for r in results], [r.logprobs for r in results],
+        return score_samples(t.reward_fn, t.cfg.reward.fn, ids, [r.output_ids for r in results], [r.logprobs for r in results],
                              fields, group_ids, versions)
 
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:

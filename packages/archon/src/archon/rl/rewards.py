@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import random
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from archon.errors import parse_json_line
 
 __all__ = ["load_reward_fn", "prompt_stream"]
 
@@ -50,8 +51,8 @@ def prompt_stream(task: str, num_prompts: int, *, num_digits: int = 4, seed: int
         with open(path) as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    row = json.loads(line)
-                    if "prompt_ids" not in row:
+                    row = parse_json_line(path, i + 1, line)
+                    if not isinstance(row, dict) or "prompt_ids" not in row:
                         raise ValueError(f"{path}:{i + 1}: missing 'prompt_ids'")
                     rows.append((list(row.pop("prompt_ids")), row))
         if not rows:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from archon_rl import RolloutBatch
 
+from archon.rl.reward_call import score
 from archon.rl.sampler import EmbeddedSampler
 
 __all__ = ["RolloutSource", "ColocatedRollouts", "score_samples"]
@@ -35,13 +36,15 @@ class RolloutSource(Protocol):
     def close(self) -> None: ...
 
 
-def score_samples(reward_fn: Callable[..., float], prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
+def score_samples(reward_fn: Callable[..., float], spec: str, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
                   logprobs: Sequence[list[float]], fields: Sequence[dict], group_ids: Sequence[int],
                   versions: Sequence[int]) -> list[dict[str, Any]]:
-    """Rewards, and one `RolloutBatch.from_sequences` dict per response."""
-    return [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp,
-             "reward": float(reward_fn(p, r, **f)), "group_id": g, "version": v}
-            for p, r, lp, f, g, v in zip(prompt_ids, responses, logprobs, fields, group_ids, versions)]
+    """Rewards (checked: `archon.rl.reward_call.score`, ``spec`` is `reward.fn`), and one
+    `RolloutBatch.from_sequences` dict per response."""
+    rewards = score(reward_fn, spec, prompt_ids, responses, fields)
+    return [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
+             "group_id": g, "version": v}
+            for p, r, lp, rw, g, v in zip(prompt_ids, responses, logprobs, rewards, group_ids, versions)]
 
 
 class ColocatedRollouts:
@@ -73,7 +76,7 @@ class ColocatedRollouts:
         gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
         gen_time = time.perf_counter() - t0
         group_ids = [step * t.num_prompts + first + i // g for i in range(len(prompt_ids))]
-        samples = score_samples(t.reward_fn, prompt_ids, gen.responses(), gen.response_logprobs(), fields,
+        samples = score_samples(t.reward_fn, t.cfg.reward.fn, prompt_ids, gen.responses(), gen.response_logprobs(), fields,
                                 group_ids, [step] * len(prompt_ids))
         rewards = [s["reward"] for s in samples]
         n, r_sum, len_sum, stops, r_max, r_min, gen_time = t.global_stats(

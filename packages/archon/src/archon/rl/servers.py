@@ -37,7 +37,9 @@ __all__ = ["Placement", "plan_placement", "ServerSpec", "ServerGroup", "server_s
 
 class ServerDiedError(RuntimeError):
     """A rollout server exited, stopped answering or never came up; the message names it (and shows the end of
-    its log when the run started it)."""
+    its log when the run started it). A run-time stop: `archon` prints one error line and exits 1."""
+
+    archon_runtime_error = True
 
     def __init__(self, message: str, names: Sequence[str] = ()) -> None:
         super().__init__(message)

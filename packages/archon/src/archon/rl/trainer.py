@@ -25,6 +25,7 @@ import torch
 from archon.config.validate import validate_rl_layout
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.hf import load_hf_config
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
@@ -32,6 +33,7 @@ from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.rollout_config import resolve_rollout
 from archon.rl.rollouts import ColocatedRollouts, RolloutSource
+from archon.run_guard import RunGuard, check_prompt_lengths, init_process_group
 
 log = logging.getLogger("archon")
 
@@ -65,6 +67,7 @@ class RLTrainer:
             device = self.placement.trainer_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = device
         self.reward_fn = load_reward_fn(cfg.reward.fn)
+        init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
         total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=device).initialize()
@@ -93,8 +96,13 @@ class RLTrainer:
     def prompts(self, start_step: int):
         """The prompt stream from ``start_step`` on: step s's prompts depend only on (data.seed, s)."""
         d = self.cfg.data
-        return prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
-                             start_step=start_step)
+        stream = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
+                               start_step=start_step)
+        context = load_hf_config(self.cfg.actor.path).max_position_embeddings
+        source = f"data.path {d.path!r}" if d.task == "jsonl" else f"data.task {d.task!r}"
+        for batch in stream:
+            check_prompt_lengths([p for p, _ in batch], self.cfg.sampling.max_new_tokens, context, source)
+            yield batch
 
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
@@ -194,6 +202,9 @@ class RLTrainer:
 
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
             start = ckpt.maybe_resume()
+        guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
+        guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
+        next(self.prompts(start))  # read (and check) the first prompts before anything is written
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
                                 progress_bar=cfg.log.progress_bar, start_step=start, bar_keys=BAR_KEYS)
         if start == 0 and cfg.rl.sft_warmup_steps:
@@ -203,15 +214,18 @@ class RLTrainer:
         try:
             self.source.start(start)
             for step in range(start, cfg.total_train_steps):
-                stats = self.step(step)
+                with guard.step(step + 1):
+                    stats = self.step(step)
                 metrics.log(step + 1, stats)
                 history.append(stats)
+                guard.after_step(step + 1, stats)
                 if ckpt is not None:
                     ckpt.after_step(step + 1)
         finally:
             self.source.close()
         if ckpt is not None:
             ckpt.finish(cfg.total_train_steps)
+        guard.close()
         metrics.close()
         if self.engine.rank == 0:
             log_time_split(history)
