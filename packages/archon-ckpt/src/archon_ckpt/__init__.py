@@ -15,7 +15,7 @@ HF weights::
     save_safetensors_multi_writer(stage_tensors, out_dir, writers=pp_group)  # each pipeline stage its shards
 """
 
-from archon_ckpt.atomic import atomic_directory, atomic_write_text
+from archon_ckpt.atomic import atomic_directory, atomic_write_text, user_file_mode
 from archon_ckpt.checkpointer import Checkpointer, CheckpointError, iter_dcp_tensors, step_dir_name
 from archon_ckpt.hf_load import HFSource, LoadReport, clean_fqn, load_into_module
 from archon_ckpt.multi_writer import save_safetensors_multi_writer
@@ -31,6 +31,7 @@ from archon_ckpt.state import ModelState, OptimizerState, RNGState, SchedulerSta
 __all__ = [
     "atomic_directory",
     "atomic_write_text",
+    "user_file_mode",
     "Checkpointer",
     "CheckpointError",
     "iter_dcp_tensors",
