@@ -12,6 +12,8 @@ from archon.config.schema import TrainConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.logging_sinks import make_sinks
+from archon.step_metrics import StepMetrics
 
 log = logging.getLogger("archon")
 
@@ -42,6 +44,12 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
                              rank=dp_rank, world=dp_world, start_step=start_step)
 
 
+def _config_dict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
 def run_train(cfg: TrainConfig) -> list[dict]:
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
@@ -54,7 +62,9 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         ckpt = EngineCheckpointer(engine, cfg.checkpoint)
         start = ckpt.maybe_resume()
     metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
-                            progress_bar=cfg.log.progress_bar, start_step=start)
+                            progress_bar=cfg.log.progress_bar, start_step=start,
+                            sinks=make_sinks(cfg.log, _config_dict(cfg)) if engine.rank == 0 else [])
+    step_metrics = StepMetrics(engine)
     data = _data(cfg, engine, start)
     history = []
     for step in range(start, cfg.total_train_steps):
@@ -63,7 +73,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         stats = engine.train_batch(batch, sft_loss, target_tokens)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
-                     peak_mem_gb=peak_memory_gb(engine.device))
+                     peak_mem_gb=peak_memory_gb(engine.device), **step_metrics(batch, stats["tokens"], dt))
         metrics.log(step + 1, stats)
         history.append(stats)
         if ckpt is not None:

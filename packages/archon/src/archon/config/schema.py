@@ -115,9 +115,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = doc("", "W&B project; empty = no W&B logging")
+    mode: str = doc("online", "online | offline (no network; `wandb sync` later) | disabled")
+    name: str = doc("", "run name (default: W&B's)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"log.wandb.mode {self.mode!r} is not one of online, offline, disabled")
+
+
+@dataclass
 class LogConfig:
     dir: str = doc("runs/archon", "run directory: metrics.jsonl and exported weights go here")
     progress_bar: bool = doc(True, "show a progress bar")
+    tensorboard: bool = doc(False, "also write TensorBoard scalars to <dir>/tensorboard (needs archon[tensorboard])")
+    wandb: WandbConfig = doc(factory=WandbConfig, help="Weights & Biases logging (needs archon[wandb])")
 
 
 @dataclass

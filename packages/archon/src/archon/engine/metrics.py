@@ -25,8 +25,9 @@ class MetricsLogger:
     """Writes one JSON object per step to `run_dir/metrics.jsonl` (rank 0 only) and updates a tqdm bar."""
 
     def __init__(self, run_dir: str, total_steps: int, *, enabled: bool = True, progress_bar: bool = True,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, sinks: list | None = None) -> None:
         self.enabled = enabled
+        self.sinks = list(sinks or [])  # archon.logging_sinks (TensorBoard, W&B), built on the logging rank
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.bar = None
         if enabled:
@@ -43,6 +44,8 @@ class MetricsLogger:
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink.log(step, row)
         if self.bar is not None:
             keys = ("loss", "reward", "grad_norm", "lr", "tokens_per_s")
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in keys if k in row})
@@ -51,3 +54,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for sink in self.sinks:
+            sink.close()

@@ -14,6 +14,7 @@ seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -25,12 +26,14 @@ from archon_rl import RolloutBatch
 
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.logging_sinks import make_sinks
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.sampler import EmbeddedSampler
+from archon.step_metrics import moe_summary
 
 log = logging.getLogger("archon")
 
@@ -157,6 +160,8 @@ class RLTrainer:
         stats.update(train_time=time.perf_counter() - t1, step_time=dt, version=self.engine.version,
                      tokens_per_s=tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
         stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
+        if self.engine.model.args.num_experts > 0:
+            stats.update(moe_summary(self.engine))
         self._after_update(step)
         return stats
 
@@ -191,7 +196,8 @@ class RLTrainer:
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
             start = ckpt.maybe_resume()
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
-                                progress_bar=cfg.log.progress_bar, start_step=start)
+                                progress_bar=cfg.log.progress_bar, start_step=start,
+                                sinks=make_sinks(cfg.log, dataclasses.asdict(cfg)) if self.engine.rank == 0 else [])
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
