@@ -77,7 +77,7 @@ class LoRAEngineConfig:
                                                      "down_proj"],
                                     help="modules that get LoRA, HF (q_proj, gate_proj ...) or native (wq, w1 ...) names")
     modules_to_save: list[str] = doc(factory=list, help="modules trained in full and saved in the adapter, e.g. [lm_head]")
-    expert_lora: bool = doc(False, "MoE models: also give every expert a LoRA pair on w1/w2/w3 (archon's own layout)")
+    expert_lora: bool = doc(False, "MoE models: also give every expert a LoRA pair on w1/w2/w3 (saved in peft's target_parameters form)")
     adapter_path: str = doc("", "PEFT adapter directory to start from (peft's or ours); empty = fresh adapter")
 
 
