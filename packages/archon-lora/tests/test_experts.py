@@ -172,3 +172,13 @@ def test_expert_lora_with_dropout_is_refused_at_save(tmp_path):
         save_peft_adapter(inject_lora(tiny_moe(), cfg), str(tmp_path), cfg,
                           to_hf_name=lambda n: n.replace("moe.", "mlp."))
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_former_archon_expert_layout_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q_proj"],
+         "archon_expert_lora": ["mlp.experts.w1"]}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="archon's former own layout"):
+        load_peft_adapter(inject_lora(tiny_moe(), LoRAConfig(r=R, target_modules=["experts"])), str(tmp_path),
+                          from_hf_name=lambda n: n)

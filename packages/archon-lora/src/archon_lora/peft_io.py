@@ -151,6 +151,10 @@ def _read_config(in_dir: str) -> dict:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
+    if cfg.get("archon_expert_lora"):
+        raise ValueError(f"{path}: expert LoRA in archon's former own layout (archon_expert_lora), which peft loads "
+                         "without applying it; re-export the checkpoint with `archon export-adapter` (peft's "
+                         "target_parameters form)")
     for key in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if cfg.get(key):
             raise ValueError(f"{path}: {key}=true is not supported by archon-lora")
