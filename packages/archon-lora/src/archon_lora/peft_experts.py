@@ -126,10 +126,10 @@ def peft_rank_alpha(cfg: dict, hf_param: str) -> tuple[int, float]:
 
 
 def expert_peft_plan(module: ExpertLoRA, native_path: str, hf_module: str, file_sd: dict[str, torch.Tensor],
-                     cfg: dict, targeted: list[str]) -> tuple[list[tuple[str, torch.Tensor]], set[str]]:
+                     cfg: dict, targeted: list[str], scaling: float) -> tuple[list[tuple[str, torch.Tensor]], set[str]]:
     """(parameter name on ``module``, tensor) pairs loading peft's ``targeted`` fused parameters of one experts
-    module, and the file keys used. ``module``'s scaling must already be the adapter's; any rank / alpha
-    difference of a parameter's pattern is folded into B."""
+    module, and the file keys used; ``module`` will scale by ``scaling`` (a parameter whose rank / alpha
+    pattern gives another scaling has the ratio folded into B)."""
     E = module.w1.shape[0]
     plan: list[tuple[str, torch.Tensor]] = []
     used: set[str] = set()
@@ -142,7 +142,7 @@ def expert_peft_plan(module: ExpertLoRA, native_path: str, hf_module: str, file_
         rf, alpha_f = peft_rank_alpha(cfg, f"{hf_module}.{param}")
         if a.shape[1] != rf:
             raise ValueError(f"{ka!r} has rank {a.shape[1]} per expert but the adapter config gives r={rf}")
-        b = b * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / module.scaling)
+        b = b * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / scaling)
         ws = [w for w in FUSED_EXPERT_PARAMS[param] if w in module.lora_targets]
         if rf > module.r and len(ws) == 1 and _nonzero_rank(a, b) <= module.r:
             a, b, rf = a[:, :module.r], b[:, :, :module.r], module.r  # zero-padded (see save): exact cut

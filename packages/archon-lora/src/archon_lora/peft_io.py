@@ -209,9 +209,6 @@ def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str
     # Every module takes the adapter's scaling, whatever its own rank (a zero-padded file has a larger r);
     # a module whose rank_pattern / alpha_pattern scaling differs gets the ratio folded into B.
     scaling = lora_scaling(r, alpha, use_rslora)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.set_scaling(scaling * (m.r ** 0.5 if use_rslora else m.r), use_rslora)
     expert_plan: list[tuple[nn.Module, str, torch.Tensor]] = []
     expert_done: set[tuple[str, str]] = set()
     expert_keys: set[str] = set()
@@ -221,7 +218,7 @@ def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str
         if module is None:
             raise ValueError(f"adapter targets expert parameters {params} of {hf_module!r} but the model has no expert "
                              f"LoRA at {native!r}; inject LoRA on the experts first")
-        pairs, used = expert_peft_plan(module, native, hf_module, file_sd, cfg, params)
+        pairs, used = expert_peft_plan(module, native, hf_module, file_sd, cfg, params, scaling)
         for attr, tensor in pairs:
             if tuple(tensor.shape) != tuple(module.get_parameter(attr).shape):
                 raise ValueError(f"shape mismatch for expert LoRA {native}.{attr}: adapter {tuple(tensor.shape)}, "
@@ -257,7 +254,7 @@ def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str
             )
         param = e.module.get_parameter(e.attr)
         if kind != "save":
-            tensor = _fit_linear(file_sd, file_key, kind, e.module, cfg, hf_module)
+            tensor = _fit_linear(file_sd, file_key, kind, e.module, cfg, hf_module, scaling)
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"shape mismatch for {file_key!r}: adapter {tuple(tensor.shape)}, model {tuple(param.shape)} "
@@ -274,6 +271,8 @@ def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str
             f"for {what}; the adapter must cover every injected module"
         )
     with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.set_scaling(scaling * (m.r ** 0.5 if use_rslora else m.r), use_rslora)
         for e, tensor in plan:
             _copy_into(e.module.get_parameter(e.attr), tensor)
         for module, attr, tensor in expert_plan:
@@ -281,9 +280,9 @@ def load_peft_adapter(model: nn.Module, in_dir: str, from_hf_name: Callable[[str
 
 
 def _fit_linear(file_sd: dict[str, torch.Tensor], file_key: str, kind: str, module: nn.Module, cfg: dict,
-                hf_module: str) -> torch.Tensor:
-    """The file's A or B for a linear LoRA of rank ``module.r``: a zero-padded larger rank is cut back (exact),
-    a pattern's different scaling is folded into B."""
+                hf_module: str, scaling: float) -> torch.Tensor:
+    """The file's A or B for a linear LoRA of rank ``module.r`` that will scale by ``scaling``: a zero-padded
+    larger rank is cut back (exact), a pattern's different scaling is folded into B."""
     own = file_sd[file_key]
     a = file_sd.get(file_key.replace(".lora_B.weight", ".lora_A.weight"), own if kind == "A" else None)
     b = file_sd.get(file_key.replace(".lora_A.weight", ".lora_B.weight"), own if kind == "B" else None)
@@ -293,7 +292,7 @@ def _fit_linear(file_sd: dict[str, torch.Tensor], file_key: str, kind: str, modu
     if a is None or b is None:  # the partner's absence is reported as a missing key
         a, b = (own, None) if kind == "A" else (None, own)
         if rank == r:
-            return own if kind == "A" else own * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / module.scaling)
+            return own if kind == "A" else own * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / scaling)
     if rank != r:
         if a is None or b is None or not (a.shape[0] > r and (not a[r:].any() or not b[:, r:].any())):
             raise ValueError(
@@ -302,7 +301,7 @@ def _fit_linear(file_sd: dict[str, torch.Tensor], file_key: str, kind: str, modu
         a, b = a[:r], b[:, :r]
     if kind == "A":
         return a
-    return b * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / module.scaling)
+    return b * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / scaling)
 
 
 def _targeted_experts(file_sd: dict[str, torch.Tensor], target_parameters: list[str]) -> dict[str, list[str]]:
