@@ -122,7 +122,8 @@ def test_expert_adapter_round_trip(tmp_path):
     from_hf = lambda n: n.replace("mlp.experts.", "moe.experts.")
     save_peft_adapter(src, str(tmp_path), cfg, to_hf_name=to_hf)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["archon_expert_lora"] == ["mlp.experts.w1", "mlp.experts.w2", "mlp.experts.w3"]
+    assert meta["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert meta["r"] == 2 * R and meta["lora_alpha"] == 12.0 and not meta["rank_pattern"]  # same scaling 6/R
     dst = inject_lora(tiny_moe(), LoRAConfig(r=R, alpha=1, target_modules=["experts"]))
     load_peft_adapter(dst, str(tmp_path), from_hf_name=from_hf)
     want, got = lora_state_dict(src), lora_state_dict(dst)
@@ -132,5 +133,52 @@ def test_expert_adapter_round_trip(tmp_path):
     assert dst.moe.experts.scaling == src.moe.experts.scaling
 
     bad = inject_lora(tiny_moe(), LoRAConfig(r=R + 1, alpha=6, target_modules=["experts"]))
-    with pytest.raises(ValueError, match=r"rank mismatch for 'base_model\.model\.mlp\.experts\.w\d\.lora_A\.weight'"):
+    with pytest.raises(ValueError, match=r"rank-6 pair over the fused gate_up_proj cannot be loaded into expert LoRA of "
+                                         r"rank 4"):
         load_peft_adapter(bad, str(tmp_path), from_hf_name=from_hf)
+
+
+def _peft_form(tmp_path, a_gate_up, b_gate_up, r, alpha=6.0):
+    """A peft-written adapter over the fused gate_up_proj only ([E*r, D] / [2I, E*r])."""
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.mlp.experts.lora_A.weight": a_gate_up,
+               "base_model.model.mlp.experts.lora_B.weight": b_gate_up}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": None,
+         "target_parameters": ["mlp.experts.gate_up_proj"]}))
+
+
+def test_peft_shared_a_gate_up_loads_as_gate_and_up_pairs(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(E * R, D, generator=g), torch.randn(2 * INTER, E * R, generator=g)
+    _peft_form(tmp_path, a, b, R)
+    dst = inject_lora(tiny_moe(), LoRAConfig(r=R, alpha=6, target_modules=["experts"], expert_params=["w1", "w3"]))
+    load_peft_adapter(dst, str(tmp_path), from_hf_name=lambda n: n.replace("mlp.", "moe."))
+    ex = dst.moe.experts
+    for e in range(E):  # peft: A_e = rows e*R.., B_e[:, k] = B[:, k*E + e]; gate rows first
+        delta = b[:, e::E] @ a[e * R:(e + 1) * R] * (6.0 / R)
+        torch.testing.assert_close(ex.delta_weight("w1")[e], delta[:INTER], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ex.delta_weight("w3")[e], delta[INTER:], rtol=1e-6, atol=1e-6)
+    gate_only = inject_lora(tiny_moe(), LoRAConfig(r=R, alpha=6, target_modules=["experts"], expert_params=["w1"]))
+    with pytest.raises(ValueError, match="updates the up half of gate_up_proj but the expert LoRA at 'moe.experts' "
+                                         "has no w3 pair"):
+        load_peft_adapter(gate_only, str(tmp_path), from_hf_name=lambda n: n.replace("mlp.", "moe."))
+
+
+def test_expert_lora_with_dropout_is_refused_at_save(tmp_path):
+    cfg = LoRAConfig(r=R, alpha=6, dropout=0.1, target_modules=["experts"])
+    with pytest.raises(ValueError, match="peft's target_parameters LoRA has no dropout"):
+        save_peft_adapter(inject_lora(tiny_moe(), cfg), str(tmp_path), cfg,
+                          to_hf_name=lambda n: n.replace("moe.", "mlp."))
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_former_archon_expert_layout_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": R, "lora_alpha": 6, "target_modules": ["q_proj"],
+         "archon_expert_lora": ["mlp.experts.w1"]}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="archon's former own layout"):
+        load_peft_adapter(inject_lora(tiny_moe(), LoRAConfig(r=R, target_modules=["experts"])), str(tmp_path),
+                          from_hf_name=lambda n: n)

@@ -15,7 +15,7 @@ HF weights::
     save_safetensors_multi_writer(stage_tensors, out_dir, writers=pp_group)  # each pipeline stage its shards
 """
 
-from archon_ckpt.atomic import atomic_directory, atomic_write_text
+from archon_ckpt.atomic import atomic_directory, atomic_write_text, user_file_mode
 from archon_ckpt.checkpointer import (
     Checkpointer,
     CheckpointError,
@@ -39,6 +39,7 @@ from archon_ckpt.writer_lock import WriterLock, WriterLockError
 __all__ = [
     "atomic_directory",
     "atomic_write_text",
+    "user_file_mode",
     "Checkpointer",
     "CheckpointError",
     "iter_dcp_tensors",

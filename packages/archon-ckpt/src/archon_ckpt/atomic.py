@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text", "fsync_dir", "fsync_tree", "TMP_MARKER"]
+__all__ = ["atomic_directory", "atomic_write_text", "fsync_dir", "fsync_tree", "TMP_MARKER", "user_file_mode"]
 
 #: Substring present in every temporary entry we create; used to recognise stale leftovers.
 TMP_MARKER = ".tmp-"
@@ -46,6 +46,14 @@ def fsync_tree(root: str | os.PathLike) -> None:
             finally:
                 os.close(fd)
         fsync_dir(dirpath)
+
+
+def user_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would (0644 under umask 022): safetensors and
+    temporary files are created 0600, which would hide exported weights from other users of the machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def tmp_sibling(final: str | os.PathLike, tag: str | None = None) -> Path:
@@ -104,6 +112,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        user_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from archon_ckpt.atomic import atomic_directory
+from archon_ckpt.atomic import atomic_directory, user_file_mode
 
 __all__ = [
     "SafetensorsReader",
@@ -347,6 +347,7 @@ def write_parts(
             return
         part = tmp / f"{prefix}-{len(parts) + 1:05d}.safetensors"
         save_file(shard, str(part), metadata=meta)
+        user_file_mode(part)
         parts.append((part, list(shard), shard_bytes))
         shard, shard_bytes = {}, 0
 

@@ -1,5 +1,5 @@
 """The `archon` command line: `archon train CONFIG.yaml [--section.field=value ...]`, `archon rl ...`,
-`archon export-hf CKPT OUT`, `archon serve MODEL_DIR`."""
+`archon export-hf CKPT OUT`, `archon export-adapter CKPT OUT`, `archon plot RUN_DIR ...`, `archon serve MODEL_DIR`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="print the traceback of any failure")
     parser.add_argument("--strict", action="store_true", help="turn warnings into errors")
-    sub = parser.add_subparsers(dest="command", metavar="{train,rl,serve,export-hf}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,rl,serve,export-hf,export-adapter,plot}")
     p_train = sub.add_parser("train", help="language-model / SFT training", description=TrainConfig.__doc__,
                              epilog=_fields_epilog(TrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p_train.add_argument("config", nargs="?", help="YAML config file")
@@ -58,9 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     p_exp = sub.add_parser("export-hf", help="convert a training checkpoint into an HF model directory")
     p_exp.add_argument("checkpoint", help="checkpoint root (uses `latest`) or a step directory")
     p_exp.add_argument("out", help="output HF directory")
-    p_exp.add_argument("--model", required=True, help="HF config directory / config.json of the model")
+    p_exp.add_argument("--model", help="HF config directory / config.json of the model (full-model checkpoints)")
     p_exp.add_argument("--dtype", default="bfloat16", help="export dtype (bfloat16 | float32)")
     p_exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p_exp.add_argument("--merge-lora", action="store_true",
+                       help="a LoRA checkpoint: fold the adapter into the base weights (needs --config)")
+    p_exp.add_argument("--config", help="with --merge-lora: the run's YAML (actor.path, actor.lora); "
+                       "--actor.x=y overrides follow")
+    p_ad = sub.add_parser("export-adapter", help="write the LoRA adapter of a training checkpoint as a PEFT adapter")
+    p_ad.add_argument("checkpoint", help="checkpoint root (uses `latest`) or a step directory")
+    p_ad.add_argument("out", help="output adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p_ad.add_argument("--config", required=True, help="the run's YAML (actor.path, actor.lora); --actor.x=y overrides "
+                      "follow")
+    p_plot = sub.add_parser("plot", help="draw metrics.jsonl curves of one or more runs into a PNG")
+    p_plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
+    p_plot.add_argument("--keys", default="loss,reward", help="comma-separated metric keys, one panel each")
+    p_plot.add_argument("--out", default="metrics.png", help="output PNG")
     from archon.serve.app import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="rollout server: SGLang's HTTP API on Archon's sampler"))
@@ -89,11 +102,27 @@ def main(argv: list[str] | None = None) -> int:
             from archon.rl_cli import run_rl
 
             run_rl(_load(RLConfig, args.config, rest))
+        elif args.command == "export-adapter":
+            from archon.export_adapter import export_adapter
+
+            export_adapter(args.checkpoint, args.out, args.config, _split_overrides(rest))
+        elif args.command == "plot":
+            from archon.plot import plot_runs
+
+            plot_runs(args.runs, [k for k in args.keys.split(",") if k], args.out)
+        elif args.merge_lora:
+            from archon.export_adapter import export_merged
+
+            if not args.config:
+                raise UserError("export-hf --merge-lora needs --config RUN.yaml (the LoRA settings of the run)")
+            export_merged(args.checkpoint, args.out, args.config, _split_overrides(rest), args.dtype)
         else:
             if rest:
                 raise UserError(f"export-hf: unknown argument {rest[0]!r} (see archon export-hf --help)")
             from archon.engine.checkpoint import export_checkpoint_to_hf
 
+            if not args.model:
+                raise UserError("export-hf needs --model CONFIG (or --merge-lora --config RUN.yaml for a LoRA run)")
             export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype, overwrite=args.overwrite)
 
     return run_guarded(command, debug=debug)

@@ -58,16 +58,28 @@ def build_model(hf_config: Any, *, head: str = "lm", device: str | torch.device 
 
 def from_pretrained(path_or_config: Any, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", head: str = "lm", seed: int = 0) -> Decoder:
-    """Load an HF checkpoint directory (single or sharded safetensors), or random-init from an HF config."""
+    """Load an HF checkpoint directory (single or sharded safetensors), or random-init from an HF config
+    (object, dict, or a directory / config.json without weights): the same weights `archon train` draws
+    from that config with `actor.seed=seed` (fp32 init, then cast)."""
     hf_config = load_hf_config(path_or_config)
     model = build_model(hf_config, head=head, device="meta", dtype=dtype)
     model.to_empty(device=device)
-    if isinstance(path_or_config, (str, os.PathLike)):
-        model.init_buffers()
+    model.init_buffers()
+    if isinstance(path_or_config, (str, os.PathLike)) and _has_safetensors(path_or_config):
         load_hf_weights(model, path_or_config)
-    else:
-        model.init_weights(seed=seed)
+        return model
+    full = build_model(hf_config, head=head, device="meta", dtype=torch.float32)
+    full.to_empty(device="cpu")
+    full.init_weights(seed=seed)
+    with torch.no_grad():
+        model.load_state_dict(full.state_dict())
     return model
+
+
+def _has_safetensors(path: str | os.PathLike) -> bool:
+    d = os.fspath(path)
+    d = d if os.path.isdir(d) else os.path.dirname(d) or "."
+    return any(name.endswith(".safetensors") for name in os.listdir(d))
 
 
 def _native_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ trainable-set check across ranks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import zlib
@@ -22,7 +23,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 # HF leaf names of the Qwen family -> native leaf names (targets may use either).
 QWEN_ALIASES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1",
                 "up_proj": "w3", "down_proj": "w2", "lm_head": "output", "embed_tokens": "tok_embeddings"}
-_EXPERT_HF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT_HF = {"w1": "gate_up_proj", "w2": "down_proj", "w3": "gate_up_proj"}  # fused HF experts (transformers >= 5)
 _LORA_PARAM = re.compile(r"\.lora_[AB](_w[123])?$")
 
 
@@ -256,11 +257,15 @@ def check_same_trainable_per_stage(model: nn.Module, dims, meshes) -> None:
 
 def load_adapter(model: nn.Module, adapter_dir: str) -> None:
     """Load a PEFT adapter (peft's or ours) into the injected model; alpha / rsLoRA come from the adapter."""
-    from archon_lora import load_peft_adapter
+    from archon_lora import load_peft_adapter, lora_modules
 
     if not os.path.isdir(adapter_dir):
         raise ValueError(f"actor.lora.adapter_path {adapter_dir!r} is not a directory")
     load_peft_adapter(model, adapter_dir, from_hf_name=from_hf_name_fn(model))
+    modules = list(lora_modules(model).values())
+    if lora_config_of(model) is not None and modules:  # the adapter's scaling now applies to every module
+        model.lora_config = dataclasses.replace(model.lora_config, alpha=modules[0].alpha,
+                                                use_rslora=modules[0].use_rslora)
 
 
 def _reject_pipeline(model: nn.Module, what: str) -> None:

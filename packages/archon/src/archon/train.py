@@ -15,7 +15,9 @@ from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.hf import load_hf_config
+from archon.logging_sinks import make_sinks
 from archon.run_guard import RunGuard, check_token_ids, init_process_group
+from archon.step_metrics import StepMetrics
 
 log = logging.getLogger("archon")
 
@@ -46,6 +48,12 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
                              rank=dp_rank, world=dp_world, start_step=start_step)
 
 
+def _config_dict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
 def run_train(cfg: TrainConfig) -> list[dict]:
     validate_no_inference(cfg.allocation_mode)
     init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
@@ -68,7 +76,9 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         check_token_ids(first.input_ids, vocab, f"data.path {cfg.data.path!r}")
     data = itertools.chain([first], data)
     metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
-                            progress_bar=cfg.log.progress_bar, start_step=start)
+                            progress_bar=cfg.log.progress_bar, start_step=start,
+                            sinks=make_sinks(cfg.log, _config_dict(cfg)) if engine.rank == 0 else [])
+    step_metrics = StepMetrics(engine)
     history = []
     for step in range(start, cfg.total_train_steps):
         batch = next(data)
@@ -79,7 +89,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
             stats = engine.train_batch(batch, sft_loss, target_tokens)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
-                     peak_mem_gb=peak_memory_gb(engine.device))
+                     peak_mem_gb=peak_memory_gb(engine.device), **step_metrics(batch, stats["tokens"], dt))
         metrics.log(step + 1, stats)
         history.append(stats)
         guard.after_step(step + 1, stats)

@@ -78,7 +78,7 @@ class LoRAEngineConfig:
                                                      "down_proj"],
                                     help="modules that get LoRA, HF (q_proj, gate_proj ...) or native (wq, w1 ...) names")
     modules_to_save: list[str] = doc(factory=list, help="modules trained in full and saved in the adapter, e.g. [lm_head]")
-    expert_lora: bool = doc(False, "MoE models: also give every expert a LoRA pair on w1/w2/w3 (archon's own layout)")
+    expert_lora: bool = doc(False, "MoE models: also give every expert a LoRA pair on w1/w2/w3 (saved in peft's target_parameters form)")
     adapter_path: str = doc("", "PEFT adapter directory to start from (peft's or ours); empty = fresh adapter")
 
 
@@ -116,9 +116,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = doc("", "W&B project; empty = no W&B logging")
+    mode: str = doc("online", "online | offline (no network; `wandb sync` later) | disabled")
+    name: str = doc("", "run name (default: W&B's)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"log.wandb.mode {self.mode!r} is not one of online, offline, disabled")
+
+
+@dataclass
 class LogConfig:
     dir: str = doc("runs/archon", "run directory: metrics.jsonl and exported weights go here")
     progress_bar: bool = doc(True, "show a progress bar")
+    tensorboard: bool = doc(False, "also write TensorBoard scalars to <dir>/tensorboard (needs archon[tensorboard])")
+    wandb: WandbConfig = doc(factory=WandbConfig, help="Weights & Biases logging (needs archon[wandb])")
 
 
 @dataclass

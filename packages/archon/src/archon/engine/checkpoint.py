@@ -169,5 +169,6 @@ def _reject_lora_checkpoint(step_dir: str) -> None:
 
     keys = read_metadata(step_dir).state_dict_metadata
     if any(k.startswith("model.") and is_lora_param(k) for k in keys):
-        raise ValueError(f"{step_dir!r} is a LoRA training checkpoint: export-hf converts full-model checkpoints; "
-                         "export a LoRA run with engine.export_weights(dir, merged=True) or engine.save_adapter(dir)")
+        raise ValueError(f"{step_dir!r} is a LoRA training checkpoint: add --merge-lora --config RUN.yaml to fold "
+                         "the adapter into the base weights, or write the adapter with `archon export-adapter CKPT "
+                         "OUT --config RUN.yaml`")

@@ -33,10 +33,11 @@ class MetricsLogger:
     """Writes one JSON object per step to `run_dir/metrics.jsonl` (rank 0 only) and updates a tqdm bar."""
 
     def __init__(self, run_dir: str, total_steps: int, *, enabled: bool = True, progress_bar: bool = True,
-                 start_step: int = 0, bar_keys: tuple[str, ...] = ("loss", "reward", "grad_norm", "lr", "tokens_per_s")
-                 ) -> None:
+                 start_step: int = 0, bar_keys: tuple[str, ...] = ("loss", "reward", "grad_norm", "lr", "tokens_per_s"),
+                 sinks: list | None = None) -> None:
         self.enabled = enabled
         self.bar_keys = bar_keys
+        self.sinks = list(sinks or [])  # archon.logging_sinks (TensorBoard, W&B), built on the logging rank
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.bar = None
         if enabled:
@@ -53,6 +54,8 @@ class MetricsLogger:
         row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
+        for sink in self.sinks:
+            sink.log(step, row)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.bar_keys if row.get(k) is not None})
             self.bar.update(1)
@@ -60,3 +63,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for sink in self.sinks:
+            sink.close()

@@ -14,6 +14,7 @@ process's); with ``sglang:dN+archon:...`` rollout servers generate and the train
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from archon.config.validate import validate_rl_layout
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.hf import load_hf_config
+from archon.logging_sinks import make_sinks
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
@@ -34,6 +36,7 @@ from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.rollout_config import resolve_rollout
 from archon.rl.rollouts import ColocatedRollouts, RolloutSource
 from archon.run_guard import RunGuard, check_prompt_lengths, init_process_group
+from archon.step_metrics import moe_summary
 
 log = logging.getLogger("archon")
 
@@ -170,6 +173,8 @@ class RLTrainer:
                      tokens_per_s=tokens / max(dt, 1e-9), peak_mem_gb=peak_memory_gb(self.engine.device))
         stats.setdefault("sync_time", 0.0)
         stats["kl"] = stats.get("kl", stats.get("approx_kl", 0.0))
+        if self.engine.model.args.num_experts > 0:
+            stats.update(moe_summary(self.engine))
         return stats
 
     def _after_update(self, step: int) -> None:
@@ -206,7 +211,8 @@ class RLTrainer:
         guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
         next(self.prompts(start))  # read (and check) the first prompts before anything is written
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
-                                progress_bar=cfg.log.progress_bar, start_step=start, bar_keys=BAR_KEYS)
+                                progress_bar=cfg.log.progress_bar, start_step=start, bar_keys=BAR_KEYS,
+                                sinks=make_sinks(cfg.log, dataclasses.asdict(cfg)) if self.engine.rank == 0 else [])
         if start == 0 and cfg.rl.sft_warmup_steps:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
