@@ -229,3 +229,20 @@ def validate_pipeline(cfg, dims) -> None:
 
         stage_layout(a.pp_schedule, load_hf_config(cfg.path).num_hidden_layers, 0, dims.pp, a.pp_stages_per_rank,
                      first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)
+
+
+def validate_rl_replicas(cfg, dims, world_size: int) -> None:
+    """Rule rl-replicas: `archon rl` on several ranks samples on every rank from its own full model replica, so
+    the allocation is `archon:dN` and every engine (actor, critic for GAE) uses dp_layout=zero1 (an
+    FSDP2-sharded model would need every rank in every decode step). `cfg`: an RLConfig."""
+    if world_size <= 1:
+        return
+    if dims.dp_shard * dims.dp_replicate != world_size:
+        raise ValueError(f"archon rl on {world_size} ranks is data parallel only: use allocation_mode="
+                         f"archon:d{world_size} with actor.archon.dp_layout=zero1")
+    engines = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if cfg.rl.estimator == "gae" else [])
+    for name, c in engines:
+        if c.archon.dp_layout != "zero1":
+            raise ValueError(f"archon rl on {world_size} ranks samples on every rank from a full model "
+                             f"replica: set {name}.archon.dp_layout=zero1 (FSDP2 shards the weights the sampler "
+                             "needs)")

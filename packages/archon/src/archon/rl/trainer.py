@@ -6,7 +6,7 @@ advantages -> PPO update over ``n_minibatches`` (actor, and critic for GAE) -> o
 and in-memory weight callbacks. Every source of randomness is a function of (seed, step), so a run is
 reproducible and resumable.
 
-Under ``torchrun`` with ``archon:dN`` and ``dp_layout: zero1`` every rank holds a full replica, samples its
+Under ``torchrun`` with ``archon:dN`` and the ZeRO-1 ``dp_layout`` every rank holds a full replica, samples its
 share of the step's prompt groups, and the update sums gradients over ranks. Each response samples from its own
 seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one process's.
 """
@@ -213,17 +213,10 @@ class RLTrainer:
 
 
 def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
-    """Several ranks: each samples from its own full replica, so every engine must be `archon:dN` with
-    dp_layout=zero1 (an FSDP2-sharded model would need every rank in every decode step)."""
-    if engine.dims.dp_shard * engine.dims.dp_replicate != engine.world_size:
-        raise ValueError(f"archon rl on {engine.world_size} ranks is data parallel only: use allocation_mode="
-                         f"archon:d{engine.world_size} with actor.archon.dp_layout=zero1")
-    engines = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if cfg.rl.estimator == "gae" else [])
-    for name, c in engines:
-        if c.archon.dp_layout != "zero1":
-            raise ValueError(f"archon rl on {engine.world_size} ranks samples on every rank from a full model "
-                             f"replica: set {name}.archon.dp_layout=zero1 (FSDP2 shards the weights the sampler "
-                             "needs)")
+    """Several ranks: each samples from its own full replica (rule `archon.config.validate.validate_rl_replicas`)."""
+    from archon.config.validate import validate_rl_replicas
+
+    validate_rl_replicas(cfg, engine.dims, engine.world_size)
 
 
 def _has_weights(path: str) -> bool:
