@@ -81,17 +81,19 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
     if dims.tp_enabled:
-        from archon.parallel_head import apply_head_norm_tp, apply_vocab_parallel_head
+        from archon.parallel_head import apply_head_norm_tp
 
         apply_head_norm_tp(model, meshes["tp"])
-        if model.output is not None:
-            apply_vocab_parallel_head(model.output, meshes["tp"])
+    from archon.models.common.head import LMHead
+
+    if isinstance(model.output, LMHead) and (dims.tp_enabled or compile_cfg.enabled):
+        # the LM head built whole: a vocab shard under TP, its softmax kernels compiled with the blocks
+        model.output = LMHead.like(model.output, tp_mesh=meshes["tp"] if dims.tp_enabled else None,
+                                   compile_backend=compile_cfg.backend if compile_cfg.enabled else None)
     if lora:
         li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
     hooks = li.lora_parallel_hooks() if lora else {}
     layout.wrap(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
-    if compile_cfg.enabled and getattr(model, "output", None) is not None and hasattr(model.output, "compile_backend"):
-        model.output.compile_backend = compile_cfg.backend  # the LM head's softmax kernels compile with the blocks
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:
