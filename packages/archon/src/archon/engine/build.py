@@ -40,9 +40,10 @@ def block_compile_config(cfg, dims, device: torch.device):
 
 
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
-                         stage_prune=None, layout=None) -> nn.Module:
+                         stage_prune=None, layout=None, hf_config=None) -> nn.Module:
     """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first. `layout`: the
-    engine's `archon.engine.dp_layout.DataParallelLayout` (built from `cfg` when not given)."""
+    engine's `archon.engine.dp_layout.DataParallelLayout`, `hf_config`: the model's HF config as
+    `archon.engine.setup.EngineSetup` read it (each built from / read from `cfg` when not given)."""
     from archon.spec import get_model_spec
     from archon_parallel.fsdp import FSDPConfig
 
@@ -53,12 +54,13 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
 
     if not cfg.path:
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
-    hf_cfg = load_hf_config(cfg.path)
+    hf_cfg = hf_config if hf_config is not None else load_hf_config(cfg.path)
     if dims.pp > 1 and stage_prune is None:
         from archon.engine.pipeline_runner import build_pipeline_model
 
         return build_pipeline_model(cfg, dims, meshes, device, hf_cfg.num_hidden_layers, lambda prune: (
-            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune, layout=layout)))
+            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune, layout=layout,
+                             hf_config=hf_cfg)))
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
     if stage_prune is not None:
         stage_prune(model, get_model_spec(hf_cfg.model_type).parallel_plan(model.args))

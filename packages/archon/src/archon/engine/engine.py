@@ -22,19 +22,10 @@ from archon.engine.dp_layout import DataParallelLayout, make_dp_layout
 from archon.engine.loss import LossFn, WeightFn
 from archon.engine.optim import build_scheduler
 from archon.engine.runner import FlatRunner, Runner
+from archon.engine.setup import EngineSetup, resolve_setup
 from archon_ckpt import clean_fqn
 
 log = logging.getLogger("archon")
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(device)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -53,25 +44,23 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 class ArchonEngine:
     """Model + optimizer + schedule for one role (actor with an LM head, or critic with a value head)."""
 
-    def __init__(self, cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total_steps: int = 1,
+    def __init__(self, cfg: ActorConfig | EngineSetup, *, allocation_mode: str = "archon:d1", total_steps: int = 1,
                  device: str = "auto", head: str = "lm") -> None:
-        from archon.config.validate import validate_engine
-
-        self.cfg = cfg
-        self.allocation_mode = allocation_mode
-        self.total_steps = total_steps
-        self.head = head
-        self.device = resolve_device(device)
-        self.dtype = _DTYPES.get(cfg.dtype)
-        if self.dtype is None:
-            raise ValueError(f"actor.dtype {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        """`cfg`: an `EngineSetup` (`archon.engine.setup.resolve_setup`), or an ActorConfig resolved here with
+        the keyword arguments; either way every rule is checked before the process group is created."""
+        setup = cfg if isinstance(cfg, EngineSetup) else resolve_setup(
+            cfg, allocation_mode=allocation_mode, total_steps=total_steps, device=device, head=head)
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.allocation_mode = setup.allocation_mode
+        self.total_steps = setup.total_steps
+        self.head = setup.head
+        self.device = setup.device
+        self.dtype = setup.dtype
+        self.dims = setup.dims
         self.rank, self.world_size = init_distributed(self.device)
-        from archon_parallel.dims import ParallelDims
-
-        self.dims = ParallelDims.from_allocation(allocation_mode, self.world_size)
-        validate_engine(cfg, self.dims, self.device)
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
-        self.layout: DataParallelLayout = make_dp_layout(cfg.archon.dp_layout, self.dims, group=self.dp_group)
+        self.layout: DataParallelLayout = make_dp_layout(self.cfg.archon.dp_layout, self.dims, group=self.dp_group)
         self.version = 0
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -86,7 +75,7 @@ class ArchonEngine:
 
         t0 = time.perf_counter()
         self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head,
-                                          layout=self.layout)
+                                          layout=self.layout, hf_config=self.setup.hf_config)
         self._trainable = self._aux_free_moe = None  # per-model lookups, made on first use
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
                                   dp_group=self.dp_group, pad_multiple=self.dims.tp,

@@ -13,7 +13,6 @@ seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.sampler import EmbeddedSampler
+from archon.rl.setup import resolve_rl_setup
 
 log = logging.getLogger("archon")
 
@@ -44,16 +44,12 @@ class RLTrainer:
     """Builds the engines and runs RL steps; ``run()`` is the whole `archon rl` command."""
 
     def __init__(self, cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> None:
-        cfg.validate()
+        self.setup = resolve_rl_setup(cfg)  # every rule, RL ones included, before any process group or model
         self.cfg = cfg
         r = cfg.rl
         self.reward_fn = load_reward_fn(cfg.reward.fn)
-        total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
-        self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
-                                   device=cfg.device).initialize()
+        self.engine = ArchonEngine(self.setup.actor).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
-        if self.engine.world_size > 1:
-            _check_replicas(cfg, self.engine)
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
         self.critic = None
@@ -62,26 +58,17 @@ class RLTrainer:
                                     seed=cfg.sampling.seed)
         self.ref = None
         if r.kl_coef > 0:
-            self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
+            self.ref = ArchonEngine(self.setup.ref).initialize()
         self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
                                        device=self.engine.device, autocast=self.engine._autocast)
         self.weight_callbacks = list(weight_callbacks)
-        self.num_prompts = r.batch_size // r.group_size
-        if self.num_prompts % self.dp_world:
-            raise ValueError(f"rl.batch_size / rl.group_size = {self.num_prompts} prompts per step must be divisible "
-                             f"by the {self.dp_world} data-parallel ranks (each rank samples whole groups)")
+        self.num_prompts = r.batch_size // r.group_size  # resolve_rl_setup checked it splits over dp_world
 
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
         cfg = self.cfg
-        ccfg = copy.deepcopy(cfg.critic)
-        from_actor = not ccfg.path
-        if from_actor:
-            ccfg.path, ccfg.init_from_scratch = cfg.actor.path, True
-        engine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
-                              total_steps=cfg.total_train_steps * cfg.rl.n_minibatches, device=cfg.device,
-                              head="value").initialize()
-        if from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
+        engine = ArchonEngine(self.setup.critic).initialize()
+        if self.setup.critic_from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
             load_backbone_from_lm(engine.model, cfg.actor.path)
         return engine
 
