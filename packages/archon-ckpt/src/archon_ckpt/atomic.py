@@ -38,7 +38,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def fsync_tree(root: str | os.PathLike) -> None:
     """fsync every regular file and directory under ``root`` (files first, then their dirs)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(os.fspath(root), topdown=False):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:

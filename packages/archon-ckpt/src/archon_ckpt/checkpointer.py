@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.stateful import Stateful
 
 from archon_ckpt.atomic import TMP_MARKER, atomic_write_text, publish_directory
+from archon_ckpt.errors import CheckpointError
 from archon_ckpt.safe_load import SafeBytesPlanner, SafeFileSystemReader, UnsafeCheckpointError
 from archon_ckpt.state import RNGState
 from archon_ckpt.validate import ValidatingLoadPlanner, check_files, collect_failure
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, or does not match the state being loaded."""
 
 
 def step_dir_name(step: int) -> str:

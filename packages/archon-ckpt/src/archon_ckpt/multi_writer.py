@@ -52,10 +52,12 @@ def save_safetensors_multi_writer(
     leader = dist.get_rank(writers) == 0
     if leader != (dist.get_rank() == 0):
         raise ValueError("the writers group's rank 0 must be global rank 0")
-    holder = [str(tmp_sibling(out_dir)) if leader else None]
+    holder: list[str | None] = [str(tmp_sibling(out_dir)) if leader else None]
     if leader:
-        Path(holder[0]).mkdir(parents=True)
+        Path(str(holder[0])).mkdir(parents=True)
     dist.broadcast_object_list(holder, src=0, group=writers)
+    if holder[0] is None:
+        raise RuntimeError("the writers group's rank 0 sent no directory name")
     tmp = Path(holder[0])
     mine: tuple[list, str | None]
     try:

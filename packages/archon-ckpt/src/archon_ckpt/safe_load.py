@@ -102,7 +102,7 @@ def _numpy_globals() -> list[Any]:
     try:
         from numpy._core.multiarray import _reconstruct  # numpy 2
     except ImportError:  # numpy 1
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     found = [_reconstruct, np.ndarray, np.dtype]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:

@@ -123,7 +123,7 @@ class RNGState(Stateful):
             pass
         else:
             kind, keys, pos, has_gauss, cached = np.random.get_state()
-            entry["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)  # plain types: loads weights_only
+            entry["numpy"] = (kind, np.asarray(keys).tolist(), pos, has_gauss, cached)  # plain types: loads weights_only
         # One opaque blob per rank: its content (CUDA or not, numpy or not) may differ between
         # save and load without changing the checkpoint's key set.
         buf = io.BytesIO()

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 
+from archon_ckpt.errors import CheckpointError
 from archon_ckpt.safe_load import SafeBytesPlanner
 
 __all__ = ["ValidatingLoadPlanner", "check_files", "collect_failure"]
@@ -21,9 +22,7 @@ _MAX_SHOWN = 20
 
 
 def _error(msg: str) -> Exception:
-    from archon_ckpt.checkpointer import CheckpointError  # one exception type for all load errors
-
-    return CheckpointError(msg)
+    return CheckpointError(msg)  # one exception type for all load errors
 
 
 def check_files(path: Path, metadata: Metadata) -> None:
@@ -91,8 +90,6 @@ class ValidatingLoadPlanner(SafeBytesPlanner):
 
 def collect_failure(exc: CheckpointException, path: Path) -> str:
     """One readable message from DCP's per-rank failures (deduplicated across ranks)."""
-    from archon_ckpt.checkpointer import CheckpointError
-
     msgs: list[str] = []
     for _rank, wrapped in sorted(exc.failures.items()):
         err = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exception", wrapped)

@@ -116,7 +116,7 @@ def _nonzero_rank(a_ERIn: torch.Tensor, b_EOR: torch.Tensor) -> int:
 
 def peft_rank_alpha(cfg: dict, hf_param: str) -> tuple[int, float]:
     """r and lora_alpha peft uses for ``hf_param`` (its ``rank_pattern`` / ``alpha_pattern`` matching)."""
-    def pick(patterns: dict, default):
+    def pick(patterns: dict | None, default):
         for key, value in (patterns or {}).items():
             if re.match(rf"(.*\.)?({key})$", hf_param):
                 return value

@@ -301,6 +301,7 @@ def _fit_linear(file_sd: dict[str, torch.Tensor], file_key: str, kind: str, modu
         a, b = a[:r], b[:, :r]
     if kind == "A":
         return a
+    assert b is not None
     return b * (lora_scaling(rf, alpha_f, bool(cfg.get("use_rslora"))) / scaling)
 
 

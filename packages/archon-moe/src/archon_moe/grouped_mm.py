@@ -29,7 +29,7 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) 
     kernel accepts any group size, including 0). Elsewhere it loops over groups, which reads the
     counts on the host (free on CPU; one sync on CUDA in non-bf16 dtypes).
     """
-    if uses_grouped_kernel(x_NI):
+    if _KERNEL is not None and uses_grouped_kernel(x_NI):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return _KERNEL(x_NI, w_EOI.to(x_NI.dtype).transpose(-2, -1), offs=offsets_E)
     return grouped_mm_reference(x_NI, w_EOI, counts_E)

@@ -199,6 +199,8 @@ def apply_expert_parallel(
             f"ep size {ep} must divide the number of experts {num_experts}; pick ep in "
             f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0]}"
         )
+    shard_in: tuple[Shard, ...]
+    shard_out: tuple[Shard, ...]
     if etp_mesh is None:
         mesh, shard_in, shard_out = ep_mesh, (Shard(0),), (Shard(0),)
     else:

@@ -13,8 +13,7 @@ Expert and context parallel live in sibling modules and are looked up lazily:
   tokens dispatch a distinct slice of the rows and all-gather the outputs, so each row is computed
   once. ``etp`` must divide ``tp`` (``expert_folding.validate_folding``, checked before any mesh).
 - CP (``dims.cp > 1``): attention picks its CP backend at runtime (``context_parallel.get_cp_attention``
-  with ``meshes.group("cp")``); if ``archon_parallel.context_parallel.apply_context_parallel(model,
-  meshes, plan, dims)`` exists it is called here. FSDP shards over dp_shard x cp either way.
+  with ``meshes.group("cp")``): nothing is applied to the model here. FSDP shards over dp_shard x cp.
 
 Extension points (for layers archon_parallel does not know, e.g. LoRA): ``style_factory`` replaces
 ``tensor_parallel.make_style`` when TP builds a style from its plan name, and ``after_expert_parallel(moe,
@@ -148,10 +147,6 @@ def parallelize(
                  style_factory=style_factory)
     if dims.ep_enabled:
         _apply_ep(model, dims, meshes, plan, device_type, after_expert_parallel)
-    if dims.cp_enabled:
-        cp_module = importlib.import_module("archon_parallel.context_parallel")
-        if (apply_cp := getattr(cp_module, "apply_context_parallel", None)) is not None:
-            apply_cp(model, meshes, plan, dims)
     apply_ac(model, plan, ac_cfg, compiled=compile_cfg.enabled)
     apply_compile(model, plan, compile_cfg)
     if sharded:

@@ -138,7 +138,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: ParallelPlan, *, seque
         raise ValueError(f"ParallelPlan names block submodules {sorted(unused)} that no block has; fix the plan")
     top: dict[str, str] = {}
     for name, style in ((plan.embedding, "embedding"), (plan.norm, "sequence"), (plan.head, "head")):
-        if plan.optional_module(model, name) is not None:
+        if name is not None and plan.optional_module(model, name) is not None:
             top[name] = style
     if top_styles := _styles(top, factory, **opts):
         parallelize_module(model, tp_mesh, top_styles)

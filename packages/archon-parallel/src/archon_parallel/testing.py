@@ -97,7 +97,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if p.is_alive():
                 p.kill()
                 p.join()
-        results, errors = [], []
+        results: list = []
+        errors: list = []
         for r in range(world_size):
             f = os.path.join(out_dir, f"rank{r}.pt")
             if not os.path.exists(f):

@@ -7,7 +7,7 @@ to fp32, so full-vocab fp32 logits for all tokens never exist at once; backward 
 softmax per chunk. The vocab-parallel path reduces per-token statistics over the tp group (one MAX,
 one SUM all-reduce of [3, T]) and never gathers the vocab; backward needs no collective. The per-chunk
 pieces (`shard_labels`, `shard_max`, `shard_sums`, `finish_stats`, `logits_grad`) are public: the engine's
-fused LM head (`archon.engine.logprobs`) computes the same statistics with them, compiled.
+fused LM head (`archon.models.common.logprobs`) computes the same statistics with them, compiled.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
 
 
 # -- the per-token statistics of a vocab shard, shared with the engine's fused LM head
-# (`archon.engine.logprobs`, which compiles them). C: a chunk of tokens, Vl: the local vocab shard.
+# (`archon.models.common.logprobs`, which compiles them). C: a chunk of tokens, Vl: the local vocab shard.
 
 def shard_labels(labels_T: torch.Tensor, vocab_start: int, Vl: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(label index inside this shard, clamped; whether the label is on this shard), both [T]."""

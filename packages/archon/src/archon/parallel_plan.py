@@ -22,7 +22,7 @@ def qwen_parallel_plan(args: ModelArgs) -> ParallelPlan:
     if args.num_experts > 0:
         # Experts see all tokens of the tp group (etp=1 replicas or etp=tp shards); the router is replicated.
         moe_tp = {"moe": "gather_scatter_seq"}
-    # The head is sharded by archon.parallel_head (vocab-parallel logprobs), not by the generic plan.
+    # The head is built vocab-parallel by archon.models.common.head.LMHead (tp_mesh), not by the generic plan.
     return ParallelPlan(blocks="layers", embedding="tok_embeddings", norm="norm", head=None,
                         block_tp=block_tp, attention="attention",
                         ffn="moe" if args.num_experts > 0 else "feed_forward",

@@ -74,7 +74,7 @@ class PackedTree:
         return self.tokens_N[self.sequence_index(s)]
 
     def to(self, device: torch.device | str) -> PackedTree:
-        return PackedTree(*(getattr(self, f).to(device) for f in _FIELDS), host_pairs=self.host_pairs)
+        return PackedTree(**{f: getattr(self, f).to(device) for f in _FIELDS}, host_pairs=self.host_pairs)
 
 
 _FIELDS = ("tokens_N", "parent_N", "depth_N", "subtree_end_N", "seq_index_T", "cu_seqlens")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 AC_MODES = ("none", "full", "selective", "memory_budget")
@@ -14,9 +16,12 @@ COMPILE_SCOPES = ("block", "stack")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
-def validate_engine(cfg, dims, device: torch.device) -> None:
-    """Check an ActorConfig against the parallel dims and device; raise ValueError naming the rule."""
+def validate_engine(cfg, dims, device: torch.device, *, hf_config: Any = None) -> None:
+    """Check an ActorConfig against the parallel dims and device; raise ValueError naming the rule.
+    `hf_config`: the model's HF config when the caller has read it (`archon.engine.setup`); otherwise it is read
+    from `cfg.path` once, and only when a rule needs it."""
     a = cfg.archon
+    hf = _HFConfig(cfg.path, hf_config)
     if a.ac_mode not in AC_MODES:
         raise ValueError(f"actor.archon.ac_mode {a.ac_mode!r} is not one of {AC_MODES}")
     compile_on = compile_enabled(cfg, device)
@@ -32,7 +37,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     if a.pp_schedule not in PP_SCHEDULES:
         raise ValueError(f"actor.archon.pp_schedule {a.pp_schedule!r} is not one of {PP_SCHEDULES}")
     if dims.pp > 1:
-        validate_pipeline(cfg, dims)
+        validate_pipeline(cfg, dims, hf_config=hf)
     if a.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"actor.archon.attn_impl {a.attn_impl!r} is not one of {ATTN_IMPLS}")
     if a.cp_impl not in CP_IMPLS:
@@ -40,7 +45,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     if a.attn_impl == "varlen" and device.type != "cuda":
         pass  # the varlen backend has a CPU reference path
     validate_dp_layout(cfg, dims)
-    validate_pad_to_maximum(cfg, dims)
+    validate_pad_to_maximum(cfg, dims, hf_config=hf)
     compile_scope(cfg, dims, device)  # raises for an explicit scope that cannot apply
     validate_compile_mode(cfg, dims, device)
     if a.offload_params and dims.pp > 1:
@@ -50,9 +55,7 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
         raise ValueError("rule offload-needs-fsdp: actor.archon.offload_params uses FSDP2's CPUOffloadPolicy; "
                          "it needs data-parallel sharding (d>1 in allocation_mode)")
     if dims.pp > 1 and cfg.path:
-        from archon.hf import load_hf_config
-
-        if getattr(load_hf_config(cfg.path), "tie_word_embeddings", False):
+        if getattr(hf.get(), "tie_word_embeddings", False):
             raise ValueError("rule pp-tied-embeddings: pipeline parallelism (p>1) cannot split a model whose "
                              "embedding and LM head are tied (tie_word_embeddings=true); use p1 or an untied model")
     if a.tree_training_mode not in TREE_MODES:
@@ -74,21 +77,34 @@ def validate_engine(cfg, dims, device: torch.device) -> None:
     if cfg.optimizer.gradient_clipping < 0:
         raise ValueError(f"actor.optimizer.gradient_clipping must be >= 0, got {cfg.optimizer.gradient_clipping}")
     if dims.tp > 1 and cfg.path:
-        from archon.hf import load_hf_config
         from archon_parallel.tensor_parallel import validate_tp
 
-        c = load_hf_config(cfg.path)
+        c = hf.get()
         validate_tp(c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.tp)
     if dims.cp > 1:
         if dims.pp > 1:
             raise ValueError("rule cp-with-pp: context parallelism (c>1) is not wired into pipeline stages; use p1 "
                              "with c>1, or c1 with p>1")
         if cfg.path:
-            from archon.hf import load_hf_config
-
-            c = load_hf_config(cfg.path)
+            c = hf.get()
             validate_cp(a.cp_impl, c.num_attention_heads,
                         getattr(c, "num_key_value_heads", None) or c.num_attention_heads, dims.cp, dims.tp)
+
+
+class _HFConfig:
+    """The HF config of `path`, read at most once (or the one given)."""
+
+    def __init__(self, path: str, config: Any = None) -> None:
+        self.path, self.config = path, config
+
+    def get(self) -> Any:
+        if isinstance(self.config, _HFConfig):
+            return self.config.get()
+        if self.config is None:
+            from archon.hf import load_hf_config
+
+            self.config = load_hf_config(self.path)
+        return self.config
 
 
 def compile_enabled(cfg, device: torch.device) -> bool:
@@ -153,7 +169,7 @@ def validate_compile_mode(cfg, dims, device: torch.device) -> None:
                          "step (and dta calls back into Python per layer); use compile_mode=default")
 
 
-def validate_pad_to_maximum(cfg, dims) -> None:
+def validate_pad_to_maximum(cfg, dims, *, hf_config: Any = None) -> None:
     """Rules pad-to-maximum-*: only the flat runner pads a micro-batch to the token budget, and only a dense
     model leaves the padding out of every real result; an explicit `pad_to_maximum: true` elsewhere is
     rejected rather than ignored. Off by default: padding to the budget costs its compute on every short
@@ -172,9 +188,7 @@ def validate_pad_to_maximum(cfg, dims) -> None:
         raise ValueError(f"rule pad-to-maximum-with-tree: tree_training_mode={a.tree_training_mode} runs each "
                          f"micro-batch as a trie with its own attention mask and does not pad it; {fix}")
     if cfg.path:
-        from archon.hf import load_hf_config
-
-        if getattr(load_hf_config(cfg.path), "num_experts", 0):
+        if getattr(_HFConfig(cfg.path, hf_config).get(), "num_experts", 0):
             raise ValueError("rule pad-to-maximum-moe: padding tokens would be routed to experts and counted in "
                              f"the load-balancing loss and expert-load statistics, changing the loss; {fix}")
 
@@ -221,7 +235,7 @@ def validate_cp(cp_impl: str, num_heads: int, num_kv_heads: int, cp: int, tp: in
             f"actor.archon.cp_impl=ring (any cp; pads to a multiple of 2 x cp x tp tokens)")
 
 
-def validate_pipeline(cfg, dims) -> None:
+def validate_pipeline(cfg, dims, *, hf_config: Any = None) -> None:
     """Pipeline rules: schedule available in this torch, stage count fills the layers, micro-batch count."""
     from archon_parallel.pipeline import available_schedules, stage_layout, validate_microbatches
 
@@ -234,9 +248,7 @@ def validate_pipeline(cfg, dims) -> None:
     if a.pp_microbatches is not None:
         validate_microbatches(a.pp_schedule, a.pp_microbatches, dims.pp, a.pp_stages_per_rank)
     if cfg.path:
-        from archon.hf import load_hf_config
-
-        stage_layout(a.pp_schedule, load_hf_config(cfg.path).num_hidden_layers, 0, dims.pp, a.pp_stages_per_rank,
+        stage_layout(a.pp_schedule, _HFConfig(cfg.path, hf_config).get().num_hidden_layers, 0, dims.pp, a.pp_stages_per_rank,
                      first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)
 
 
@@ -253,16 +265,21 @@ def validate_no_inference(allocation_mode: str, command: str = "archon train") -
 
 
 def validate_rl_layout(cfg, world_size: int) -> None:
-    """Rule zero1-pure-dp for the colocated sampler: without rollout servers every rank samples from its own full
-    model replica, so the trainer must be `archon:dN` with dp_layout=zero1 (FSDP2, TP, CP, EP or PP would shard
-    the weights the sampler needs). With servers (an inference part) any training layout works."""
-    from archon_parallel.allocation import parse_allocation
+    """`validate_rl_replicas` with the layout parsed from ``cfg.allocation_mode`` (`cfg`: an RLConfig)."""
     from archon_parallel.dims import ParallelDims
 
-    alloc = parse_allocation(cfg.allocation_mode)
-    if alloc.inference is not None or world_size == 1:
+    validate_rl_replicas(cfg, ParallelDims.from_allocation(cfg.allocation_mode, world_size), world_size)
+
+
+def validate_rl_replicas(cfg, dims, world_size: int) -> None:
+    """Rule zero1-pure-dp for the colocated sampler: without rollout servers every rank samples from its own full
+    model replica, so the trainer must be `archon:dN` with dp_layout=zero1 for every engine (actor, critic for
+    GAE); FSDP2, TP, CP, EP or PP would shard the weights the sampler needs. With rollout servers (an inference
+    part in allocation_mode) any training layout works. `cfg`: an RLConfig."""
+    from archon_parallel.allocation import parse_allocation
+
+    if parse_allocation(cfg.allocation_mode).inference is not None or world_size <= 1:
         return
-    dims = ParallelDims.from_allocation(cfg.allocation_mode, world_size)
     servers = f"sglang:d1+{cfg.allocation_mode}"
     if dims.dp_shard * dims.dp_replicate != world_size:
         raise ValueError(f"rule zero1-pure-dp: archon rl with the embedded sampler on {world_size} ranks is data "

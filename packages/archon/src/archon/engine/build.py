@@ -40,20 +40,27 @@ def block_compile_config(cfg, dims, device: torch.device):
 
 
 def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
-                         stage_prune=None) -> nn.Module:
-    """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
+                         stage_prune=None, layout=None, hf_config=None) -> nn.Module:
+    """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first. `layout`: the
+    engine's `archon.engine.dp_layout.DataParallelLayout`, `hf_config`: the model's HF config as
+    `archon.engine.setup.EngineSetup` read it (each built from / read from `cfg` when not given)."""
     from archon.spec import get_model_spec
     from archon_parallel.fsdp import FSDPConfig
-    from archon_parallel.parallelize import parallelize
+
+    if layout is None:
+        from archon.engine.dp_layout import make_dp_layout
+
+        layout = make_dp_layout(cfg.archon.dp_layout, dims, group=meshes.group("dp_cp") if meshes is not None else None)
 
     if not cfg.path:
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
-    hf_cfg = load_hf_config(cfg.path)
+    hf_cfg = hf_config if hf_config is not None else load_hf_config(cfg.path)
     if dims.pp > 1 and stage_prune is None:
         from archon.engine.pipeline_runner import build_pipeline_model
 
         return build_pipeline_model(cfg, dims, meshes, device, hf_cfg.num_hidden_layers, lambda prune: (
-            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune)))
+            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune, layout=layout,
+                             hf_config=hf_cfg)))
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
     if stage_prune is not None:
         stage_prune(model, get_model_spec(hf_cfg.model_type).parallel_plan(model.args))
@@ -76,22 +83,19 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
     if dims.tp_enabled:
-        from archon.parallel_head import apply_head_norm_tp, apply_vocab_parallel_head
+        from archon.parallel_head import apply_head_norm_tp
 
         apply_head_norm_tp(model, meshes["tp"])
-        if model.output is not None:
-            apply_vocab_parallel_head(model.output, meshes["tp"])
+    from archon.models.common.head import LMHead
+
+    if isinstance(model.output, LMHead) and (dims.tp_enabled or compile_cfg.enabled):
+        # the LM head built whole: a vocab shard under TP, its softmax kernels compiled with the blocks
+        model.output = LMHead.like(model.output, tp_mesh=meshes["tp"] if dims.tp_enabled else None,
+                                   compile_backend=compile_cfg.backend if compile_cfg.enabled else None)
     if lora:
         li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
-    if cfg.archon.dp_layout == "zero1":  # full replicas, no FSDP: validate_engine allowed pure dp only
-        from archon.engine.zero1 import apply_replicas
-
-        apply_replicas(model, plan, ac=ac, compile=compile_cfg)
-    else:
-        hooks = li.lora_parallel_hooks() if lora else {}
-        parallelize(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
-    if compile_cfg.enabled and getattr(model, "output", None) is not None and hasattr(model.output, "compile_backend"):
-        model.output.compile_backend = compile_cfg.backend  # the LM head's softmax kernels compile with the blocks
+    hooks = li.lora_parallel_hooks() if lora else {}
+    layout.wrap(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:

@@ -59,15 +59,11 @@ class EngineCheckpointer:
         self.train_state = {"step": 0, "version": 0}
 
     def _state(self) -> dict:
-        from archon_ckpt import ModelState, OptimizerState, RNGState, SchedulerState
+        from archon_ckpt import ModelState, RNGState, SchedulerState
 
         e = self.engine
         model = AdapterState(e.model) if getattr(self.cfg, "adapter_only", False) else ModelState(e.model)
-        optim = OptimizerState(e.model, e.optimizer)
-        if getattr(e, "zero1", False):  # ZeRO-1 shards: each rank writes the state of the parameters it owns
-            from archon.engine.zero1 import Zero1OptimizerState
-
-            optim = Zero1OptimizerState(e.model, e.optimizer)
+        optim = e.layout.optimizer_state(e.model, e.optimizer)
         return {"model": model, "optim": optim,
                 "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state}
 

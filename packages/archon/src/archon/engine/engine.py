@@ -18,22 +18,14 @@ import torch
 import torch.distributed as dist
 from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
+from archon.engine.dp_layout import DataParallelLayout, make_dp_layout
 from archon.engine.loss import LossFn, WeightFn
-from archon.engine.optim import build_optimizer, build_scheduler
+from archon.engine.optim import build_scheduler
 from archon.engine.runner import FlatRunner, Runner
+from archon.engine.setup import EngineSetup, resolve_setup
 from archon_ckpt import clean_fqn
 
 log = logging.getLogger("archon")
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(device)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -52,26 +44,23 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 class ArchonEngine:
     """Model + optimizer + schedule for one role (actor with an LM head, or critic with a value head)."""
 
-    def __init__(self, cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total_steps: int = 1,
+    def __init__(self, cfg: ActorConfig | EngineSetup, *, allocation_mode: str = "archon:d1", total_steps: int = 1,
                  device: str = "auto", head: str = "lm") -> None:
-        from archon.config.validate import validate_engine
-
-        self.cfg = cfg
-        self.allocation_mode = allocation_mode
-        self.total_steps = total_steps
-        self.head = head
-        self.device = resolve_device(device)
-        self.dtype = _DTYPES.get(cfg.dtype)
-        if self.dtype is None:
-            raise ValueError(f"actor.dtype {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        """`cfg`: an `EngineSetup` (`archon.engine.setup.resolve_setup`), or an ActorConfig resolved here with
+        the keyword arguments; either way every rule is checked before the process group is created."""
+        setup = cfg if isinstance(cfg, EngineSetup) else resolve_setup(
+            cfg, allocation_mode=allocation_mode, total_steps=total_steps, device=device, head=head)
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.allocation_mode = setup.allocation_mode
+        self.total_steps = setup.total_steps
+        self.head = setup.head
+        self.device = setup.device
+        self.dtype = setup.dtype
+        self.dims = setup.dims
         self.rank, self.world_size = init_distributed(self.device)
-        from archon_parallel.dims import ParallelDims
-
-        self.dims = ParallelDims.from_allocation(allocation_mode, self.world_size)
-        validate_engine(cfg, self.dims, self.device)
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
-        # dp_layout=zero1: full replicas (no FSDP), grads all-reduced once per step, ZeRO-1 optimizer state
-        self.zero1 = cfg.archon.dp_layout == "zero1" and self.meshes is not None
+        self.layout: DataParallelLayout = make_dp_layout(self.cfg.archon.dp_layout, self.dims, group=self.dp_group)
         self.version = 0
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -85,14 +74,14 @@ class ArchonEngine:
         from archon.engine.build import build_parallel_model
 
         t0 = time.perf_counter()
-        self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head)
+        self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head,
+                                          layout=self.layout, hf_config=self.setup.hf_config)
         self._trainable = self._aux_free_moe = None  # per-model lookups, made on first use
         self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
                                   dp_group=self.dp_group, pad_multiple=self.dims.tp,
                                   cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None,
                                   pad_to_tokens=self.cfg.mb_max_tokens if self.cfg.archon.pad_to_maximum else None)
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, self.device.type,
-                                         zero1_group=self.dp_group if self.zero1 else None)
+        self.optimizer = self.layout.build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:
             log.info("archon engine: %s | model %s (%s head) built in %.1fs on %s", describe_dims(self.dims),
@@ -111,33 +100,6 @@ class ArchonEngine:
         mesh = self.meshes["dp"]
         return mesh.get_local_rank(), mesh.size()
 
-    def _loss_scale_world(self) -> int:
-        # FSDP2 averages gradients over the data-parallel (x cp) ranks; the global-token normalisation
-        # wants their sum, so each rank's loss is multiplied by that size. (FSDP2's divide factor would
-        # say this directly, but its PREMUL_SUM reduction does not exist on gloo.) zero1 sums replicas'
-        # grads with a plain all-reduce (_sync_replica_grads), so it needs no compensation.
-        return self.dims.dp_cp if self.meshes is not None and not self.zero1 else 1
-
-    def _hold_synced_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """zero1: set aside grads an earlier `accumulate_grads` already summed, so the next all-reduce sums
-        only the new ones (FSDP2 likewise adds each reduce-scatter to the sharded grad)."""
-        if not self.zero1:
-            return []
-        held = [(p, p.grad) for p in self.model.parameters() if p.grad is not None]
-        for p, _ in held:
-            p.grad = None
-        return held
-
-    def _sync_replica_grads(self, held: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """zero1: sum the replicas' gradients over dp once, after every micro-batch's backward."""
-        if not self.zero1:
-            return
-        from archon_parallel.replicate import all_reduce_grads
-
-        all_reduce_grads(self.model.parameters(), self.dp_group)
-        for p, g in held:
-            p.grad = g if p.grad is None else p.grad.add_(g)
-
     def _fix_expert_grad_scale(self) -> None:
         """Rescale expert grads from FSDP's mean over `edp` to the dp_cp mean the loss was scaled for.
 
@@ -155,8 +117,7 @@ class ArchonEngine:
                 p.grad.mul_(factor)
 
     def _autocast(self):
-        fsdp_mp = self.meshes is not None and self.dims.fsdp_enabled and not self.zero1
-        if self.dtype == torch.float32 or fsdp_mp:
+        if not self.layout.needs_autocast(self.dtype):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
@@ -255,13 +216,13 @@ class ArchonEngine:
             total_w = float(total)
         if total_w <= 0:
             raise ValueError("loss_weight_fn gave a total weight of 0 over the batch: no token to train on")
-        scale_world = self._loss_scale_world()
+        scale_world = self.layout.loss_scale_world()
         loss_sum, stats_acc = 0.0, {}
         scales = [scale_world / total_w if mb is not None else 0.0 for mb in mbs]
-        held = self._hold_synced_grads()
+        held = self.layout.hold_grads(self.model)
         results = self.runner.forward_backward_all([mb if mb is not None else _dummy_batch(batch) for mb in mbs],
                                                    loss_fn, scales, [w * s for w, s in zip(weights, scales)])
-        self._sync_replica_grads(held)
+        self.layout.sync_grads(self.model, held)
         # Sum on the device and read everything once at the end: a host read per micro-batch would stall the
         # CPU until the GPU drained its queue, leaving the GPU idle while the next micro-batch is launched.
         # Padding micro-batches (mb None) add their stats keys with weight 0, so every data-parallel rank holds

@@ -19,9 +19,7 @@ def _engine_tensors(engine):
         yield _local(t)
         if t.grad is not None:
             yield _local(t.grad)
-    from archon.engine.zero1 import local_optimizer  # zero1: the state lives in ZeRO's per-rank AdamW
-
-    for state in local_optimizer(engine.optimizer).state.values():
+    for state in engine.layout.local_optimizer(engine.optimizer).state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
                 yield _local(v)

@@ -10,9 +10,14 @@ from torch import nn
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str, *, zero1_group=None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (no weight decay on 1-D ones); with `zero1_group` (a process group
-    over full replicas) its state is sharded over that group (`actor.archon.dp_layout=zero1`)."""
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (no weight decay on 1-D ones). A data-parallel layout may wrap the
+    same groups and arguments differently (`archon.engine.dp_layout`)."""
+    return torch.optim.AdamW(param_groups(model, cfg), **adamw_kwargs(cfg, device_type))
+
+
+def param_groups(model: nn.Module, cfg) -> list[dict]:
+    """The trainable parameters in AdamW groups: weight decay on >= 2-D ones only, one group per mesh."""
     # foreach/fused kernels cannot mix DTensors of different meshes with plain tensors: group by mesh too.
     buckets: dict = {}
     for _name, p in model.named_parameters():
@@ -21,18 +26,18 @@ def build_optimizer(model: nn.Module, cfg, device_type: str, *, zero1_group=None
         mesh = getattr(p, "device_mesh", None)
         key = (p.dim() >= 2, id(mesh) if mesh is not None else None)
         buckets.setdefault(key, []).append(p)
-    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
-              for (decay, _), ps in buckets.items()]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (decay, _), ps in buckets.items()]
+
+
+def adamw_kwargs(cfg, device_type: str) -> dict:
+    """AdamW's arguments for `cfg` (an OptimizerConfig): fused kernels on CUDA, foreach elsewhere."""
+    kwargs: dict = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device_type == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    if zero1_group is not None:
-        from archon.engine.zero1 import build_zero1_optimizer
-
-        return build_zero1_optimizer(groups, zero1_group, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return kwargs
 
 
 def lr_lambda(kind: str, total_steps: int, warmup_steps: int, min_lr_ratio: float):

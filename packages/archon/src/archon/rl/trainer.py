@@ -13,7 +13,6 @@ process's); with ``sglang:dN+archon:...`` rollout servers generate and the train
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -23,7 +22,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from archon.config.validate import validate_rl_layout
 from archon.engine.engine import ArchonEngine, resolve_device
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.hf import load_hf_config
@@ -35,6 +33,7 @@ from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
 from archon.rl.rollout_config import resolve_rollout
 from archon.rl.rollouts import ColocatedRollouts, RolloutSource
+from archon.rl.setup import resolve_rl_setup
 from archon.run_guard import RunGuard, check_prompt_lengths, init_process_group
 from archon.step_metrics import moe_summary
 
@@ -56,7 +55,6 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig, *, weight_callbacks: Sequence[WeightCallback] = ()) -> None:
         cfg.validate()
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        validate_rl_layout(cfg, world)
         self.cfg = cfg
         r = cfg.rl
         self.plan = resolve_rollout(cfg.allocation_mode, cfg.rollout, max_staleness=r.max_staleness)
@@ -69,11 +67,10 @@ class RLTrainer:
             self.placement = plan_placement(self.plan, world, dev, torch.cuda.device_count() if dev == "cuda" else 0)
             device = self.placement.trainer_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = device
+        self.setup = resolve_rl_setup(cfg, device=device)  # every rule, RL ones included, before any process group
         self.reward_fn = load_reward_fn(cfg.reward.fn)
         init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
-        total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
-        self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
-                                   device=device).initialize()
+        self.engine = ArchonEngine(self.setup.actor).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
                               recompute_logprobs=r.recompute_logprobs, seed=cfg.sampling.seed)
@@ -83,12 +80,9 @@ class RLTrainer:
                                     seed=cfg.sampling.seed)
         self.ref = None
         if r.kl_coef > 0:
-            self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=device).initialize()
+            self.ref = ArchonEngine(self.setup.ref).initialize()
         self.weight_callbacks = list(weight_callbacks)
-        self.num_prompts = r.batch_size // r.group_size
-        if self.num_prompts % self.dp_world:
-            raise ValueError(f"rl.batch_size / rl.group_size = {self.num_prompts} prompts per step must be divisible "
-                             f"by the {self.dp_world} data-parallel ranks (each rank samples whole groups)")
+        self.num_prompts = r.batch_size // r.group_size  # resolve_rl_setup checked it splits over dp_world
         if self.plan is None:
             self.source: RolloutSource = ColocatedRollouts(self)
         else:
@@ -110,14 +104,8 @@ class RLTrainer:
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
         cfg = self.cfg
-        ccfg = copy.deepcopy(cfg.critic)
-        from_actor = not ccfg.path
-        if from_actor:
-            ccfg.path, ccfg.init_from_scratch = cfg.actor.path, True
-        engine = ArchonEngine(ccfg, allocation_mode=cfg.allocation_mode,
-                              total_steps=cfg.total_train_steps * cfg.rl.n_minibatches, device=self.device,
-                              head="value").initialize()
-        if from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
+        engine = ArchonEngine(self.setup.critic).initialize()
+        if self.setup.critic_from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
             load_backbone_from_lm(engine.model, cfg.actor.path)
         return engine
 
@@ -248,6 +236,11 @@ def log_time_split(history: list[dict]) -> None:
     mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
     log.info("time split (mean of %d steps): generate %.3fs, wait %.3fs, train %.3fs, sync %.3fs | step %.3fs | "
              "rollout %.0f tok/s", len(rows), *(mean[k] for k in keys))
+def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
+    """Several ranks: each samples from its own full replica (rule `archon.config.validate.validate_rl_replicas`)."""
+    from archon.config.validate import validate_rl_replicas
+
+    validate_rl_replicas(cfg, engine.dims, engine.world_size)
 
 
 def _has_weights(path: str) -> bool:

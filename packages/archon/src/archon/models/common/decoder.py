@@ -16,6 +16,7 @@ from torch import nn
 
 from archon.models.common.args import ModelArgs
 from archon.models.common.attention import Attention
+from archon.models.common.head import LMHead, ValueHead
 from archon.models.common.layers import FeedForward, RMSNorm
 from archon.models.common.packing import PackedInput, pack_inputs
 from archon.models.common.rope import rope_cos_sin, rope_inv_freq
@@ -50,39 +51,6 @@ def moe_args_from(args: ModelArgs):
                    aux_loss_coef=args.router_aux_loss_coef)
 
 
-class LMHead(nn.Linear):
-    """The vocab projection. Called with labels it returns per-token (logprobs, entropy) of those labels,
-    chunked so full-vocab fp32 logits never exist for all tokens at once. Doing this inside the head's
-    own forward keeps it correct when the head is an FSDP2 unit (its weight is unsharded only here).
-    """
-
-    def __init__(self, dim: int, vocab_size: int) -> None:
-        super().__init__(dim, vocab_size, bias=False)
-        self.tp_mesh = None  # set by tensor parallelism: the weight is a vocab shard over this mesh
-        self.vocab_start = 0  # set by tensor parallelism: this rank's first vocab id
-        self.gather_logits = None  # set by tensor parallelism: local vocab shard -> full logits
-        self.compile_backend: str | None = None  # set by the engine when it compiles: the logprob kernels too
-
-    def forward(self, h_TD: torch.Tensor, labels_T: torch.Tensor | None = None, *, chunk_size: int = 4096,
-                want_entropy: bool = False, keep_last_logits: bool = False):
-        w = self.weight
-        if hasattr(w, "to_local") and self.tp_mesh is None:
-            w = w.to_local()  # FSDP2-only: unsharded inside forward
-        if labels_T is None:
-            logits = h_TD @ w.t()
-            return self.gather_logits(logits) if self.gather_logits is not None else logits
-        from archon.engine.logprobs import head_logprobs
-
-        tp = {}
-        if self.tp_mesh is not None:  # h: replicated DTensor; its gradient from this vocab shard is a partial sum
-            from torch.distributed.tensor import Partial
-
-            h_TD, w = h_TD.to_local(grad_placements=[Partial()]), w.to_local()
-            tp = dict(tp_group=self.tp_mesh.get_group(), vocab_start=self.vocab_start)
-        return head_logprobs(h_TD, w, labels_T, chunk_size=chunk_size, want_entropy=want_entropy,
-                             keep_last_logits=keep_last_logits, compile_backend=self.compile_backend, **tp)
-
-
 class Decoder(nn.Module):
     """Qwen-family decoder with a language-model head (`head="lm"`) or a scalar value head (`head="value"`).
 
@@ -100,13 +68,12 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: LMHead | None = None
-        self.score: nn.Linear | None = None
+        self.score: ValueHead | None = None
         if head == "lm":
-            self.output = LMHead(args.dim, args.vocab_size)
-            if args.tie_embeddings:
-                self.output.weight = self.tok_embeddings.weight
+            tied = self.tok_embeddings.weight if args.tie_embeddings else None
+            self.output = LMHead(args.dim, args.vocab_size, weight=tied)
         else:
-            self.score = nn.Linear(args.dim, 1, bias=True)
+            self.score = ValueHead(args.dim)
         inv_freq, self.rope_attn_factor = rope_inv_freq(args.rope, args.head_dim, args.max_position_embeddings)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.hf_config: dict[str, Any] | None = None  # the HF config this model came from, for export
@@ -182,27 +149,27 @@ class Decoder(nn.Module):
         """
         if packed is None:
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
+        h_TD = self.hidden_states(packed, kv_hook)
+        if self.norm is None or return_hidden:  # a pipeline stage before the last: its activations
+            return packed.unflatten(h_TD) if self.norm is not None else h_TD
+        if labels is not None and self.output is not None:
+            if label_rows is not None:
+                h_TD = h_TD[label_rows]
+            return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
+                               want_entropy=want_entropy, keep_last_logits=logprob_keep_last)
+        head = self.output if self.output is not None else self.score
+        return packed.unflatten(head(h_TD) if head is not None else h_TD)
+
+    def hidden_states(self, packed: PackedInput, kv_hook=None) -> torch.Tensor:
+        """[T, D] hidden states after the last block, final-normed where this model (stage) holds the norm.
+        `kv_hook` (a KV cache's per-layer callback) runs the blocks eagerly, never a compiled stack."""
         h_TD = self.tok_embeddings(packed.tokens) if self.tok_embeddings is not None else packed.tokens
         rope = rope_cos_sin(self.rope_inv_freq, packed.position_ids, self.rope_attn_factor, h_TD.dtype)
         if kv_hook is None:
             h_TD = self.run_layers(h_TD, rope, packed.meta)
         else:  # KV-cache users call back into Python per layer: never through a compiled layer stack
             h_TD = Decoder.run_layers(self, h_TD, rope, packed.meta, kv_hook)
-        if self.norm is None:
-            return h_TD
-        h_TD = self.norm(h_TD)
-        if return_hidden:
-            return packed.unflatten(h_TD)
-        if self.output is not None:
-            if labels is not None:
-                if label_rows is not None:
-                    h_TD = h_TD[label_rows]
-                return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
-                                   want_entropy=want_entropy, keep_last_logits=logprob_keep_last)
-            return packed.unflatten(self.output(h_TD))
-        if self.score is not None:
-            return packed.unflatten(self.score(h_TD).squeeze(-1))
-        return packed.unflatten(h_TD)
+        return self.norm(h_TD) if self.norm is not None else h_TD
 
     def run_layers(self, h_TD: torch.Tensor, rope, meta, kv_hook=None) -> torch.Tensor:
         """Every decoder block in order. The compile scope "stack" replaces this method on the instance with
