@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("out", help="output HF directory")
     p_exp.add_argument("--model", required=True, help="HF config directory / config.json of the model")
     p_exp.add_argument("--dtype", default="bfloat16", help="export dtype (bfloat16 | float32)")
+    p_exp.add_argument("--tokenizer", default="", help="tokenizer directory or builtin:qwen3 written into OUT with "
+                       "generation_config.json (default: the tokenizer beside --model, if any)")
     parser.epilog = _fields_epilog(TrainConfig).replace("config fields", "`archon train` config fields", 1)
     args, rest = parser.parse_known_args(argv)
     # under torchrun, INFO lines come from rank 0 only (every rank would print the same step logs)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from archon.engine.checkpoint import export_checkpoint_to_hf
 
-            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype)
+            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype, args.tokenizer)
     except ValueError as e:
         print(f"archon: error: {e}", file=sys.stderr)
         return 2

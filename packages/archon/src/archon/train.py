@@ -42,20 +42,35 @@ def _data(cfg: TrainConfig, engine: ArchonEngine, start_step: int):
                              rank=dp_rank, world=dp_world, start_step=start_step)
 
 
+def _text_data(cfg: TrainConfig, engine: ArchonEngine):
+    """SFT examples from text records (a resumable Stateful: the checkpoint keeps its position)."""
+    from archon.data.text import SFTData, build_chat, check_vocab, open_records
+
+    d = cfg.data
+    chat = build_chat(d, cfg.actor.path)
+    check_vocab(chat.tok, engine.model.args.vocab_size)
+    dp_rank, dp_world = engine.dp_rank_world()
+    return SFTData(d, chat, open_records(d, d.path, d.seed), d.batch_size, d.seed, rank=dp_rank, world=dp_world)
+
+
 def run_train(cfg: TrainConfig) -> list[dict]:
+    cfg.data.validate_text(cfg.data.path, "train")
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
     engine.initialize()
     ckpt = None
     start = 0
+    text = _text_data(cfg, engine) if cfg.data.source != "synthetic" else None
     if cfg.checkpoint.dir:
         from archon.engine.checkpoint import EngineCheckpointer
 
         ckpt = EngineCheckpointer(engine, cfg.checkpoint)
+        if text is not None:
+            ckpt.extra_state["data"] = text
         start = ckpt.maybe_resume()
     metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
                             progress_bar=cfg.log.progress_bar, start_step=start)
-    data = _data(cfg, engine, start)
+    data = iter(text) if text is not None else _data(cfg, engine, start)
     history = []
     for step in range(start, cfg.total_train_steps):
         batch = next(data)

@@ -55,6 +55,7 @@ class EngineCheckpointer:
         self.cfg = cfg
         self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save)
         self.train_state = {"step": 0, "version": 0}
+        self.extra_state: dict[str, Stateful] = {}  # e.g. "data": the data stream's position
 
     def _state(self) -> dict:
         from archon_ckpt import ModelState, OptimizerState, RNGState, SchedulerState
@@ -67,7 +68,8 @@ class EngineCheckpointer:
 
             optim = Zero1OptimizerState(e.model, e.optimizer)
         return {"model": model, "optim": optim,
-                "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state}
+                "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state,
+                **self.extra_state}
 
     def save(self, step: int) -> None:
         self.train_state.update(step=step, version=self.engine.version)
@@ -106,8 +108,10 @@ class EngineCheckpointer:
         self.ckpt.close()
 
 
-def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16") -> None:
-    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory."""
+def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16",
+                           tokenizer: str = "") -> None:
+    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory, with the
+    tokenizer (``tokenizer``, else the one beside ``model_config`` if any) and its generation_config."""
     import json
     import os
 
@@ -138,10 +142,26 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
                 continue
             yield from adapter.to_hf(name, t)
 
+    tok = _serving_tokenizer(tokenizer, model_config)  # fails before anything is written
     save_safetensors_sharded(tensors(), out_dir, dtype=torch_dtype)
+    if tok is not None:
+        from archon.tokenizer import save_for_serving, stop_token_ids
+
+        save_for_serving(out_dir, tok, stop_token_ids(tok, model_config))
     cfg = hf_config_dict(model)
     cfg["dtype"] = dtype
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def _serving_tokenizer(spec: str, model_config: str):
+    from archon.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(spec, model_config)
+    except ValueError:
+        if spec:
+            raise
+        return None  # no tokenizer beside the model config: a weights-only export
 
 
 def _reject_lora_checkpoint(step_dir: str) -> None:

@@ -25,11 +25,12 @@ from archon_rl import RolloutBatch
 
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.reward_pool import RewardPool
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
-from archon.rl.rewards import load_reward_fn, prompt_stream
+from archon.rl.rewards import prompt_stream
 from archon.rl.sampler import EmbeddedSampler
 
 log = logging.getLogger("archon")
@@ -47,7 +48,9 @@ class RLTrainer:
         cfg.validate()
         self.cfg = cfg
         r = cfg.rl
-        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        w = cfg.reward
+        self.rewards = RewardPool(w.fn, num_workers=w.num_workers, timeout_s=w.timeout_s, on_error=w.on_error)
+        self.reward_fn = self.rewards.fn
         total_opt_steps = cfg.total_train_steps * r.n_minibatches + r.sft_warmup_steps
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=cfg.device).initialize()
@@ -63,7 +66,9 @@ class RLTrainer:
         self.ref = None
         if r.kl_coef > 0:
             self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
-        self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
+        self.text = TextPrompts(cfg, self.engine) if cfg.data.source != "synthetic" else None
+        stop_pad = (self.text.stop_ids, self.text.pad_id) if self.text is not None else ()
+        self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(*stop_pad), seed=cfg.sampling.seed,
                                        device=self.engine.device, autocast=self.engine._autocast)
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size
@@ -116,18 +121,29 @@ class RLTrainer:
         gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
         gen_time = time.perf_counter() - t0
         responses, logps = gen.responses(), gen.response_logprobs()
-        rewards = [float(self.reward_fn(p, r, **f)) for p, r, f in zip(prompt_ids, responses, fields)]
+        rewards, errors = self._score(prompt_ids, responses, fields)
         samples = [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
                     "group_id": step * self.num_prompts + first + i // g, "version": self.engine.version}
                    for i, (p, r, lp, rw) in enumerate(zip(prompt_ids, responses, logps, rewards))]
         batch = RolloutBatch.from_sequences(samples)
         lens = gen.lengths_B.float()
-        n, r_sum, len_sum, stops, r_max, r_min, gen_time = self._global_stats(
-            [len(rewards), sum(rewards), float(lens.sum()), float(gen.stopped_B.float().sum())],
+        n, r_sum, len_sum, stops, n_err, r_max, r_min, gen_time = self._global_stats(
+            [len(rewards), sum(rewards), float(lens.sum()), float(gen.stopped_B.float().sum()), errors],
             [max(rewards), -min(rewards), gen_time])
-        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "response_len": len_sum / n,
+        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "reward/errors": n_err,
+                 "response_len": len_sum / n,
                  "stop_frac": stops / n, "gen_time": gen_time, "gen_tokens_per_s": len_sum / max(gen_time, 1e-9)}
         return batch, stats
+
+    def _score(self, prompt_ids: list[list[int]], responses: list[list[int]], fields: list[dict]
+               ) -> tuple[list[float], int]:
+        """Rewards (reward.input tokens: the ids; text: the prompt text and the decoded response)."""
+        if self.cfg.reward.input == "tokens":
+            calls = [((p, r), f) for p, r, f in zip(prompt_ids, responses, fields)]
+        else:
+            calls = [((f["prompt_text"], self.text.decode(r)), {k: v for k, v in f.items() if k != "prompt_text"})
+                     for r, f in zip(responses, fields)]
+        return self.rewards(calls)
 
     def _global_stats(self, sums: list[float], maxes: list[float]) -> list[float]:
         """``sums`` summed and ``maxes`` maxed over the data-parallel ranks (as they are on one rank)."""
@@ -177,7 +193,12 @@ class RLTrainer:
         r = self.cfg.rl
         out = os.path.join(r.export_dir, f"v{self.engine.version:06d}")
         dtype = torch.bfloat16 if r.export_dtype == "bfloat16" else torch.float32
-        self.engine.export_weights(out, dtype=dtype)
+        extra = None
+        if self.text is not None:  # the tokenizer and generation_config, so inference engines load `out` directly
+            from archon.tokenizer import save_for_serving
+
+            extra = lambda d: save_for_serving(d, self.text.chat.tok, self.text.stop_ids)
+        self.engine.export_weights(out, dtype=dtype, extra_files=extra)
         atomic_write_text(os.path.join(r.export_dir, "latest.json"),
                           json.dumps({"version": self.engine.version, "path": os.path.abspath(out)}))
         return out
@@ -189,6 +210,8 @@ class RLTrainer:
             from archon.engine.checkpoint import EngineCheckpointer
 
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
+            if self.text is not None:
+                ckpt.extra_state["data"] = self.text.data
             start = ckpt.maybe_resume()
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
                                 progress_bar=cfg.log.progress_bar, start_step=start)
@@ -196,20 +219,43 @@ class RLTrainer:
             warm = self.sft_warmup()
             log.info("sft warmup: %d steps, loss %.3f -> %.3f", len(warm), warm[0]["loss"], warm[-1]["loss"])
         d = cfg.data
-        prompts = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
-                                start_step=start)
+        prompts = iter(self.text.data) if self.text is not None else prompt_stream(
+            d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path, start_step=start)
         history = []
-        for step in range(start, cfg.total_train_steps):
-            stats = self.step(step, next(prompts))
-            metrics.log(step + 1, stats)
-            history.append(stats)
+        try:
+            for step in range(start, cfg.total_train_steps):
+                stats = self.step(step, next(prompts))
+                metrics.log(step + 1, stats)
+                history.append(stats)
+                if ckpt is not None:
+                    ckpt.after_step(step + 1)
             if ckpt is not None:
-                ckpt.after_step(step + 1)
-        if ckpt is not None:
-            ckpt.finish(cfg.total_train_steps)
+                ckpt.finish(cfg.total_train_steps)
+        finally:
+            self.rewards.close()
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
+
+
+class TextPrompts:
+    """Text prompts of `data.source: file | reasoning_gym`: the tokenizer and chat template, the resumable prompt
+    stream, and the stop / pad ids the sampler uses."""
+
+    def __init__(self, cfg: RLConfig, engine: ArchonEngine) -> None:
+        from archon.data.text import PromptData, build_chat, check_vocab, open_records
+        from archon.tokenizer import pad_token_id, stop_token_ids
+
+        d = cfg.data
+        self.chat = build_chat(d, cfg.actor.path)
+        check_vocab(self.chat.tok, engine.model.args.vocab_size)
+        self.stop_ids = stop_token_ids(self.chat.tok, cfg.actor.path)
+        self.pad_id = pad_token_id(self.chat.tok)
+        self.data = PromptData(d, self.chat, open_records(d, d.path, d.seed), cfg.rl.batch_size // cfg.rl.group_size,
+                               d.seed)
+
+    def decode(self, response_ids: list[int]) -> str:
+        return self.chat.tok.decode(response_ids, skip_special_tokens=True)
 
 
 def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
