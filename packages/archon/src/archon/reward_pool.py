@@ -12,22 +12,53 @@ reported with the function's name and the sample; ``on_error='raise'`` stops the
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
 import multiprocessing as mp
+import os
+import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 log = logging.getLogger("archon")
 
-__all__ = ["RewardCall", "RewardPool"]
+__all__ = ["RewardCall", "RewardPool", "load_reward_fn"]
+
+RewardFn = Callable[..., float]
 
 RewardCall = tuple[tuple[Any, ...], dict[str, Any]]
 """(positional args, keyword fields) of one reward call: (prompt, response), fields."""
 
 ON_ERROR = ("raise", "zero")
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``'package.module:function'`` (importable, or a module file under the working directory such as
+    ``examples.rewards``) or ``'path/to/file.py:function'``."""
+    if ":" not in spec:
+        raise ValueError(f"reward.fn {spec!r} must look like 'module:function' or 'path/file.py:function'")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    path = mod_name if mod_name.endswith(".py") else mod_name.replace(".", os.sep) + ".py"
+    if os.path.isfile(path):
+        name = "archon_reward_" + os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"reward.fn {spec!r}: cannot import {mod_name!r} ({e}) and no file {path!r}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward.fn {spec!r}: {mod_name!r} has no function {fn_name!r}")
+    return fn
 
 
 def _call(fn, args, kwargs) -> tuple[str, Any]:
@@ -38,8 +69,6 @@ def _call(fn, args, kwargs) -> tuple[str, Any]:
 
 
 def _worker_main(spec: str, conn: Connection) -> None:
-    from archon.rl.rewards import load_reward_fn
-
     try:
         fn = load_reward_fn(spec)
     except Exception as e:  # noqa: BLE001
@@ -83,8 +112,6 @@ class RewardPool:
     """Scores batches of reward calls; see the module docstring for workers, timeouts and errors."""
 
     def __init__(self, spec: str, *, num_workers: int = 0, timeout_s: float = 0.0, on_error: str = "raise") -> None:
-        from archon.rl.rewards import load_reward_fn
-
         if on_error not in ON_ERROR:
             raise ValueError(f"reward.on_error must be one of {ON_ERROR}, got {on_error!r}")
         if num_workers < 0 or timeout_s < 0:

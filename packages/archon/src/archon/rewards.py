@@ -13,7 +13,13 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
 from archon.data.source import quiet_import
+
+with quiet_import():  # imported here, so a reward worker pays for it once when it loads the function
+    from reasoning_gym import get_score_answer_fn
+    from reasoning_gym.utils import extract_answer
 
 __all__ = ["math_verify", "reasoning_gym"]
 
@@ -24,8 +30,6 @@ def _gold_text(answer: Any) -> str:
 
 
 def math_verify(prompt: str, response: str, answer: Any = None, **_: Any) -> float:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
     if answer is None:
         raise ValueError("math_verify needs the reference answer in the `answer` field (data.answer_key)")
     gold = parse(_gold_text(answer), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
@@ -37,17 +41,11 @@ def math_verify(prompt: str, response: str, answer: Any = None, **_: Any) -> flo
 
 @cache
 def _scorer(name: str):
-    with quiet_import():
-        from reasoning_gym import get_score_answer_fn
-
     return get_score_answer_fn(name)
 
 
 def reasoning_gym(prompt: str, response: str, answer: Any = None, metadata: dict | None = None,
                   question: str = "", **_: Any) -> float:
-    with quiet_import():
-        from reasoning_gym.utils import extract_answer
-
     if not metadata or "source_dataset" not in metadata:
         raise ValueError("reasoning_gym needs the record's `metadata` field with `source_dataset` "
                          "(records of data.source=reasoning_gym carry it)")
