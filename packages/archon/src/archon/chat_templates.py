@@ -8,7 +8,8 @@ whole conversation (no earlier turn is re-rendered), which `archon.chat.encode_c
 - ``chatml``: the plain format (no default system prompt).
 - ``chatml_system``: ChatML with a default system prompt when the conversation brings none.
 - ``chatml_think``: ChatML with thinking tags: an assistant turn's ``reasoning_content`` is rendered as
-  ``<think>...</think>``; ``enable_thinking=False`` puts an empty think block before the answer.
+  ``<think>...</think>``; ``enable_thinking=False`` puts an empty think block before every answer (and the
+  generation prompt) instead, without the reasoning.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ CHATML_THINK = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if message.get('reasoning_content') -%}"
+    "{%- if think_off -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}"
+    "{%- elif message.get('reasoning_content') -%}"
     "{%- generation -%}"
     "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' -}}"
     "{%- endgeneration -%}"
     "{%- else -%}"
-    "{%- if think_off -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
     "{%- generation -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- else -%}"
