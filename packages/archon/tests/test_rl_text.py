@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 def test_grpo_reasoning_gym_example_exports_loadable_dir(tmp_path):
     exp = tmp_path / "export"
     rc = main(["rl", "examples/grpo_reasoning_gym.yaml", "--total_train_steps=1", "--rl.batch_size=4",
-               "--rl.group_size=2", "--sampling.max_new_tokens=6", f"--rl.export_dir={exp}",
+               "--rl.group_size=2", "--sampling.max_new_tokens=6", "--data.dataset_size=8", "--reward.num_workers=1",
+               f"--rl.export_dir={exp}",
                f"--log.dir={tmp_path}", "--log.progress_bar=false"])
     assert rc == 0
     row = json.loads(open(tmp_path / "metrics.jsonl").readline())

@@ -1,9 +1,10 @@
 """Reward calls in worker processes with a per-call timeout, and the error policy for bad rewards.
 
-``RewardPool(spec, num_workers=N, timeout_s=T)`` starts N spawned workers that each import the reward
+``RewardPool(spec, num_workers=N, timeout_s=T)`` starts N worker processes that each import the reward
 function named by ``spec`` once. Every call gets its own deadline from the moment a worker takes it; a
 worker past its deadline is killed and replaced, so a hanging reward costs T seconds, not the run. With
-``num_workers=0`` calls run in this process (no timeout can be enforced there).
+``num_workers=0`` calls run in this process (no timeout can be enforced there). Workers fork from a
+forkserver that has imported this module, so starting or replacing one is fast.
 
 A call that raises, hangs, returns a non-number (or NaN / inf), or kills its worker is a reward error,
 reported with the function's name and the sample; ``on_error='raise'`` stops the run with that message,
@@ -119,7 +120,10 @@ class RewardPool:
         self.spec, self.num_workers, self.timeout_s, self.on_error = spec, num_workers, timeout_s, on_error
         self.fn = load_reward_fn(spec)  # the name in messages, and a load error here rather than in a worker
         self.name = getattr(self.fn, "__qualname__", spec)
-        self._ctx = mp.get_context("spawn")
+        # forkserver: one clean server process imports this module once; each worker (and each replacement of a
+        # killed one) forks from it in milliseconds, never from the trainer with its threads and CUDA state
+        self._ctx = mp.get_context("forkserver")
+        self._ctx.set_forkserver_preload([__name__])
         self._workers: list[_Worker] = []
 
     def _error(self, what: str, call: RewardCall) -> str:
