@@ -4,6 +4,7 @@ its export loads in transformers with its tokenizer and generation_config."""
 import json
 import os
 
+import pytest
 import torch
 from archon.cli import main
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -30,3 +31,21 @@ def test_grpo_reasoning_gym_example_exports_loadable_dir(tmp_path):
     assert model.config.vocab_size >= len(tok)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.source=file", "data.source=file needs data.path"),
+    ("--data.source=nope", "data.source 'nope' is not one of"),
+    ("--reward.num_workers=0", "reward.timeout_s needs reward.num_workers >= 1"),
+    ("--reward.on_error=ignore", "reward.on_error raise | zero"),
+    ("--data.max_len=10", "data.max_len is not used with data.source=reasoning_gym in archon rl"),
+    ("--data.source=synthetic", "data.tokenizer is not used with data.source=synthetic in archon rl"),
+])
+def test_bad_text_config_is_reported(tmp_path, capsys, override, message):
+    assert main(["rl", "examples/grpo_reasoning_gym.yaml", override, f"--log.dir={tmp_path}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_synthetic_source_rejects_text_keys(tmp_path, capsys):
+    assert main(["train", "examples/sft_tiny.yaml", "--data.tokenizer=builtin:qwen3", f"--log.dir={tmp_path}"]) == 2
+    assert "data.tokenizer is not used with data.source=synthetic" in capsys.readouterr().err
