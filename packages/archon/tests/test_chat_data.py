@@ -163,3 +163,12 @@ def test_data_position_survives_resume(tmp_path, tok_dir, monkeypatch):
     resumed = run("b", 5, resume="auto")
     assert seen == straight  # batches 1-2, then 3-5 after the resume (crossing into epoch 2)
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[2:]]
+    # `archon export-hf` of that checkpoint carries the tokenizer and generation_config
+    from archon.engine.checkpoint import export_checkpoint_to_hf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    export_checkpoint_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(cfg_json), "float32", tok_dir)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert tok.encode("<|im_start|>hi") == load_tokenizer(tok_dir).encode("<|im_start|>hi")
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == [tok.eos_token_id]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).config.vocab_size == 264
