@@ -17,7 +17,7 @@ from archon.engine.batch import PackedBatch
 
 log = logging.getLogger("archon")
 
-__all__ = ["PromptData", "SFTData", "build_chat", "check_vocab", "open_records"]
+__all__ = ["PromptData", "SFTData", "TextPrompts", "build_chat", "check_vocab", "open_records"]
 
 Prompt = tuple[list[int], dict[str, Any]]
 
@@ -127,3 +127,21 @@ class PromptData(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+
+
+class TextPrompts:
+    """What `archon rl` needs for text prompts: the tokenizer and chat template, the resumable prompt stream, and
+    the stop / pad ids the sampler uses (from the tokenizer and generation_config)."""
+
+    def __init__(self, cfg, model_path: str, vocab_size: int, num_prompts: int) -> None:
+        """``cfg``: `archon rl`'s data section (text fields plus ``path`` and ``seed``)."""
+        from archon.tokenizer import pad_token_id, stop_token_ids
+
+        self.chat = build_chat(cfg, model_path)
+        check_vocab(self.chat.tok, vocab_size)
+        self.stop_ids = stop_token_ids(self.chat.tok, model_path)
+        self.pad_id = pad_token_id(self.chat.tok)
+        self.data = PromptData(cfg, self.chat, open_records(cfg, cfg.path, cfg.seed), num_prompts, cfg.seed)
+
+    def decode(self, response_ids: list[int]) -> str:
+        return self.chat.tok.decode(response_ids, skip_special_tokens=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from archon_rl import RolloutBatch
 
+from archon.data.text import TextPrompts
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.reward_pool import RewardPool
@@ -55,6 +56,7 @@ class RLTrainer:
         self.engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=total_opt_steps,
                                    device=cfg.device).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
+        self.num_prompts = r.batch_size // r.group_size
         if self.engine.world_size > 1:
             _check_replicas(cfg, self.engine)
         self.actor = PPOActor(self.engine, r.loss(), r.advantage(), n_minibatches=r.n_minibatches,
@@ -66,12 +68,13 @@ class RLTrainer:
         self.ref = None
         if r.kl_coef > 0:
             self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
-        self.text = TextPrompts(cfg, self.engine) if cfg.data.source != "synthetic" else None
+        self.text = None
+        if cfg.data.source != "synthetic":
+            self.text = TextPrompts(cfg.data, cfg.actor.path, self.engine.model.args.vocab_size, self.num_prompts)
         stop_pad = (self.text.stop_ids, self.text.pad_id) if self.text is not None else ()
         self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(*stop_pad), seed=cfg.sampling.seed,
                                        device=self.engine.device, autocast=self.engine._autocast)
         self.weight_callbacks = list(weight_callbacks)
-        self.num_prompts = r.batch_size // r.group_size
         if self.num_prompts % self.dp_world:
             raise ValueError(f"rl.batch_size / rl.group_size = {self.num_prompts} prompts per step must be divisible "
                              f"by the {self.dp_world} data-parallel ranks (each rank samples whole groups)")
@@ -222,40 +225,18 @@ class RLTrainer:
         prompts = iter(self.text.data) if self.text is not None else prompt_stream(
             d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path, start_step=start)
         history = []
-        try:
-            for step in range(start, cfg.total_train_steps):
-                stats = self.step(step, next(prompts))
-                metrics.log(step + 1, stats)
-                history.append(stats)
-                if ckpt is not None:
-                    ckpt.after_step(step + 1)
+        for step in range(start, cfg.total_train_steps):
+            stats = self.step(step, next(prompts))
+            metrics.log(step + 1, stats)
+            history.append(stats)
             if ckpt is not None:
-                ckpt.finish(cfg.total_train_steps)
-        finally:
-            self.rewards.close()
+                ckpt.after_step(step + 1)
+        if ckpt is not None:
+            ckpt.finish(cfg.total_train_steps)
+        self.rewards.close()  # (on an error, multiprocessing's exit handler stops the daemon workers)
         metrics.close()
         log.info("done: %d RL steps, metrics in %s", cfg.total_train_steps, metrics.path)
         return history
-
-
-class TextPrompts:
-    """Text prompts of `data.source: file | reasoning_gym`: the tokenizer and chat template, the resumable prompt
-    stream, and the stop / pad ids the sampler uses."""
-
-    def __init__(self, cfg: RLConfig, engine: ArchonEngine) -> None:
-        from archon.data.text import PromptData, build_chat, check_vocab, open_records
-        from archon.tokenizer import pad_token_id, stop_token_ids
-
-        d = cfg.data
-        self.chat = build_chat(d, cfg.actor.path)
-        check_vocab(self.chat.tok, engine.model.args.vocab_size)
-        self.stop_ids = stop_token_ids(self.chat.tok, cfg.actor.path)
-        self.pad_id = pad_token_id(self.chat.tok)
-        self.data = PromptData(d, self.chat, open_records(d, d.path, d.seed), cfg.rl.batch_size // cfg.rl.group_size,
-                               d.seed)
-
-    def decode(self, response_ids: list[int]) -> str:
-        return self.chat.tok.decode(response_ids, skip_special_tokens=True)
 
 
 def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
