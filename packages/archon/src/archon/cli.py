@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p_plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     p_plot.add_argument("--keys", default="loss,reward", help="comma-separated metric keys, one panel each")
     p_plot.add_argument("--out", default="metrics.png", help="output PNG")
+    p_exp.add_argument("--tokenizer", default="", help="tokenizer directory or builtin:qwen3 written into OUT with "
+                       "generation_config.json (default: the tokenizer beside --model, if any)")
     from archon.serve.app import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="rollout server: SGLang's HTTP API on Archon's sampler"))
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.model:
                 raise UserError("export-hf needs --model CONFIG (or --merge-lora --config RUN.yaml for a LoRA run)")
-            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype, overwrite=args.overwrite)
+            export_checkpoint_to_hf(args.checkpoint, args.out, args.model, args.dtype, args.tokenizer,
+                                   overwrite=args.overwrite)
 
     return run_guarded(command, debug=debug)
 

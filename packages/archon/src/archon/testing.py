@@ -35,3 +35,24 @@ def hf_model(cfg, seed: int = 0):
             elif n.endswith("bias"):
                 p.normal_(0, 0.05)
     return m.eval()
+
+
+def tiny_byte_tokenizer(out_dir: str, chat_template: str = "chatml") -> str:
+    """A byte-level BPE tokenizer without merges (256 byte tokens + ChatML specials) saved to ``out_dir``:
+    a real HF fast tokenizer whose vocabulary fits a tiny model."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from archon.chat_templates import CHAT_TEMPLATES
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, normalized=False, special=t.startswith("<|"))
+                    for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 chat_template=CHAT_TEMPLATES[chat_template])
+    hf.save_pretrained(out_dir)
+    return out_dir

@@ -12,8 +12,9 @@ import torch
 from archon.config.schema import TrainConfig
 from archon.config.validate import validate_no_inference
 from archon.engine.batch import PackedBatch
-from archon.engine.engine import ArchonEngine, resolve_device
+from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.engine.setup import resolve_device
 from archon.hf import load_hf_config
 from archon.logging_sinks import make_sinks
 from archon.run_guard import RunGuard, check_token_ids, init_process_group
@@ -54,27 +55,45 @@ def _config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _text_data(cfg: TrainConfig, engine: ArchonEngine):
+    """SFT examples from text records (a resumable Stateful: the checkpoint keeps its position)."""
+    from archon.data.text import SFTData, build_chat, check_vocab, open_records
+
+    d = cfg.data
+    chat = build_chat(d, cfg.actor.path)
+    check_vocab(chat.tok, engine.model.args.vocab_size)
+    dp_rank, dp_world = engine.dp_rank_world()
+    return SFTData(d, chat, open_records(d, d.path, d.seed), d.batch_size, d.seed, rank=dp_rank, world=dp_world)
+
+
 def run_train(cfg: TrainConfig) -> list[dict]:
     validate_no_inference(cfg.allocation_mode)
+    cfg.data.validate_text(cfg.data.path, "train")
     init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
     engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
                           device=cfg.device)
     engine.initialize()
     ckpt = None
     start = 0
+    text = _text_data(cfg, engine) if cfg.data.source != "synthetic" else None
     if cfg.checkpoint.dir:
         from archon.engine.checkpoint import EngineCheckpointer
 
         ckpt = EngineCheckpointer(engine, cfg.checkpoint)
+        if text is not None:
+            ckpt.extra_state["data"] = text
         start = ckpt.maybe_resume()
     guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
     guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
-    vocab = load_hf_config(cfg.actor.path).vocab_size if cfg.data.task == "jsonl" else None
-    data = _data(cfg, engine, start)
-    first = next(data)  # read (and check) the data before anything is written
-    if vocab is not None:
-        check_token_ids(first.input_ids, vocab, f"data.path {cfg.data.path!r}")
-    data = itertools.chain([first], data)
+    vocab = load_hf_config(cfg.actor.path).vocab_size if text is None and cfg.data.task == "jsonl" else None
+    if text is not None:
+        data = iter(text)  # its position came back with the checkpoint
+    else:
+        data = _data(cfg, engine, start)
+        first = next(data)  # read (and check) the data before anything is written
+        if vocab is not None:
+            check_token_ids(first.input_ids, vocab, f"data.path {cfg.data.path!r}")
+        data = itertools.chain([first], data)
     metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=engine.rank == 0,
                             progress_bar=cfg.log.progress_bar, start_step=start,
                             sinks=make_sinks(cfg.log, _config_dict(cfg)) if engine.rank == 0 else [])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from archon.config.fields import doc
+from archon.data.config import TextDataConfig
 
 
 @dataclass
@@ -96,9 +97,10 @@ class ActorConfig:
 
 
 @dataclass
-class DataConfig:
-    task: str = doc("reverse", "built-in synthetic task: copy | reverse | sort; or 'jsonl' to read `path`")
-    path: str = doc("", "for task=jsonl: a file of {\"input_ids\": [...], \"loss_mask\": [...]} lines")
+class DataConfig(TextDataConfig):
+    task: str = doc("reverse", "source=synthetic: built-in task copy | reverse | sort; or 'jsonl' to read `path`")
+    path: str = doc("", "task=jsonl: a file of {\"input_ids\": [...], \"loss_mask\": [...]} lines; "
+                    "source=file: JSONL / Parquet / a datasets directory of text records")
     num_digits: int = doc(6, "synthetic tasks: digits per example")
     batch_size: int = doc(32, "sequences per optimizer step (global, across data-parallel ranks)")
     seed: int = doc(0, "data seed")

@@ -57,6 +57,7 @@ class EngineCheckpointer:
         self.ckpt = Checkpointer(cfg.dir, keep_last_n=cfg.keep_last_n or None, async_save=cfg.async_save,
                                  writer=True)
         self.train_state = {"step": 0, "version": 0}
+        self.extra_state: dict[str, Stateful] = {}  # e.g. "data": the data stream's position
 
     def _state(self) -> dict:
         from archon_ckpt import ModelState, RNGState, SchedulerState
@@ -65,7 +66,8 @@ class EngineCheckpointer:
         model = AdapterState(e.model) if getattr(self.cfg, "adapter_only", False) else ModelState(e.model)
         optim = e.layout.optimizer_state(e.model, e.optimizer)
         return {"model": model, "optim": optim,
-                "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state}
+                "sched": SchedulerState(e.scheduler), "rng": RNGState(), "train": self.train_state,
+                **self.extra_state}
 
     def save(self, step: int) -> None:
         self.train_state.update(step=step, version=self.engine.version)
@@ -104,9 +106,10 @@ class EngineCheckpointer:
         self.ckpt.close()
 
 
-def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16", *,
-                            overwrite: bool = False) -> None:
-    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory.
+def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dtype: str = "bfloat16",
+                            tokenizer: str = "", *, overwrite: bool = False) -> None:
+    """Convert a DCP training checkpoint (root with `latest`, or one step dir) into an HF directory, with the
+    tokenizer (``tokenizer``, else the one beside ``model_config`` if any) and its generation_config.
 
     Checked before anything is written (`archon.export_guard`): `out_dir` is not the checkpoint or a folder
     holding it, is empty unless `overwrite`, and the model of `model_config` has the checkpoint's shapes."""
@@ -153,10 +156,26 @@ def export_checkpoint_to_hf(checkpoint: str, out_dir: str, model_config: str, dt
                 continue
             yield from adapter.to_hf(name, t)
 
+    tok = _serving_tokenizer(tokenizer, model_config)  # fails before anything is written
     save_safetensors_sharded(tensors(), out_dir, dtype=torch_dtype)
+    if tok is not None:
+        from archon.tokenizer import save_for_serving, stop_token_ids
+
+        save_for_serving(out_dir, tok, stop_token_ids(tok, model_config))
     cfg = hf_config_dict(model)
     cfg["dtype"] = dtype
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True, default=str))
+
+
+def _serving_tokenizer(spec: str, model_config: str):
+    from archon.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(spec, model_config)
+    except ValueError:
+        if spec:
+            raise
+        return None  # no tokenizer beside the model config: a weights-only export
 
 
 def _reject_lora_checkpoint(step_dir: str) -> None:

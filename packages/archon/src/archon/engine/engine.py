@@ -305,14 +305,15 @@ class ArchonEngine:
         if self._offloaded:
             raise RuntimeError("the engine is offloaded; call engine.onload() before forward/train")
 
-    def export_weights(self, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16, merged: bool = True) -> None:
+    def export_weights(self, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16, merged: bool = True,
+                       extra_files=None) -> None:
         """Write HF safetensors (config.json last) and a ready file carrying the weight version.
 
         With LoRA: `merged=True` ships base weights with the adapter folded in, `merged=False` the PEFT adapter.
         """
         from archon.engine.export import export_hf_weights
 
-        export_hf_weights(self, out_dir, dtype=dtype, merged=merged)
+        export_hf_weights(self, out_dir, dtype=dtype, merged=merged, extra_files=extra_files)
 
     def save_adapter(self, out_dir: str) -> None:
         """Write the LoRA adapter in PEFT format with HF names (collective; rank 0 writes)."""

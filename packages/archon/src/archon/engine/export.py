@@ -9,9 +9,11 @@ import torch
 import torch.distributed as dist
 
 
-def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16, merged: bool = True) -> None:
+def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch.bfloat16, merged: bool = True,
+                      extra_files=None) -> None:
     """Write `out_dir` atomically (collective on every rank); `out_dir/READY` names the weight version last.
 
+    ``extra_files(out_dir)`` (rank 0, before READY) adds files such as the tokenizer.
     A LoRA engine writes the base weights with the adapter folded in (`merged=True`) or the PEFT adapter alone.
     Under pipeline parallelism every stage writes its own shards (see `write_hf_dir`).
     """
@@ -23,6 +25,8 @@ def export_hf_weights(engine, out_dir: str, *, dtype: torch.dtype | None = torch
     else:
         write_hf_dir(engine.model, out_dir, dtype=dtype)
     if not dist.is_initialized() or dist.get_rank() == 0:
+        if extra_files is not None:
+            extra_files(out_dir)
         atomic_write_text(os.path.join(out_dir, "READY"), json.dumps({"version": engine.version}))
     if dist.is_initialized():
         dist.barrier()

@@ -12,6 +12,7 @@ from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, 
 
 from archon.config.fields import doc
 from archon.config.schema import ActorConfig, CheckpointConfig, DistributedConfig, LogConfig
+from archon.data.config import TextDataConfig
 from archon.rl.rollout_config import RolloutSection, resolve_rollout
 
 __all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
@@ -20,9 +21,10 @@ PROMPT_TASKS = ("copy", "reverse", "sort", "jsonl")
 
 
 @dataclass
-class PromptConfig:
-    task: str = doc("reverse", "synthetic digit prompts (copy | reverse | sort, see archon.data) or 'jsonl'")
-    path: str = doc("", "task=jsonl: lines of {\"prompt_ids\": [...], ...}; other keys go to the reward fn")
+class PromptConfig(TextDataConfig):
+    task: str = doc("reverse", "source=synthetic: digit prompts (copy | reverse | sort, see archon.data) or 'jsonl'")
+    path: str = doc("", "task=jsonl: lines of {\"prompt_ids\": [...], ...}, other keys go to the reward fn; "
+                    "source=file: JSONL / Parquet / a datasets directory of text records")
     num_digits: int = doc(4, "synthetic tasks: digits per prompt")
     seed: int = doc(0, "prompt sampling seed")
 
@@ -33,14 +35,19 @@ class SamplingSection:
     temperature: float = doc(1.0, "sampling temperature (0 = greedy)")
     top_p: float = doc(1.0, "nucleus sampling threshold (1 = off)")
     top_k: int = doc(0, "top-k sampling (0 = off)")
-    stop_token_ids: list[int] = doc(factory=lambda: [3], help="a response ends after one of these (3 = synthetic eos)")
-    pad_token_id: int = doc(0, "padding token id")
+    stop_token_ids: list[int] | None = doc(None, "a response ends after one of these; null = the tokenizer's eos + "
+                                           "generation_config's eos_token_id for text data, [3] (synthetic eos) "
+                                           "otherwise")
+    pad_token_id: int | None = doc(None, "padding token id; null = the tokenizer's pad (else eos) for text data, "
+                                   "0 otherwise")
     seed: int = doc(0, "sampling seed (each step uses its own generator; the global RNG is untouched)")
 
-    def build(self) -> SamplingConfig:
+    def build(self, stop_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SamplingConfig:
+        """The sampler config; the arguments fill in stop / pad ids the config leaves null (default: synthetic)."""
+        stop = self.stop_token_ids if self.stop_token_ids is not None else (stop_token_ids or [3])
+        pad = self.pad_token_id if self.pad_token_id is not None else (pad_token_id or 0)
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop_token_ids=list(self.stop_token_ids),
-                              pad_token_id=self.pad_token_id)
+                              top_k=self.top_k, stop_token_ids=list(stop), pad_token_id=pad)
 
 
 @dataclass
@@ -91,8 +98,15 @@ class PPOConfig:
 
 @dataclass
 class RewardConfig:
-    fn: str = doc("", "reward function 'module:function' or 'path/file.py:function'; "
-                      "called as fn(prompt_ids, response_ids, **prompt_fields) -> float")
+    fn: str = doc("", "reward function 'module:function' or 'path/file.py:function' (built in: "
+                      "archon.rewards:math_verify, archon.rewards:reasoning_gym)")
+    input: str = doc("tokens", "tokens: fn(prompt_ids, response_ids, **fields) | text: fn(prompt, response, **fields) "
+                     "with the prompt as the model saw it and the response decoded (no special tokens)")
+    num_workers: int = doc(0, "reward worker processes (0 = call in the trainer process, no timeout)")
+    timeout_s: float = doc(0.0, "per-call limit in seconds (needs num_workers >= 1; 0 = none); a call past it is "
+                           "killed and counts as an error")
+    on_error: str = doc("raise", "a call that raises, hangs or returns a non-number: raise (stop the run with the "
+                        "sample) | zero (score 0, counted as reward/errors)")
 
 
 @dataclass
@@ -144,8 +158,20 @@ class RLConfig:
             raise ValueError(f"rl.export_dtype must be bfloat16 or float32, got {r.export_dtype!r}")
         if r.sft_warmup_steps < 0:
             raise ValueError(f"rl.sft_warmup_steps must be >= 0, got {r.sft_warmup_steps}")
-        if r.sft_warmup_steps and self.data.task == "jsonl":
+        if r.sft_warmup_steps and (self.data.task == "jsonl" or self.data.source != "synthetic"):
             raise ValueError("rl.sft_warmup_steps uses the synthetic task answers; it needs data.task != jsonl")
+        self.data.validate_text(self.data.path, "rl")
+        w = self.reward
+        if w.input not in ("tokens", "text") or w.on_error not in ("raise", "zero"):
+            raise ValueError(f"reward.input must be tokens | text and reward.on_error raise | zero, got {w.input!r}, "
+                             f"{w.on_error!r}")
+        if w.num_workers < 0 or w.timeout_s < 0 or (w.timeout_s and not w.num_workers):
+            raise ValueError("reward.timeout_s needs reward.num_workers >= 1 (a call in the trainer process cannot be "
+                             "cut); both must be >= 0")
+        if w.input == "text" and self.data.source == "synthetic":
+            raise ValueError("reward.input=text needs text prompts: set data.source to file or reasoning_gym")
+        if self.data.source != "synthetic":
+            return self._check_reward()
         if self.data.task not in PROMPT_TASKS:
             raise ValueError(f"data.task {self.data.task!r} is not one of {PROMPT_TASKS}")
         if self.data.task == "jsonl" and not self.data.path:
@@ -156,5 +182,8 @@ class RLConfig:
         if r.behav_imp_weight_cap is not None and r.max_staleness == 0:
             raise ValueError("rl.behav_imp_weight_cap caps the decoupled-PPO weight, which only rl.max_staleness > 0 "
                              "uses; drop it or set rl.max_staleness")
+        self._check_reward()
+
+    def _check_reward(self) -> None:
         if not self.reward.fn:
             raise ValueError("reward.fn is empty: set it to 'module:function' (e.g. examples/rewards.py:digit_reward)")

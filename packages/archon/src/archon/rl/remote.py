@@ -41,6 +41,7 @@ class RemoteRollouts:
         self.max_staleness = cfg.rl.max_staleness
         self.decoupled = self.max_staleness > 0
         self.rank0 = trainer.engine.rank == 0
+        self._reward_errors: dict[int, int] = {}  # step -> failed reward calls (reward.on_error=zero)
         name = cfg.actor.dtype if self.ro.dtype == "auto" else self.ro.dtype
         self.dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(name, name)
         self.weight_dir = self.ro.weight_dir or os.path.join(cfg.log.dir, "rollout")
@@ -107,7 +108,7 @@ class RemoteRollouts:
         t = self.trainer
         s = t.cfg.sampling
         self.producer = RolloutProducer(lambda: self.client, t.prompts(version), self._score,
-                                        sampling=s.build(), seed=s.seed, group_size=t.cfg.rl.group_size,
+                                        sampling=t.sampling, seed=s.seed, group_size=t.cfg.rl.group_size,
                                         max_staleness=self.max_staleness, start_step=version,
                                         total_steps=t.cfg.total_train_steps)
 
@@ -134,8 +135,10 @@ class RemoteRollouts:
         fields = [f for _, f in prompts for _ in range(g)]
         versions = [int(r.weight_version) if r.weight_version is not None else -1 for r in results]
         group_ids = [step * t.num_prompts + i // g for i in range(len(ids))]
-        return score_samples(t.reward_fn, t.cfg.reward.fn, ids, [r.output_ids for r in results], [r.logprobs for r in results],
-                             fields, group_ids, versions)
+        samples, errors = score_samples(t, ids, [r.output_ids for r in results], [r.logprobs for r in results],
+                                        fields, group_ids, versions)
+        self._reward_errors[step] = errors  # read by _take on the trainer thread
+        return samples
 
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         payload = [self._take(step) if self.rank0 else None]
@@ -165,6 +168,7 @@ class RemoteRollouts:
         rewards = [s["reward"] for s in samples]
         n = len(samples)
         stats = {"reward": sum(rewards) / n, "reward_max": max(rewards), "reward_min": min(rewards),
+                 "reward/errors": float(self._reward_errors.pop(step, 0)),
                  "response_len": ready.num_tokens / n, "stop_frac": ready.stopped / n, "gen_time": ready.gen_time,
                  "gen_tokens_per_s": ready.num_tokens / max(ready.gen_time, 1e-9), "wait_time": wait,
                  "staleness_mean": sum(lags) / n, "staleness_max": float(max(lags)),

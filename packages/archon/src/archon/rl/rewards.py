@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import random
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from archon.errors import parse_json_line
+from archon.reward_pool import load_reward_fn
 
 __all__ = ["load_reward_fn", "prompt_stream"]
-
-RewardFn = Callable[..., float]
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """``'package.module:function'`` (importable, or a module file under the working directory such as
-    ``examples.rewards``) or ``'path/to/file.py:function'``."""
-    if ":" not in spec:
-        raise ValueError(f"reward.fn {spec!r} must look like 'module:function' or 'path/file.py:function'")
-    mod_name, fn_name = spec.rsplit(":", 1)
-    path = mod_name if mod_name.endswith(".py") else mod_name.replace(".", os.sep) + ".py"
-    if os.path.isfile(path):
-        name = "archon_reward_" + os.path.splitext(os.path.basename(path))[0]
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"reward.fn {spec!r}: cannot import {mod_name!r} ({e}) and no file {path!r}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"reward.fn {spec!r}: {mod_name!r} has no function {fn_name!r}")
-    return fn
 
 
 def prompt_stream(task: str, num_prompts: int, *, num_digits: int = 4, seed: int = 0, path: str = "",

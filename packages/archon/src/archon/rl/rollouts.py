@@ -12,12 +12,11 @@ and global stats, and are told after each update so they can move the weights al
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from archon_rl import RolloutBatch
 
-from archon.rl.reward_call import score
 from archon.rl.sampler import EmbeddedSampler
 
 __all__ = ["RolloutSource", "ColocatedRollouts", "score_samples"]
@@ -36,15 +35,15 @@ class RolloutSource(Protocol):
     def close(self) -> None: ...
 
 
-def score_samples(reward_fn: Callable[..., float], spec: str, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
+def score_samples(trainer, prompt_ids: Sequence[list[int]], responses: Sequence[list[int]],
                   logprobs: Sequence[list[float]], fields: Sequence[dict], group_ids: Sequence[int],
-                  versions: Sequence[int]) -> list[dict[str, Any]]:
-    """Rewards (checked: `archon.rl.reward_call.score`, ``spec`` is `reward.fn`), and one
-    `RolloutBatch.from_sequences` dict per response."""
-    rewards = score(reward_fn, spec, prompt_ids, responses, fields)
+                  versions: Sequence[int]) -> tuple[list[dict[str, Any]], int]:
+    """One `RolloutBatch.from_sequences` dict per response, scored by ``trainer.score`` (the reward pool), and
+    the number of failed reward calls."""
+    rewards, errors = trainer.score(list(prompt_ids), list(responses), list(fields))
     return [{"input_ids": p + r, "prompt_len": len(p), "logprobs": [0.0] * len(p) + lp, "reward": rw,
              "group_id": g, "version": v}
-            for p, r, lp, rw, g, v in zip(prompt_ids, responses, logprobs, rewards, group_ids, versions)]
+            for p, r, lp, rw, g, v in zip(prompt_ids, responses, logprobs, rewards, group_ids, versions)], errors
 
 
 class ColocatedRollouts:
@@ -57,7 +56,7 @@ class ColocatedRollouts:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         cfg, engine = trainer.cfg, trainer.engine
-        self.sampler = EmbeddedSampler(engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
+        self.sampler = EmbeddedSampler(engine.model, trainer.sampling, seed=cfg.sampling.seed,
                                        device=engine.device, autocast=engine._autocast)
 
     def start(self, start_step: int) -> None:
@@ -76,13 +75,14 @@ class ColocatedRollouts:
         gen = self.sampler.generate(prompt_ids, step, indices=range(first * g, (first + per_rank) * g))
         gen_time = time.perf_counter() - t0
         group_ids = [step * t.num_prompts + first + i // g for i in range(len(prompt_ids))]
-        samples = score_samples(t.reward_fn, t.cfg.reward.fn, prompt_ids, gen.responses(), gen.response_logprobs(), fields,
+        samples, errors = score_samples(t, prompt_ids, gen.responses(), gen.response_logprobs(), fields,
                                 group_ids, [step] * len(prompt_ids))
         rewards = [s["reward"] for s in samples]
-        n, r_sum, len_sum, stops, r_max, r_min, gen_time = t.global_stats(
-            [len(rewards), sum(rewards), float(gen.lengths_B.float().sum()), float(gen.stopped_B.float().sum())],
-            [max(rewards), -min(rewards), gen_time])
-        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "response_len": len_sum / n,
+        n, r_sum, len_sum, stops, n_err, r_max, r_min, gen_time = t.global_stats(
+            [len(rewards), sum(rewards), float(gen.lengths_B.float().sum()), float(gen.stopped_B.float().sum()),
+             float(errors)], [max(rewards), -min(rewards), gen_time])
+        stats = {"reward": r_sum / n, "reward_max": r_max, "reward_min": -r_min, "reward/errors": n_err,
+                 "response_len": len_sum / n,
                  "stop_frac": stops / n, "gen_time": gen_time, "gen_tokens_per_s": len_sum / max(gen_time, 1e-9),
                  "wait_time": 0.0}
         return RolloutBatch.from_sequences(samples), stats

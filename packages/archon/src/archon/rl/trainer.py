@@ -22,15 +22,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from archon.engine.engine import ArchonEngine, resolve_device
+from archon.data.text import TextPrompts
+from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
+from archon.engine.setup import resolve_device
 from archon.hf import load_hf_config
 from archon.logging_sinks import make_sinks
+from archon.reward_pool import RewardPool
 from archon.rl.actor import PPOActor
 from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
-from archon.rl.rewards import load_reward_fn, prompt_stream
+from archon.rl.rewards import prompt_stream
 from archon.rl.rollout_config import resolve_rollout
 from archon.rl.rollouts import ColocatedRollouts, RolloutSource
 from archon.rl.setup import resolve_rl_setup
@@ -68,7 +71,9 @@ class RLTrainer:
             device = self.placement.trainer_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = device
         self.setup = resolve_rl_setup(cfg, device=device)  # every rule, RL ones included, before any process group
-        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        w = cfg.reward
+        self.rewards = RewardPool(w.fn, num_workers=w.num_workers, timeout_s=w.timeout_s, on_error=w.on_error)
+        self.reward_fn = self.rewards.fn
         init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
         self.engine = ArchonEngine(self.setup.actor).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
@@ -83,6 +88,11 @@ class RLTrainer:
             self.ref = ArchonEngine(self.setup.ref).initialize()
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size  # resolve_rl_setup checked it splits over dp_world
+        self.text = None
+        if cfg.data.source != "synthetic":
+            self.text = TextPrompts(cfg.data, cfg.actor.path, self.engine.model.args.vocab_size, self.num_prompts)
+        stop_pad = (self.text.stop_ids, self.text.pad_id) if self.text is not None else ()
+        self.sampling = cfg.sampling.build(*stop_pad)  # stop / pad ids from the tokenizer for text data
         if self.plan is None:
             self.source: RolloutSource = ColocatedRollouts(self)
         else:
@@ -91,7 +101,13 @@ class RLTrainer:
             self.source = RemoteRollouts(self, self.plan, self.placement)
 
     def prompts(self, start_step: int):
-        """The prompt stream from ``start_step`` on: step s's prompts depend only on (data.seed, s)."""
+        """The prompt stream from ``start_step`` on. Synthetic / jsonl: step s's prompts depend only on
+        (data.seed, s); text data: the resumable stream whose position the checkpoint restored."""
+        if self.text is not None:
+            return iter(self.text.data)
+        return self._id_prompts(start_step)
+
+    def _id_prompts(self, start_step: int):
         d = self.cfg.data
         stream = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
                                start_step=start_step)
@@ -122,6 +138,17 @@ class RLTrainer:
         if self.ref is not None:  # the reference policy is the warmed-up one
             self.ref.model.load_state_dict(self.engine.model.state_dict())
         return rows
+
+    def score(self, prompt_ids: list[list[int]], responses: list[list[int]], fields: list[dict]
+              ) -> tuple[list[float], int]:
+        """Rewards and the number of failed calls (reward.input tokens: the ids; text: the prompt text and the
+        decoded response), through the reward pool (workers, timeout, reward.on_error)."""
+        if self.cfg.reward.input == "tokens":
+            calls = [((p, r), f) for p, r, f in zip(prompt_ids, responses, fields)]
+        else:
+            calls = [((f["prompt_text"], self.text.decode(r)), {k: v for k, v in f.items() if k != "prompt_text"})
+                     for r, f in zip(responses, fields)]
+        return self.rewards(calls)
 
     def global_stats(self, sums: list[float], maxes: list[float]) -> list[float]:
         """``sums`` summed and ``maxes`` maxed over the data-parallel ranks (as they are on one rank)."""
@@ -182,7 +209,12 @@ class RLTrainer:
         r = self.cfg.rl
         out = os.path.join(r.export_dir, f"v{self.engine.version:06d}")
         dtype = torch.bfloat16 if r.export_dtype == "bfloat16" else torch.float32
-        self.engine.export_weights(out, dtype=dtype)
+        extra = None
+        if self.text is not None:  # the tokenizer and generation_config, so inference engines load `out` directly
+            from archon.tokenizer import save_for_serving
+
+            extra = lambda d: save_for_serving(d, self.text.chat.tok, self.text.stop_ids)
+        self.engine.export_weights(out, dtype=dtype, extra_files=extra)
         atomic_write_text(os.path.join(r.export_dir, "latest.json"),
                           json.dumps({"version": self.engine.version, "path": os.path.abspath(out)}))
         return out
@@ -194,10 +226,13 @@ class RLTrainer:
             from archon.engine.checkpoint import EngineCheckpointer
 
             ckpt = EngineCheckpointer(self.engine, cfg.checkpoint)
+            if self.text is not None:
+                ckpt.extra_state["data"] = self.text.data
             start = ckpt.maybe_resume()
         guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
         guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
-        next(self.prompts(start))  # read (and check) the first prompts before anything is written
+        if self.text is None:
+            next(self.prompts(start))  # read (and check) the first prompts before anything is written
         metrics = MetricsLogger(cfg.log.dir, cfg.total_train_steps, enabled=self.engine.rank == 0,
                                 progress_bar=cfg.log.progress_bar, start_step=start, bar_keys=BAR_KEYS,
                                 sinks=make_sinks(cfg.log, dataclasses.asdict(cfg)) if self.engine.rank == 0 else [])
@@ -217,6 +252,7 @@ class RLTrainer:
                     ckpt.after_step(step + 1)
         finally:
             self.source.close()
+            self.rewards.close()
         if ckpt is not None:
             ckpt.finish(cfg.total_train_steps)
         guard.close()
