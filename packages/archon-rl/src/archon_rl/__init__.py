@@ -35,7 +35,11 @@ from archon_rl.losses import (
 )
 from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
+from archon_rl.decode_state import StepFn
+from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
 from archon_rl.requests import GenerationBackend, GenRequest, GenResult
+from archon_rl.rollout_engine import RolloutEngine, batch_buckets
+from archon_rl.row_sampling import sample_rows
 from archon_rl.sampler import (
     ForwardFn,
     Generation,
@@ -61,6 +65,7 @@ __all__ = [
     "GenRequest",
     "GenResult",
     "GenerationBackend",
+    "CacheLayout", "RolloutEngine", "SlotKVCache", "StepFn", "batch_buckets", "sample_rows", "slot_count",
     "ADVANTAGE_ESTIMATORS", "BALANCE_METHODS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "SAMPLE_FIELDS",
     "TOKEN_FIELDS",
     "AdvantageConfig", "KLConfig", "MicroBatch", "OverlongConfig", "PPOLossConfig", "PPOPolicyLoss",

@@ -1,0 +1,80 @@
+"""How a decode step runs: eagerly (CPU, or CUDA without graphs) or as CUDA graphs captured per bucket.
+
+Both runners expose ``run(B, kv_len, truncate)``; the scheduler never asks which one it holds. A graph is
+captured lazily the first time a bucket (rows B, attended positions kv_len, top-k/top-p on or off) is needed,
+into one memory pool shared by all graphs (they never run concurrently and every result lands in the fixed
+`DecodeState` buffers). The graphs read the model's parameters in place: weights updated with
+``param.copy_`` are seen by the next replay; replacing a parameter tensor needs `reset()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from archon_rl.decode_state import DecodeState, StepFn
+from archon_rl.kv_cache import SlotKVCache
+
+__all__ = ["DecodeRunner", "EagerDecode", "GraphDecode"]
+
+
+class DecodeRunner:
+    def __init__(self, step_fn: StepFn, cache: SlotKVCache, state: DecodeState,
+                 context: Callable = torch.no_grad) -> None:
+        self.step_fn, self.cache, self.state, self.context = step_fn, cache, state, context
+
+    def run(self, B: int, kv_len: int, truncate: bool) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget anything derived from the parameters' addresses."""
+
+    def _eager(self, B: int, kv_len: int, truncate: bool) -> None:
+        with self.context():
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate)
+
+
+class EagerDecode(DecodeRunner):
+    """One eager forward per step."""
+
+    def run(self, B: int, kv_len: int, truncate: bool) -> None:
+        self._eager(B, kv_len, truncate)
+
+
+class GraphDecode(DecodeRunner):
+    """Each bucket's step captured once as a CUDA graph and replayed."""
+
+    def __init__(self, step_fn: StepFn, cache: SlotKVCache, state: DecodeState,
+                 context: Callable = torch.no_grad) -> None:
+        super().__init__(step_fn, cache, state, context)
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def run(self, B: int, kv_len: int, truncate: bool) -> None:
+        key = (B, kv_len, truncate)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(B, kv_len, truncate)
+        graph.replay()
+
+    def _capture(self, B: int, kv_len: int, truncate: bool) -> torch.cuda.CUDAGraph:
+        # A warm-up step on a side stream initialises libraries (cuBLAS workspaces, compiled kernels) outside
+        # the capture; it writes the same K/V the real step will, and the row state is restored after it.
+        saved = self.state.snapshot(B)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._eager(B, kv_len, truncate)
+        torch.cuda.current_stream().wait_stream(side)
+        self.state.restore(B, saved)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), self.context():
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate)
+        return graph
