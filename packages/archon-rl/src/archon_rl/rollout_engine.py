@@ -16,6 +16,7 @@ differently, so a near-tie between two tokens may resolve differently in another
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -89,7 +90,7 @@ class RolloutEngine:
         n = slot_count(self.layout, slot_len, self.device, kv_cache_gb=self.kv_cache_gb,
                        kv_cache_fraction=self.kv_cache_fraction, max_slots=self.max_batch)
         self.cache = SlotKVCache(self.layout, n, slot_len, self.device)
-        sampler = torch.compile(sample_rows, dynamic=True) if self.compile_sampling else sample_rows
+        sampler = _CompiledSampler() if self.compile_sampling else sample_rows
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
         runner_cls = GraphDecode if self.cuda_graphs else EagerDecode
         self.runner = runner_cls(self.step_fn, self.cache, self.state, self._no_grad_context)
@@ -126,6 +127,25 @@ class RolloutEngine:
         seeds = [r.seed if r.seed is not None else int(torch.randint(-2**62, 2**62, (), generator=self.rng))
                  for r in requests]
         return _Run(self, requests, seeds).run()
+
+
+class _CompiledSampler:
+    """`sample_rows` fused by ``torch.compile`` (the Gumbel hash alone is a dozen full-vocab int64 passes
+    eagerly); falls back to eager for good, with a warning, if compilation fails."""
+
+    def __init__(self) -> None:
+        self.fn = torch.compile(sample_rows, dynamic=True)
+
+    def __call__(self, *args):
+        try:
+            return self.fn(*args)
+        except Exception as ex:  # noqa: BLE001 - any compiler failure: the eager function is exact
+            if self.fn is sample_rows:
+                raise
+            warnings.warn(f"rollout engine: compiling the sampling step failed ({ex!r:.200}); sampling eagerly",
+                          stacklevel=2)
+            self.fn = sample_rows
+            return self.fn(*args)
 
 
 class _Run:

@@ -25,13 +25,14 @@ def decoder_step_fn(model) -> Callable:
     """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens."""
 
     def step(ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
-        h_TD = model.tok_embeddings(ids_T)
-        rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
-        for block in model.layers.values():
-            h_TD = block(h_TD, rope, None, kv_hook)
-        if rows_N is not None:
-            h_TD = h_TD[rows_N]
-        return model.output(model.norm(h_TD)).float()
+        with torch.compiler.set_stance("force_eager"):  # compiled training blocks: decode shapes vary
+            h_TD = model.tok_embeddings(ids_T)
+            rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
+            for block in model.layers.values():
+                h_TD = block(h_TD, rope, None, kv_hook)
+            if rows_N is not None:
+                h_TD = h_TD[rows_N]
+            return model.output(model.norm(h_TD)).float()
 
     return step
 
@@ -63,7 +64,7 @@ def build_rollout_engine(model, *, device: torch.device | str | None = None,
         was_training = model.training
         model.eval()
         try:
-            with torch.compiler.set_stance("force_eager"), autocast():
+            with autocast():
                 yield
         finally:
             model.train(was_training)

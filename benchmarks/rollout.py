@@ -1,0 +1,274 @@
+"""Rollout throughput: Archon's rollout engine vs Hugging Face `generate` on one GPU, measured in the same run.
+
+Random-init Qwen3 models (0.6B- and 1.7B-shaped, bf16), random prompts, sampling at temperature 1 with no stop
+token, so every row makes exactly --new-tokens tokens. Peers: HF `generate` eager (dynamic cache, SDPA) and HF
+`generate` with its static cache + torch.compile (`cache_implementation="static"`, compile mode from
+--hf-compile-modes, tried in order until one runs). Each engine runs the workload once to warm up (graph
+capture, compilation) and once timed. Reported: new tokens/s, peak memory, and % of the HBM bandwidth bound
+(bytes a decode step must read: the weights once plus every row's KV cache up to its position, over the
+measured device-to-device copy bandwidth). `--grpo` adds GRPO groups (8 samples sharing one prompt) with and
+without shared prompt prefixes.
+
+    python benchmarks/rollout.py                                   # the full matrix (long)
+    python benchmarks/rollout.py --models qwen3-0.6b --batches 64 --prompts 256 --grpo
+    python benchmarks/rollout.py --engines archon --hf-new-tokens 64  # HF timed on fewer new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+CONFIGS = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "qwen3-moe-small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                            num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, num_experts=64,
+                            num_experts_per_tok=8, moe_intermediate_size=384, decoder_sparse_step=1,
+                            mlp_only_layers=[], norm_topk_prob=True),
+}
+VOCAB = 151936
+
+
+def hf_config(name: str):
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    cls = Qwen3MoeConfig if "moe" in name else Qwen3Config
+    return cls(vocab_size=VOCAB, max_position_embeddings=40960, rope_theta=1e6, **CONFIGS[name])
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 20 / (time.perf_counter() - t)
+
+
+def bound_tokens_per_s(weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt: int, new: int,
+                       bandwidth: float, slots: int) -> float:
+    """New tokens/s if every decode step only read the weights once and each running row's KV up to its
+    position, at ``bandwidth``. With fewer slots than rows the batch runs in waves of ``slots`` rows."""
+    waves, total_bytes = -(-batch // slots), 0.0
+    left = batch
+    for _ in range(waves):
+        rows = min(slots, left)
+        left -= rows
+        mean_ctx = prompt + (new - 1) / 2
+        total_bytes += new * weight_bytes + rows * new * mean_ctx * kv_bytes_per_token
+    return batch * new / (total_bytes / bandwidth)
+
+
+def prompts_for(batch: int, prompt_len: int, group: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    unique = [torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist() for _ in range(batch // group)]
+    return [p for p in unique for _ in range(group)]
+
+
+def build_archon(name: str):
+    from archon.hf import build_model
+
+    model = build_model(hf_config(name), device="meta", dtype=torch.bfloat16)
+    model.to_empty(device="cuda")
+    model.init_weights()
+    return model.eval()
+
+
+def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool, kv_gb: float | None,
+               graphs: bool, profile: bool = False) -> dict:
+    from archon.rl import build_rollout_engine
+    from archon_rl import GenRequest, SamplingConfig
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = build_rollout_engine(model, kv_cache_gb=kv_gb, share_prefixes=share, cuda_graphs=graphs,
+                                  max_batch=len(prompts))
+    cfg = SamplingConfig(max_new_tokens=new, temperature=1.0)
+    reqs = [GenRequest(p, cfg, seed=i) for i, p in enumerate(prompts)]
+    t = time.perf_counter()
+    engine.generate(reqs)  # warm-up: graph capture, sampling compile, cache allocation
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t
+    engine.stats = {k: 0 for k in engine.stats}
+    t = time.perf_counter()
+    out = engine.generate(reqs)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    assert all(len(r.output_ids) == new for r in out)
+    if profile:  # where a decode step's time goes: a short run under the profiler, kernels by device time
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        short = [GenRequest(p, SamplingConfig(max_new_tokens=32, temperature=1.0), seed=i)
+                 for i, p in enumerate(prompts)]
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.generate(short)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60),
+              flush=True)
+    res = dict(engine="archon" + ("" if graphs else "/no-graphs") + ("" if share else "/no-share"), seconds=dt,
+               warmup_s=round(warm, 1), new_tokens=len(prompts) * new, slots=engine.num_slots,
+               kv_cache_gb=round(engine.cache.nbytes() / 2**30, 1), prefill_tokens=engine.stats["prefill_tokens"],
+               graphs=len(getattr(engine.runner, "graphs", {})))
+    del engine
+    return res
+
+
+def run_hf(name: str, prompts: list[list[int]], new: int, compile_mode: str | None) -> dict:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.cuda.empty_cache()
+    cfg = hf_config(name)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.tensor(prompts, device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=True,
+              temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+    if compile_mode is not None:
+        kw.update(cache_implementation="static", compile_config=CompileConfig(mode=compile_mode, fullgraph=True))
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    assert out.shape[1] == ids.shape[1] + new
+    engine = "hf/eager" if compile_mode is None else f"hf/static+compile({compile_mode})"
+    res = dict(engine=engine, seconds=dt, warmup_s=round(warm, 1), new_tokens=len(prompts) * new)
+    del model
+    return res
+
+
+def finish(res: dict, name: str, batch: int, prompt: int, new: int, group: int, bw: float, weight_bytes: int,
+           kv_bpt: int) -> dict:
+    res.update(model=name, batch=batch, prompt=prompt, new=new, group=group, device=torch.cuda.get_device_name())
+    res["tokens_per_s"] = round(res["new_tokens"] / res["seconds"])
+    res["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    slots = res.get("slots", batch)
+    res["pct_hbm_bound"] = round(100 * res["tokens_per_s"] / bound_tokens_per_s(
+        weight_bytes, kv_bpt, batch, prompt, new, bw, slots), 1)
+    res["seconds"] = round(res["seconds"], 2)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(CONFIGS))
+    p.add_argument("--batches", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--prompts", nargs="+", type=int, default=[256, 2048], help="prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--engines", nargs="+", default=["archon", "hf-eager", "hf-compile"],
+                   choices=["archon", "archon-no-graphs", "hf-eager", "hf-compile"])
+    p.add_argument("--hf-compile-modes", nargs="+", default=["reduce-overhead", "default"],
+                   help="torch.compile modes tried in order for HF's static-cache path until one runs")
+    p.add_argument("--hf-new-tokens", type=int, default=None,
+                   help="time HF peers on this many new tokens instead of --new-tokens (they are slow)")
+    p.add_argument("--hf-max-batch-prompt", type=int, default=64 * 2048,
+                   help="skip HF peers when batch x prompt exceeds this (their caches do not fit)")
+    p.add_argument("--grpo", action="store_true",
+                   help="also: groups of --group-size samples sharing one prompt, shared prefixes on and off")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--grpo-prompt", type=int, default=2048)
+    p.add_argument("--grpo-batch", type=int, default=64)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="Archon cache budget (default: 90%% of free)")
+    p.add_argument("--profile", action="store_true", help="print a kernel profile of each Archon run")
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped after it")
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "rollout.json"))
+    a = p.parse_args()
+    import transformers
+
+    t_start = time.time()
+    bw = copy_bandwidth()
+    print(f"torch {torch.__version__} transformers {transformers.__version__} {torch.cuda.get_device_name()} "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict] = []
+
+    def record(r: dict) -> None:
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    for name in a.models:
+        model = build_archon(name)
+        weight_bytes = sum(t.numel() * t.element_size() for t in {id(q): q for q in model.parameters()}.values())
+        from archon.rl import decoder_cache_layout
+
+        kv_bpt = decoder_cache_layout(model).bytes_per_token()
+        shapes = [(b, pl, 1, True) for b in a.batches for pl in a.prompts]
+        if a.grpo:
+            shapes += [(a.grpo_batch, a.grpo_prompt, a.group_size, s) for s in (True, False)]
+        for batch, plen, group, share in shapes:
+            prompts = prompts_for(batch, plen, group)
+            engines = a.engines if group == 1 else ["archon"]
+            for eng in engines:
+                if time.time() - t_start > a.time_budget:
+                    record(dict(engine=eng, model=name, batch=batch, prompt=plen, group=group, skipped="time budget"))
+                    continue
+                new = a.new_tokens
+                try:
+                    if eng.startswith("archon"):
+                        r = run_archon(model, name, prompts, new, share, a.kv_cache_gb, eng == "archon",
+                                       a.profile and eng == "archon")
+                    else:
+                        if batch * plen > a.hf_max_batch_prompt:
+                            record(dict(engine=eng, model=name, batch=batch, prompt=plen, skipped="too large"))
+                            continue
+                        new = a.hf_new_tokens or new
+                        model.cpu()  # make room for the HF model
+                        r = None
+                        for mode in ([None] if eng == "hf-eager" else a.hf_compile_modes):
+                            try:
+                                r = run_hf(name, prompts, new, mode)
+                                break
+                            except Exception as ex:  # e.g. the CUDA-graph "overwritten tensor" error
+                                print(f"hf compile mode {mode} failed: {repr(ex)[:300]}", flush=True)
+                                torch._dynamo.reset()
+                                if mode == (a.hf_compile_modes[-1] if eng == "hf-compile" else None):
+                                    raise
+                        model.cuda()
+                    record(finish(r, name, batch, plen, new, group, bw, weight_bytes, kv_bpt))
+                except Exception as ex:  # report and go on: one failing shape must not hide the rest
+                    model.cuda()
+                    record(dict(engine=eng, model=name, batch=batch, prompt=plen, group=group,
+                                error=repr(ex)[:400]))
+        del model
+        torch.cuda.empty_cache()
+    with open(a.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    eager = {(r["model"], r["batch"], r["prompt"]): r for r in rows if r.get("engine") == "hf/eager"}
+    print(f"\n{'model':<16} {'batch':>5} {'prompt':>6} {'grp':>3} {'engine':<34} {'tok/s':>8} {'%HBM':>5} "
+          f"{'mem GB':>6} {'vs HF eager':>11}")
+    for r in rows:
+        head = f"{r['model']:<16} {r['batch']:>5} {r['prompt']:>6} {r.get('group', 1):>3} {r['engine']:<34}"
+        if "tokens_per_s" not in r:
+            print(f"{head} {r.get('error') or r.get('skipped')}"[:160])
+            continue
+        peer = eager.get((r["model"], r["batch"], r["prompt"]))
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x" if peer and r.get("group", 1) == 1 else "-"
+        print(f"{head} {r['tokens_per_s']:>8} {r['pct_hbm_bound']:>5} {r['peak_mem_gb']:>6} {ratio:>11}")
+
+
+if __name__ == "__main__":
+    main()
