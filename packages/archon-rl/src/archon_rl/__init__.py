@@ -24,7 +24,9 @@ from archon_rl.config import (
     PPOLossConfig,
     ValueLossConfig,
 )
+from archon_rl.decode_state import StepFn
 from archon_rl.kl import kl_estimate, kl_penalized_rewards
+from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
 from archon_rl.losses import (
     PPOPolicyLoss,
     ValueLoss,
@@ -35,8 +37,6 @@ from archon_rl.losses import (
 )
 from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_batches, sync_num_micro_batches
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
-from archon_rl.decode_state import StepFn
-from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
 from archon_rl.requests import GenerationBackend, GenRequest, GenResult
 from archon_rl.rollout_engine import RolloutEngine, batch_buckets
 from archon_rl.row_sampling import sample_rows
