@@ -87,18 +87,19 @@ def build_archon(name: str):
 
 
 def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool, kv_gb: float | None,
-               graphs: bool, profile: bool = False) -> dict:
+               graphs: bool, profile: bool = False, attention: str = "matmul", warm_new: int | None = None) -> dict:
     from archon.rl import build_rollout_engine
     from archon_rl import GenRequest, SamplingConfig
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     engine = build_rollout_engine(model, kv_cache_gb=kv_gb, share_prefixes=share, cuda_graphs=graphs,
-                                  max_batch=len(prompts))
+                                  max_batch=len(prompts), decode_attention=attention)
     cfg = SamplingConfig(max_new_tokens=new, temperature=1.0)
     reqs = [GenRequest(p, cfg, seed=i) for i, p in enumerate(prompts)]
     t = time.perf_counter()
-    engine.generate(reqs)  # warm-up: graph capture, sampling compile, cache allocation
+    warm_cfg = SamplingConfig(max_new_tokens=warm_new or new, temperature=1.0)
+    engine.generate([GenRequest(p, warm_cfg, seed=i) for i, p in enumerate(prompts)])  # capture, compile, allocate
     torch.cuda.synchronize()
     warm = time.perf_counter() - t
     engine.stats = {k: 0 for k in engine.stats}
@@ -118,7 +119,8 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60),
               flush=True)
-    res = dict(engine="archon" + ("" if graphs else "/no-graphs") + ("" if share else "/no-share"), seconds=dt,
+    res = dict(engine="archon" + ("" if graphs else "/no-graphs") + ("" if share else "/no-share")
+               + ("" if attention == "matmul" else f"/{attention}-attn"), seconds=dt,
                warmup_s=round(warm, 1), new_tokens=len(prompts) * new, slots=engine.num_slots,
                kv_cache_gb=round(engine.cache.nbytes() / 2**30, 1), prefill_tokens=engine.stats["prefill_tokens"],
                graphs=len(getattr(engine.runner, "graphs", {})))
@@ -177,7 +179,8 @@ def main() -> None:
     p.add_argument("--prompts", nargs="+", type=int, default=[256, 2048], help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--engines", nargs="+", default=["archon", "hf-eager", "hf-compile"],
-                   choices=["archon", "archon-no-graphs", "hf-eager", "hf-compile"])
+                   choices=["archon", "archon-sdpa", "archon-no-graphs", "hf-eager", "hf-compile"],
+                   help="archon-sdpa: decode attention by SDPA instead of two matmuls")
     p.add_argument("--hf-compile-modes", nargs="+", default=["reduce-overhead", "default"],
                    help="torch.compile modes tried in order for HF's static-cache path until one runs")
     p.add_argument("--hf-new-tokens", type=int, default=None,
@@ -190,6 +193,9 @@ def main() -> None:
     p.add_argument("--grpo-prompt", type=int, default=2048)
     p.add_argument("--grpo-batch", type=int, default=64)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="Archon cache budget (default: 90%% of free)")
+    p.add_argument("--warmup-new-tokens", type=int, default=None,
+                   help="Archon warm-up run on this many new tokens (default: the full workload); graphs of "
+                        "longer cache buckets are then captured inside the timed run")
     p.add_argument("--profile", action="store_true", help="print a kernel profile of each Archon run")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; later runs are skipped after it")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "rollout.json"))
@@ -225,8 +231,9 @@ def main() -> None:
                 new = a.new_tokens
                 try:
                     if eng.startswith("archon"):
-                        r = run_archon(model, name, prompts, new, share, a.kv_cache_gb, eng == "archon",
-                                       a.profile and eng == "archon")
+                        r = run_archon(model, name, prompts, new, share, a.kv_cache_gb, eng != "archon-no-graphs",
+                                       a.profile and eng != "archon-no-graphs",
+                                       "sdpa" if eng == "archon-sdpa" else "matmul", a.warmup_new_tokens)
                     else:
                         if batch * plen > a.hf_max_batch_prompt:
                             record(dict(engine=eng, model=name, batch=batch, prompt=plen, skipped="too large"))

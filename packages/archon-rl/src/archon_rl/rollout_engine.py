@@ -25,9 +25,9 @@ import torch
 
 from archon_rl.decode_runner import DecodeRunner, EagerDecode, GraphDecode
 from archon_rl.decode_state import DecodeState, StepFn
-from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
+from archon_rl.kv_cache import DECODE_ATTENTION, CacheLayout, SlotKVCache, slot_count
 from archon_rl.requests import GenRequest, GenResult
-from archon_rl.row_sampling import sample_rows
+from archon_rl.row_sampling import gumbel_logits, sample_rows
 
 __all__ = ["RolloutEngine", "batch_buckets"]
 
@@ -45,6 +45,7 @@ class RolloutEngine:
     ``kv_block``) and re-allocates only between calls when a longer request comes. ``kv_cache_gb`` /
     ``kv_cache_fraction``: the cache budget (`slot_count`). ``cuda_graphs``: None = on for CUDA.
     ``compile_sampling``: fuse the sampling step with ``torch.compile`` (None = on for CUDA graphs).
+    ``decode_attention``: "matmul" (`matmul_decode_attention`) or "sdpa".
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     """
 
@@ -53,7 +54,7 @@ class RolloutEngine:
                  max_batch: int = 256, cuda_graphs: bool | None = None, compile_sampling: bool | None = None,
                  sync_every: int | None = None, prefill_tokens: int = 32768, share_prefixes: bool = True,
                  kv_block: int = 256, max_stop_tokens: int = 16, buckets: list[int] | None = None, seed: int = 0,
-                 context: Callable = nullcontext) -> None:
+                 decode_attention: str = "matmul", context: Callable = nullcontext) -> None:
         self.device = torch.device(device)
         self.step_fn, self.layout = step_fn, layout
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -69,6 +70,10 @@ class RolloutEngine:
         self.max_batch, self.prefill_tokens, self.share_prefixes = max_batch, prefill_tokens, share_prefixes
         self.kv_block, self.max_stop_tokens, self.fixed_buckets = kv_block, max_stop_tokens, buckets
         self.context = context
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"rollout engine decode_attention must be one of {sorted(DECODE_ATTENTION)}, "
+                             f"got {decode_attention!r}")
+        self.decode_attention = DECODE_ATTENTION[decode_attention]
         self.rng = torch.Generator().manual_seed(seed)
         self.cache: SlotKVCache | None = None
         self.state: DecodeState | None = None
@@ -89,7 +94,7 @@ class RolloutEngine:
         self.cache = self.state = self.runner = None  # free the old buffers before allocating new ones
         n = slot_count(self.layout, slot_len, self.device, kv_cache_gb=self.kv_cache_gb,
                        kv_cache_fraction=self.kv_cache_fraction, max_slots=self.max_batch)
-        self.cache = SlotKVCache(self.layout, n, slot_len, self.device)
+        self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention)
         sampler = _CompiledSampler() if self.compile_sampling else sample_rows
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
         runner_cls = GraphDecode if self.cuda_graphs else EagerDecode
@@ -130,22 +135,22 @@ class RolloutEngine:
 
 
 class _CompiledSampler:
-    """`sample_rows` fused by ``torch.compile`` (the Gumbel hash alone is a dozen full-vocab int64 passes
-    eagerly); falls back to eager for good, with a warning, if compilation fails."""
+    """`sample_rows` with its Gumbel pass fused by ``torch.compile`` (eagerly the hash is a dozen full-vocab int64
+    passes); falls back to eager for good, with a warning, if compilation fails."""
 
     def __init__(self) -> None:
-        self.fn = torch.compile(sample_rows, dynamic=True)
+        self.noisy = torch.compile(gumbel_logits, dynamic=True)
 
     def __call__(self, *args):
         try:
-            return self.fn(*args)
+            return sample_rows(*args, noisy=self.noisy)
         except Exception as ex:  # noqa: BLE001 - any compiler failure: the eager function is exact
-            if self.fn is sample_rows:
+            if self.noisy is gumbel_logits:
                 raise
             warnings.warn(f"rollout engine: compiling the sampling step failed ({ex!r:.200}); sampling eagerly",
                           stacklevel=2)
-            self.fn = sample_rows
-            return self.fn(*args)
+            self.noisy = gumbel_logits
+            return sample_rows(*args)
 
 
 class _Run:

@@ -10,25 +10,32 @@ B: rows, V: vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from archon_rl.sampler import _gumbel
 
-__all__ = ["sample_rows"]
+__all__ = ["gumbel_logits", "sample_rows"]
+
+
+def gumbel_logits(scaled_BV: torch.Tensor, seeds_B: torch.Tensor, step_B: torch.Tensor) -> torch.Tensor:
+    """``scaled_BV`` plus each row's Gumbel noise: elementwise, so compiled it is one parallel pass (fused into
+    the argmax's reduction instead, a row's 150K hashes would run on a single thread block)."""
+    return scaled_BV + _gumbel(seeds_B, step_B, scaled_BV.shape[-1])
 
 
 def sample_rows(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
-                seeds_B: torch.Tensor, step_B: torch.Tensor, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                seeds_B: torch.Tensor, step_B: torch.Tensor, truncate: bool,
+                noisy: Callable = gumbel_logits) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their logprobs [B] under the untempered, untruncated distribution.
 
     ``truncate=False`` skips top-k / top-p (the caller knows no row uses them: a full-vocab sort is the
-    costliest part of sampling)."""
+    costliest part of sampling). ``noisy``: `gumbel_logits` or a compiled version of it."""
     logits_BV = logits_BV.float()
     V = logits_BV.shape[-1]
-    logp_BV = logits_BV.log_softmax(-1)
     greedy_B = temperature_B <= 0
     scaled_BV = logits_BV / torch.where(greedy_B, 1.0, temperature_B)[:, None]
-    noise_BV = _gumbel(seeds_B, step_B, V)
     if truncate:
         sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
         k_B = torch.where((top_k_B > 0) & (top_k_B < V), top_k_B, V)
@@ -38,9 +45,10 @@ def sample_rows(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: t
         # Drop a token when the tokens before it already reach top_p (the first always stays; top_p 1 = off).
         drop_BV = (probs_BV.cumsum(-1) - probs_BV >= top_p_B[:, None]) & (top_p_B < 1)[:, None]
         sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+        noise_BV = noisy(torch.zeros_like(scaled_BV), seeds_B, step_B)
         pick_B1 = (sorted_BV + noise_BV.gather(-1, order_BV)).argmax(-1, keepdim=True)
         sampled_B = order_BV.gather(-1, pick_B1).squeeze(-1)
     else:
-        sampled_B = (scaled_BV + noise_BV).argmax(-1)
+        sampled_B = noisy(scaled_BV, seeds_B, step_B).argmax(-1)
     tok_B = torch.where(greedy_B, logits_BV.argmax(-1), sampled_B)
-    return tok_B, logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+    return tok_B, logits_BV.gather(-1, tok_B[:, None]).squeeze(-1) - logits_BV.logsumexp(-1)
