@@ -17,6 +17,7 @@ without shared prompt prefixes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -91,6 +92,7 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
     from archon.rl import build_rollout_engine
     from archon_rl import GenRequest, SamplingConfig
 
+    gc.collect()  # the previous run's cache and graph pool
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     engine = build_rollout_engine(model, kv_cache_gb=kv_gb, share_prefixes=share, cuda_graphs=graphs,
@@ -132,6 +134,7 @@ def run_hf(name: str, prompts: list[list[int]], new: int, compile_mode: str | No
     from transformers import AutoModelForCausalLM
     from transformers.generation.configuration_utils import CompileConfig
 
+    gc.collect()
     torch.cuda.empty_cache()
     cfg = hf_config(name)
     cfg._attn_implementation = "sdpa"

@@ -135,13 +135,19 @@ def test_budget_and_length_errors(hf_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_equal_eager_and_follow_weight_updates(hf_dir):
+    """fp32: dense steps are captured; fp32 MoE loops over experts on the host, so it falls back to eager."""
     d, ref = hf_dir
     model = archon.from_pretrained(d, device="cuda")
+    moe = "moe" in d.name
     reqs = _requests()
     eager, _ = _outputs(build_rollout_engine(model, cuda_graphs=False, **budget(5)), reqs)
     graphs = build_rollout_engine(model, **budget(5))
-    got, _ = _outputs(graphs, reqs)
-    assert got == eager and len(graphs.runner.graphs) > 0
+    if moe:
+        with pytest.warns(UserWarning, match="cannot be captured"):
+            got, _ = _outputs(graphs, reqs)
+    else:
+        got, _ = _outputs(graphs, reqs)
+    assert got == eager and (len(graphs.runner.graphs) > 0) != moe
     cfg = SamplingConfig(max_new_tokens=8, temperature=0.0)
     greedy = [GenRequest(p, cfg) for p in PROMPTS]
     assert [r.output_ids for r in graphs.generate(greedy)] == [_hf_greedy(ref, p, 8) for p in PROMPTS]

@@ -9,6 +9,7 @@ into one memory pool shared by all graphs (they never run concurrently and every
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -50,16 +51,27 @@ class GraphDecode(DecodeRunner):
         super().__init__(step_fn, cache, state, context)
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.uncapturable = False
 
     def reset(self) -> None:
         self.graphs.clear()
         self.pool = None
+        self.uncapturable = False
 
     def run(self, B: int, kv_len: int, truncate: bool) -> None:
+        if self.uncapturable:
+            return self._eager(B, kv_len, truncate)
         key = (B, kv_len, truncate)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(B, kv_len, truncate)
+            try:
+                graph = self.graphs[key] = self._capture(B, kv_len, truncate)
+            except RuntimeError as ex:  # a model step that syncs with the host (e.g. fp32 MoE's per-expert loop)
+                warnings.warn(f"rollout engine: the decode step cannot be captured as a CUDA graph ({ex!s:.160}); "
+                              "decoding eagerly", stacklevel=2)
+                self.uncapturable = True
+                torch.cuda.synchronize()
+                return self._eager(B, kv_len, truncate)
         graph.replay()
 
     def _capture(self, B: int, kv_len: int, truncate: bool) -> torch.cuda.CUDAGraph:

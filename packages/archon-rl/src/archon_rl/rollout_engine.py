@@ -15,10 +15,11 @@ differently, so a near-tie between two tokens may resolve differently in another
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -98,15 +99,14 @@ class RolloutEngine:
         sampler = _CompiledSampler() if self.compile_sampling else sample_rows
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
         runner_cls = GraphDecode if self.cuda_graphs else EagerDecode
-        self.runner = runner_cls(self.step_fn, self.cache, self.state, self._no_grad_context)
+        # a partial, not a bound method: the runner must not keep the engine alive (its cache is most of the GPU)
+        self.runner = runner_cls(self.step_fn, self.cache, self.state, functools.partial(_no_grad, self.context))
         self.buckets = sorted(b for b in (self.fixed_buckets or batch_buckets(n)) if b <= n) or [n]
         if self.buckets[-1] < n:
             self.buckets.append(n)
 
-    @contextmanager
     def _no_grad_context(self):
-        with torch.no_grad(), self.context():
-            yield
+        return _no_grad(self.context)
 
     def reset_graphs(self) -> None:
         """Drop captured graphs (after replacing parameter tensors rather than copying into them)."""
@@ -132,6 +132,12 @@ class RolloutEngine:
         seeds = [r.seed if r.seed is not None else int(torch.randint(-2**62, 2**62, (), generator=self.rng))
                  for r in requests]
         return _Run(self, requests, seeds).run()
+
+
+@contextmanager
+def _no_grad(context: Callable) -> Iterator[None]:
+    with torch.no_grad(), context():
+        yield
 
 
 class _CompiledSampler:
