@@ -30,7 +30,11 @@ from archon.rl.config import RLConfig
 from archon.rl.convert import to_packed
 from archon.rl.critic import PPOCritic, load_backbone_from_lm
 from archon.rl.rewards import load_reward_fn, prompt_stream
+from archon.rl.rollout import RolloutSampler
 from archon.rl.sampler import EmbeddedSampler
+
+SAMPLERS = {"embedded": EmbeddedSampler, "rollout": RolloutSampler}
+"""`sampling.engine` -> the sampler class: ``cls(model, SamplingConfig, seed=, device=, autocast=, **options)``."""
 
 log = logging.getLogger("archon")
 
@@ -63,8 +67,10 @@ class RLTrainer:
         self.ref = None
         if r.kl_coef > 0:
             self.ref = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, device=cfg.device).initialize()
-        self.sampler = EmbeddedSampler(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
-                                       device=self.engine.device, autocast=self.engine._autocast)
+        sampler_cls = SAMPLERS[cfg.sampling.engine]
+        self.sampler = sampler_cls(self.engine.model, cfg.sampling.build(), seed=cfg.sampling.seed,
+                                   device=self.engine.device, autocast=self.engine._autocast,
+                                   **cfg.sampling.engine_options())
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size
         if self.num_prompts % self.dp_world:
