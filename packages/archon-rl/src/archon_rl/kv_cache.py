@@ -8,8 +8,8 @@ protocol: the model computes projections and RoPE, the hook stores K/V and runs 
 
 Decode attention runs over the first ``kv_len`` positions of each row's slot with a length mask; the ``H / G``
 query heads of one KV head are laid out as the query length, so no KV head is ever repeated. By default it is
-two batched matmuls (`matmul_decode_attention`); SDPA's fused kernels are built for long query blocks and were
-measured 3-4x slower at decode on an H100 for 256-768 positions.
+two batched matmuls (`matmul_decode_attention`: each reads K or V once, as a decode step must); SDPA with the
+mask (cuDNN's kernel on an H100) measured the same end-to-end speed at 256-768 positions.
 
 N: slots, B: rows of one decode step (rows ``0..B-1`` use slots ``0..B-1``), G: kv heads, D: head dim,
 S: slot length, P: longest prompt of a prefill block, H: query heads, R = H / G, T: tokens of one forward.
