@@ -3,8 +3,9 @@
 Both runners expose ``run(B, kv_len, truncate)``; the scheduler never asks which one it holds. A graph is
 captured lazily the first time a bucket (rows B, attended positions kv_len, top-k/top-p on or off) is needed,
 into one memory pool shared by all graphs (they never run concurrently and every result lands in the fixed
-`DecodeState` buffers). The graphs read the model's parameters in place: weights updated with
-``param.copy_`` are seen by the next replay; replacing a parameter tensor needs `reset()`.
+`DecodeState` buffers). With ``compiled`` (a `CompiledForward`) the model part of each step is inductor's
+fused kernels, compiled for the bucket before its capture. The graphs read the model's parameters in place:
+weights updated with ``param.copy_`` are seen by the next replay; replacing a parameter tensor needs `reset()`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ __all__ = ["DecodeRunner", "EagerDecode", "GraphDecode"]
 
 class DecodeRunner:
     def __init__(self, step_fn: StepFn, cache: SlotKVCache, state: DecodeState,
-                 context: Callable = torch.no_grad) -> None:
+                 context: Callable = torch.no_grad, compiled: Callable | None = None) -> None:
         self.step_fn, self.cache, self.state, self.context = step_fn, cache, state, context
+        self.compiled = compiled  # a `CompiledForward`, or None for the eager forward
 
     def run(self, B: int, kv_len: int, truncate: bool) -> None:
         raise NotImplementedError
@@ -33,7 +35,7 @@ class DecodeRunner:
 
     def _eager(self, B: int, kv_len: int, truncate: bool) -> None:
         with self.context():
-            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate)
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled)
 
 
 class EagerDecode(DecodeRunner):
@@ -47,8 +49,8 @@ class GraphDecode(DecodeRunner):
     """Each bucket's step captured once as a CUDA graph and replayed."""
 
     def __init__(self, step_fn: StepFn, cache: SlotKVCache, state: DecodeState,
-                 context: Callable = torch.no_grad) -> None:
-        super().__init__(step_fn, cache, state, context)
+                 context: Callable = torch.no_grad, compiled: Callable | None = None) -> None:
+        super().__init__(step_fn, cache, state, context, compiled)
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.uncapturable = False
@@ -75,8 +77,8 @@ class GraphDecode(DecodeRunner):
         graph.replay()
 
     def _capture(self, B: int, kv_len: int, truncate: bool) -> torch.cuda.CUDAGraph:
-        # A warm-up step on a side stream initialises libraries (cuBLAS workspaces, compiled kernels) outside
-        # the capture; it writes the same K/V the real step will, and the row state is restored after it.
+        # A warm-up step on a side stream initialises libraries (cuBLAS workspaces) and compiles the bucket's
+        # step (`CompiledForward`) outside the capture; it writes the same K/V the real step will, and the row state is restored after it.
         saved = self.state.snapshot(B)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -88,5 +90,5 @@ class GraphDecode(DecodeRunner):
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), self.context():
-            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate)
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled)
         return graph

@@ -85,10 +85,19 @@ class DecodeState:
         done_B.logical_or_(active_B & (stopped_B | (ngen_B >= self.max_new[sl])))
         self.tok[sl].copy_(torch.where(active_B, new_B, self.tok[sl]))
 
-    def decode_step(self, step_fn: StepFn, cache: SlotKVCache, B: int, kv_len: int, truncate: bool) -> None:
-        """One token for rows ``[0, B)``: feed ``tok`` at ``pos``, sample, advance (running rows only)."""
+    def forward(self, step_fn: StepFn, cache: SlotKVCache, B: int, kv_len: int,
+                compiled: Callable | None = None) -> torch.Tensor:
+        """Logits [B, V] after feeding rows ``[0, B)``'s ``tok`` at ``pos`` (their K/V stored in the cache):
+        the model part of a step, eager or through ``compiled`` (a `CompiledForward`)."""
+        if compiled is not None:
+            return compiled(step_fn, cache, self.tok[:B], self.pos[:B], kv_len)
         pos_B = self.pos[:B]
+        return step_fn(self.tok[:B], pos_B, cache.decode_hook(pos_B, kv_len), None)
+
+    def decode_step(self, step_fn: StepFn, cache: SlotKVCache, B: int, kv_len: int, truncate: bool,
+                    compiled: Callable | None = None) -> None:
+        """One token for rows ``[0, B)``: feed ``tok`` at ``pos``, sample, advance (running rows only)."""
         active_B = ~self.done[:B]
-        logits_BV = step_fn(self.tok[:B], pos_B, cache.decode_hook(pos_B, kv_len), None)
+        logits_BV = self.forward(step_fn, cache, B, kv_len, compiled)
         self.record(0, B, logits_BV, truncate)
-        pos_B.add_(active_B.long())
+        self.pos[:B].add_(active_B.long())

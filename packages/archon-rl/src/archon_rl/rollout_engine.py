@@ -24,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from archon_rl.decode_compile import CompiledForward, compile_options
 from archon_rl.decode_runner import DecodeRunner, EagerDecode, GraphDecode
 from archon_rl.decode_state import DecodeState, StepFn
 from archon_rl.kv_cache import DECODE_ATTENTION, CacheLayout, SlotKVCache, slot_count
@@ -46,6 +47,9 @@ class RolloutEngine:
     ``kv_block``) and re-allocates only between calls when a longer request comes. ``kv_cache_gb`` /
     ``kv_cache_fraction``: the cache budget (`slot_count`). ``cuda_graphs``: None = on for CUDA.
     ``compile_sampling``: fuse the sampling step with ``torch.compile`` (None = on for CUDA graphs).
+    ``compile_decode``: compile the model part of each decode bucket with static shapes (`CompiledForward`;
+    None = on for CUDA graphs), in ``compile_mode`` ("default" or "max-autotune-no-cudagraphs") by
+    ``compile_backend`` ("inductor"; "aot_eager" traces the same graph without code generation, for tests).
     ``decode_attention``: "matmul" (`matmul_decode_attention`) or "sdpa".
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     """
@@ -53,6 +57,7 @@ class RolloutEngine:
     def __init__(self, step_fn: StepFn, layout: CacheLayout, *, device: torch.device | str = "cpu",
                  max_seq_len: int | None = None, kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.9,
                  max_batch: int = 256, cuda_graphs: bool | None = None, compile_sampling: bool | None = None,
+                 compile_decode: bool | None = None, compile_mode: str = "default", compile_backend: str = "inductor",
                  sync_every: int | None = None, prefill_tokens: int = 32768, share_prefixes: bool = True,
                  kv_block: int = 256, max_stop_tokens: int = 16, buckets: list[int] | None = None, seed: int = 0,
                  decode_attention: str = "matmul", context: Callable = nullcontext) -> None:
@@ -62,6 +67,9 @@ class RolloutEngine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.compile_sampling = self.cuda_graphs if compile_sampling is None else compile_sampling
+        self.compile_decode = self.cuda_graphs if compile_decode is None else compile_decode
+        compile_options(compile_mode)  # a bad mode is an error now, not at the first decode step
+        self.compile_mode, self.compile_backend = compile_mode, compile_backend
         self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
         for name, value in (("max_batch", max_batch), ("prefill_tokens", prefill_tokens), ("kv_block", kv_block),
                             ("sync_every", self.sync_every)):
@@ -100,7 +108,9 @@ class RolloutEngine:
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
         runner_cls = GraphDecode if self.cuda_graphs else EagerDecode
         # a partial, not a bound method: the runner must not keep the engine alive (its cache is most of the GPU)
-        self.runner = runner_cls(self.step_fn, self.cache, self.state, functools.partial(_no_grad, self.context))
+        compiled = CompiledForward(self.compile_mode, self.compile_backend) if self.compile_decode else None
+        self.runner = runner_cls(self.step_fn, self.cache, self.state, functools.partial(_no_grad, self.context),
+                                 compiled)
         self.buckets = sorted(b for b in (self.fixed_buckets or batch_buckets(n)) if b <= n) or [n]
         if self.buckets[-1] < n:
             self.buckets.append(n)

@@ -24,16 +24,20 @@ __all__ = ["decoder_step_fn", "decoder_cache_layout", "build_rollout_engine", "R
 def decoder_step_fn(model) -> Callable:
     """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens."""
 
+    def forward(ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
+        h_TD = model.tok_embeddings(ids_T)
+        rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
+        for block in model.layers.values():
+            h_TD = block(h_TD, rope, None, kv_hook)
+        if rows_N is not None:
+            h_TD = h_TD[rows_N]
+        return model.output(model.norm(h_TD)).float()
+
     def step(ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
         with torch.compiler.set_stance("force_eager"):  # compiled training blocks: decode shapes vary
-            h_TD = model.tok_embeddings(ids_T)
-            rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
-            for block in model.layers.values():
-                h_TD = block(h_TD, rope, None, kv_hook)
-            if rows_N is not None:
-                h_TD = h_TD[rows_N]
-            return model.output(model.norm(h_TD)).float()
+            return forward(ids_T, pos_T, kv_hook, rows_N)
 
+    step.traceable = forward  # what the engine's compiled decode step traces (it inlines compiled blocks)
     return step
 
 
