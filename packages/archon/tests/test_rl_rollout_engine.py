@@ -33,3 +33,9 @@ def test_rollout_engine_run_equals_embedded(tmp_path):
 def test_bad_engine_settings_are_reported(tmp_path, capsys, override, message):
     assert main(["rl", EXAMPLE, override, f"--log.dir={tmp_path}"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compile_decode_reaches_the_engine(tmp_path):
+    cfg = load_config(RLConfig, EXAMPLE, [f"--log.dir={tmp_path}", "--sampling.engine=rollout",
+                                          "--sampling.compile_decode=false"])
+    assert cfg.sampling.engine_options()["compile_decode"] is False

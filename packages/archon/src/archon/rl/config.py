@@ -42,11 +42,14 @@ class SamplingSection:
                                           "kv_cache_fraction of free GPU memory on CUDA)")
     kv_cache_fraction: float = doc(0.3, "engine=rollout, kv_cache_gb null: share of free GPU memory for the cache "
                                         "(the trainer shares the GPU)")
+    compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
+                                            "shapes) before capturing it (null: on with CUDA graphs)")
 
     def engine_options(self) -> dict:
         """Keyword arguments of the sampler class `SAMPLER_ENGINES[engine]` beyond (model, config)."""
         if self.engine == "rollout":
-            return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction)
+            return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction,
+                        compile_decode=self.compile_decode)
         return {}
 
     def build(self) -> SamplingConfig:
