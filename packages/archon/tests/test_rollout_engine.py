@@ -120,6 +120,25 @@ def test_shared_prompts_prefill_once(hf_dir):
     assert shared == alone and len({tuple(t) for t, _ in shared}) > 6
 
 
+def test_cascade_prefixes_equal_unshared_decode(hf_dir):
+    """Groups sharing a prompt read it from one prefix-store entry (cascade attention merged by log-sum-exp):
+    seeded tokens equal the unshared path's, logprobs to 1e-5; an entry is taken again once its rows finish."""
+    d, _ = hf_dir
+    model = archon.from_pretrained(d)
+    reqs = [GenRequest(PROMPTS[2 + i // 5], MIXED[i % len(MIXED)], seed=i) for i in range(18)]  # groups of 5
+    want = build_rollout_engine(model, share_prefixes=False, **budget(12)).generate(reqs)
+    for opts in [budget(30), dict(**budget(30), kv_block=4), budget(6)]:
+        eng = build_rollout_engine(model, cascade=True, **opts)
+        got = eng.generate(reqs)
+        assert [r.output_ids for r in got] == [r.output_ids for r in want], opts
+        for g, w in zip(got, want):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+        assert eng.stats["cascade_rows"] > 0 and eng.stats["cascade_steps"] > 0, eng.stats
+    assert eng.stats["cascade_rows"] > 2 * eng.cache.prefix.entries  # budget(6): 4 slots, 1 entry taken again
+    with pytest.raises(ValueError, match="cascade needs share_prefixes"):
+        build_rollout_engine(model, cascade=True, share_prefixes=False)
+
+
 def test_compiled_decode_equals_eager_and_follows_weight_updates(hf_dir):
     """The decode forward traced whole by dynamo (fullgraph, static shapes; aot_eager keeps CI cheap, inductor
     on CPU gives the same tokens in ~80 s) equals the eager step, and reads weights updated in place."""

@@ -50,8 +50,9 @@ def _recompile_limit(n: int) -> AbstractContextManager:
         return nullcontext()
 
 
-def _decode_forward(step_fn: Callable, cache, tok_B: torch.Tensor, pos_B: torch.Tensor, kv_len: int) -> torch.Tensor:
-    return step_fn(tok_B, pos_B, cache.decode_hook(pos_B, kv_len), None)
+def _decode_forward(step_fn: Callable, cache, tok_B: torch.Tensor, pos_B: torch.Tensor, kv_len: int,
+                    cascade=None) -> torch.Tensor:
+    return step_fn(tok_B, pos_B, cache.decode_hook(pos_B, kv_len, cascade), None)
 
 
 class CompiledForward:
@@ -64,17 +65,17 @@ class CompiledForward:
         self.compiled = torch.compile(_decode_forward, fullgraph=True, dynamic=False, backend=backend, **kw)
         self.failed = False
 
-    def __call__(self, step_fn: Callable, cache, tok_B: torch.Tensor, pos_B: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
+    def __call__(self, step_fn: Callable, cache, tok_B: torch.Tensor, pos_B: torch.Tensor, kv_len: int,
+                 cascade=None) -> torch.Tensor:
         fn = getattr(step_fn, "traceable", step_fn)
         if not self.failed:
             try:
                 with _recompile_limit(_MAX_BUCKET_GRAPHS):
-                    return self.compiled(fn, cache, tok_B, pos_B, kv_len)
+                    return self.compiled(fn, cache, tok_B, pos_B, kv_len, cascade)
             except Exception as ex:  # noqa: BLE001 - any compiler failure: the eager forward is exact
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
                 warnings.warn(f"rollout engine: compiling the decode step failed ({ex!r:.300}); decoding with the "
                               "eager forward", stacklevel=2)
                 self.failed = True
-        return _decode_forward(step_fn, cache, tok_B, pos_B, kv_len)
+        return _decode_forward(step_fn, cache, tok_B, pos_B, kv_len, cascade)

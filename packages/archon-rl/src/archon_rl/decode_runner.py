@@ -17,6 +17,7 @@ import torch
 
 from archon_rl.decode_state import DecodeState, StepFn
 from archon_rl.kv_cache import SlotKVCache
+from archon_rl.prefix_cache import CascadeShape
 
 __all__ = ["DecodeRunner", "EagerDecode", "GraphDecode"]
 
@@ -27,22 +28,22 @@ class DecodeRunner:
         self.step_fn, self.cache, self.state, self.context = step_fn, cache, state, context
         self.compiled = compiled  # a `CompiledForward`, or None for the eager forward
 
-    def run(self, B: int, kv_len: int, truncate: bool) -> None:
+    def run(self, B: int, kv_len: int, truncate: bool, cascade: CascadeShape | None = None) -> None:
         raise NotImplementedError
 
     def reset(self) -> None:
         """Forget anything derived from the parameters' addresses."""
 
-    def _eager(self, B: int, kv_len: int, truncate: bool) -> None:
+    def _eager(self, B: int, kv_len: int, truncate: bool, cascade: CascadeShape | None = None) -> None:
         with self.context():
-            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled)
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled, cascade)
 
 
 class EagerDecode(DecodeRunner):
     """One eager forward per step."""
 
-    def run(self, B: int, kv_len: int, truncate: bool) -> None:
-        self._eager(B, kv_len, truncate)
+    def run(self, B: int, kv_len: int, truncate: bool, cascade: CascadeShape | None = None) -> None:
+        self._eager(B, kv_len, truncate, cascade)
 
 
 class GraphDecode(DecodeRunner):
@@ -51,7 +52,7 @@ class GraphDecode(DecodeRunner):
     def __init__(self, step_fn: StepFn, cache: SlotKVCache, state: DecodeState,
                  context: Callable = torch.no_grad, compiled: Callable | None = None) -> None:
         super().__init__(step_fn, cache, state, context, compiled)
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.uncapturable = False
 
@@ -60,35 +61,35 @@ class GraphDecode(DecodeRunner):
         self.pool = None
         self.uncapturable = False
 
-    def run(self, B: int, kv_len: int, truncate: bool) -> None:
+    def run(self, B: int, kv_len: int, truncate: bool, cascade: CascadeShape | None = None) -> None:
         if self.uncapturable:
-            return self._eager(B, kv_len, truncate)
-        key = (B, kv_len, truncate)
+            return self._eager(B, kv_len, truncate, cascade)
+        key = (B, kv_len, truncate, cascade)
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = self.graphs[key] = self._capture(B, kv_len, truncate)
+                graph = self.graphs[key] = self._capture(B, kv_len, truncate, cascade)
             except RuntimeError as ex:  # a model step that syncs with the host (e.g. fp32 MoE's per-expert loop)
                 warnings.warn(f"rollout engine: the decode step cannot be captured as a CUDA graph ({ex!s:.160}); "
                               "decoding eagerly", stacklevel=2)
                 self.uncapturable = True
                 torch.cuda.synchronize()
-                return self._eager(B, kv_len, truncate)
+                return self._eager(B, kv_len, truncate, cascade)
         graph.replay()
 
-    def _capture(self, B: int, kv_len: int, truncate: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, B: int, kv_len: int, truncate: bool, cascade: CascadeShape | None) -> torch.cuda.CUDAGraph:
         # A warm-up step on a side stream initialises libraries (cuBLAS workspaces) and compiles the bucket's
         # step (`CompiledForward`) outside the capture; it writes the same K/V the real step will, and the row state is restored after it.
         saved = self.state.snapshot(B)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._eager(B, kv_len, truncate)
+            self._eager(B, kv_len, truncate, cascade)
         torch.cuda.current_stream().wait_stream(side)
         self.state.restore(B, saved)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), self.context():
-            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled)
+            self.state.decode_step(self.step_fn, self.cache, B, kv_len, truncate, self.compiled, cascade)
         return graph

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from archon_rl.kv_cache import SlotKVCache
+from archon_rl.prefix_cache import CascadeShape
 from archon_rl.row_sampling import sample_rows
 
 __all__ = ["DecodeState", "StepFn"]
@@ -86,18 +87,18 @@ class DecodeState:
         self.tok[sl].copy_(torch.where(active_B, new_B, self.tok[sl]))
 
     def forward(self, step_fn: StepFn, cache: SlotKVCache, B: int, kv_len: int,
-                compiled: Callable | None = None) -> torch.Tensor:
+                compiled: Callable | None = None, cascade: CascadeShape | None = None) -> torch.Tensor:
         """Logits [B, V] after feeding rows ``[0, B)``'s ``tok`` at ``pos`` (their K/V stored in the cache):
         the model part of a step, eager or through ``compiled`` (a `CompiledForward`)."""
         if compiled is not None:
-            return compiled(step_fn, cache, self.tok[:B], self.pos[:B], kv_len)
+            return compiled(step_fn, cache, self.tok[:B], self.pos[:B], kv_len, cascade)
         pos_B = self.pos[:B]
-        return step_fn(self.tok[:B], pos_B, cache.decode_hook(pos_B, kv_len), None)
+        return step_fn(self.tok[:B], pos_B, cache.decode_hook(pos_B, kv_len, cascade), None)
 
     def decode_step(self, step_fn: StepFn, cache: SlotKVCache, B: int, kv_len: int, truncate: bool,
-                    compiled: Callable | None = None) -> None:
+                    compiled: Callable | None = None, cascade: CascadeShape | None = None) -> None:
         """One token for rows ``[0, B)``: feed ``tok`` at ``pos``, sample, advance (running rows only)."""
         active_B = ~self.done[:B]
-        logits_BV = self.forward(step_fn, cache, B, kv_len, compiled)
+        logits_BV = self.forward(step_fn, cache, B, kv_len, compiled, cascade)
         self.record(0, B, logits_BV, truncate)
         self.pos[:B].add_(active_B.long())

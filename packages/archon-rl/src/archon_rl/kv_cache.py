@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
+
 __all__ = ["CacheLayout", "DECODE_ATTENTION", "DecodeAttention", "SlotKVCache", "matmul_decode_attention",
            "sdpa_decode_attention", "slot_count"]
 
@@ -99,9 +101,11 @@ class SlotKVCache:
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
         self.v = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
         self._layer_of: dict[int, int] = {}
+        self.prefix: PrefixStore | None = None  # shared prompt prefixes (cascade attention), when enabled
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        own = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return own + (self.prefix.nbytes() if self.prefix is not None else 0)
 
     def _layer(self, attn: object) -> int:
         key = id(attn)
@@ -131,16 +135,22 @@ class SlotKVCache:
 
         return hook
 
-    def decode_hook(self, pos_B: torch.Tensor, kv_len: int) -> Callable:
+    def decode_hook(self, pos_B: torch.Tensor, kv_len: int, cascade: CascadeShape | None = None) -> Callable:
         """Hook for one new token per row: row b (slot b) stores K/V at ``pos_B[b]`` and attends to its slot's
-        positions ``<= pos_B[b]`` among the first ``kv_len``. Only device ops: safe to capture in a CUDA graph."""
+        positions ``<= pos_B[b]`` among the first ``kv_len``. With ``cascade`` (the `PrefixStore` tables set for
+        this step) a row with a shared prefix attends to it in the store and to its own positions ``[plen, pos]``
+        from ``cascade.own_lo`` on. Only device ops: safe to capture in a CUDA graph."""
         B = pos_B.numel()
         G, S = self.layout.num_kv_heads, self.slot_len
         # flat row of (slot b, head g, position pos_b) in a [N * G * S, D] view: one index_copy_ per layer
         heads_G = torch.arange(G, device=pos_B.device)
         rows_BG = ((torch.arange(B, device=pos_B.device)[:, None] * G + heads_G[None, :]) * S
                    + pos_B[:, None]).reshape(-1)
-        valid_B1S = (torch.arange(kv_len, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, :]
+        lo = 0 if cascade is None else cascade.own_lo
+        pos_S = torch.arange(lo, kv_len, device=pos_B.device)[None, :]
+        valid_B1S = (pos_S <= pos_B[:, None])[:, None, :]
+        if cascade is not None:
+            valid_B1S = valid_B1S & (pos_S >= self.prefix.plen[:B, None])[:, None, :]
 
         def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
             layer = self._layer(attn)
@@ -150,8 +160,15 @@ class SlotKVCache:
             v_all.view(-1, D).index_copy_(0, rows_BG, v_TGD.reshape(-1, D).to(v_all.dtype))
             H = q_THD.shape[1]
             q_BGRD = q_THD.to(k_all.dtype).view(B, G, H // G, D)
-            o_BGRD = self.decode_attention(q_BGRD, k_all[:B, :, :kv_len], v_all[:B, :, :kv_len], valid_B1S,
-                                           getattr(attn, "scale", None) or D**-0.5)
+            scale = getattr(attn, "scale", None) or D**-0.5
+            if cascade is None:
+                o_BGRD = self.decode_attention(q_BGRD, k_all[:B, :, :kv_len], v_all[:B, :, :kv_len], valid_B1S,
+                                               scale)
+            else:
+                own, own_lse = masked_attention(q_BGRD, k_all[:B, :, lo:kv_len], v_all[:B, :, lo:kv_len],
+                                                valid_B1S[:, None], scale)
+                pre, pre_lse = self.prefix.attention(layer, q_BGRD, cascade, scale)
+                o_BGRD = merge_attention(pre, pre_lse, own, own_lse)
             return o_BGRD.reshape(B, H, D).to(q_THD.dtype)
 
         return hook

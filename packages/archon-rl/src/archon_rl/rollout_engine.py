@@ -28,10 +28,13 @@ from archon_rl.decode_compile import CompiledForward, compile_options
 from archon_rl.decode_runner import DecodeRunner, EagerDecode, GraphDecode
 from archon_rl.decode_state import DecodeState, StepFn
 from archon_rl.kv_cache import DECODE_ATTENTION, CacheLayout, SlotKVCache, slot_count
+from archon_rl.prefix_cache import CascadeShape, PrefixStore
 from archon_rl.requests import GenRequest, GenResult
 from archon_rl.row_sampling import gumbel_logits, sample_rows
 
 __all__ = ["RolloutEngine", "batch_buckets"]
+
+_CASCADE_WIDTH = 16  # rows per prefix entry; larger groups take several entries
 
 
 def batch_buckets(num_slots: int) -> list[int]:
@@ -51,6 +54,8 @@ class RolloutEngine:
     None = on for CUDA graphs), in ``compile_mode`` ("default" or "max-autotune-no-cudagraphs") by
     ``compile_backend`` ("inductor"; "aot_eager" traces the same graph without code generation, for tests).
     ``decode_attention``: "matmul" (`matmul_decode_attention`) or "sdpa".
+    ``cascade``: rows sharing a prompt read its KV from one `PrefixStore` entry (cascade attention) instead of
+    per-row copies; a fifth of the budget goes to the store (``num_slots // 4`` entries of up to 16 rows).
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     """
 
@@ -60,7 +65,7 @@ class RolloutEngine:
                  compile_decode: bool | None = None, compile_mode: str = "default", compile_backend: str = "inductor",
                  sync_every: int | None = None, prefill_tokens: int = 32768, share_prefixes: bool = True,
                  kv_block: int = 256, max_stop_tokens: int = 16, buckets: list[int] | None = None, seed: int = 0,
-                 decode_attention: str = "matmul", context: Callable = nullcontext) -> None:
+                 decode_attention: str = "matmul", cascade: bool = False, context: Callable = nullcontext) -> None:
         self.device = torch.device(device)
         self.step_fn, self.layout = step_fn, layout
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -79,6 +84,9 @@ class RolloutEngine:
         self.max_batch, self.prefill_tokens, self.share_prefixes = max_batch, prefill_tokens, share_prefixes
         self.kv_block, self.max_stop_tokens, self.fixed_buckets = kv_block, max_stop_tokens, buckets
         self.context = context
+        if cascade and not share_prefixes:
+            raise ValueError("rollout engine cascade needs share_prefixes")
+        self.cascade = cascade
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"rollout engine decode_attention must be one of {sorted(DECODE_ATTENTION)}, "
                              f"got {decode_attention!r}")
@@ -87,7 +95,8 @@ class RolloutEngine:
         self.cache: SlotKVCache | None = None
         self.state: DecodeState | None = None
         self.runner: DecodeRunner | None = None
-        self.stats = dict(prefill_tokens=0, prompt_tokens=0, decode_steps=0, decode_row_steps=0, new_tokens=0)
+        self.stats = dict(prefill_tokens=0, prompt_tokens=0, decode_steps=0, decode_row_steps=0, new_tokens=0,
+                          cascade_rows=0, cascade_steps=0)
 
     # -- allocation ---------------------------------------------------------------------------------
     def _allocate(self, need_len: int) -> None:
@@ -103,7 +112,13 @@ class RolloutEngine:
         self.cache = self.state = self.runner = None  # free the old buffers before allocating new ones
         n = slot_count(self.layout, slot_len, self.device, kv_cache_gb=self.kv_cache_gb,
                        kv_cache_fraction=self.kv_cache_fraction, max_slots=self.max_batch)
+        if self.cascade:  # the store's n // 4 entries of slot_len positions take a fifth of the budget
+            n = max(1, n * 4 // 5)
         self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention)
+        if self.cascade:
+            lay = self.layout
+            self.cache.prefix = PrefixStore(lay.num_layers, max(1, n // 4), lay.num_kv_heads, slot_len, lay.head_dim,
+                                            lay.dtype, n, _CASCADE_WIDTH, self.device)
         sampler = _CompiledSampler() if self.compile_sampling else sample_rows
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
         runner_cls = GraphDecode if self.cuda_graphs else EagerDecode
@@ -177,6 +192,12 @@ class _Run:
         self.cache, self.state = engine.cache, engine.state
         self.waiting = deque(range(len(requests)))
         self.row_req: list[int] = []  # request index of each running row (row b = slot b)
+        self.row_entry: list[int | None] = []  # each running row's prefix-store entry (cascade)
+        self.entry_rows: dict[int, int] = {}  # running rows per entry
+        self.cascade: CascadeShape | None = None
+        self.tables_stale = False
+        if self.cache.prefix is not None:  # entries left taken by an interrupted call
+            self.cache.prefix.free = list(range(self.cache.prefix.entries))
         self.results: list[GenResult | None] = [None] * len(requests)
 
     def run(self) -> list[GenResult]:
@@ -197,10 +218,14 @@ class _Run:
             kv_len = min(self.cache.slot_len, math.ceil((max_pos + k) / e.kv_block) * e.kv_block)
             B = next(b for b in e.buckets if b >= n)
             truncate = any(self._truncates(q) for q in self.row_req)
+            if self.tables_stale:
+                self.cascade = self.cache.prefix.set_rows(self.row_entry, e.kv_block)
+                self.tables_stale = False
             for _ in range(k):
-                e.runner.run(B, kv_len, truncate)
+                e.runner.run(B, kv_len, truncate, self.cascade)
             e.stats["decode_steps"] += k
             e.stats["decode_row_steps"] += k * B
+            e.stats["cascade_steps"] += k if self.cascade is not None else 0
         return self.results  # type: ignore[return-value]
 
     def _truncates(self, q: int) -> bool:
@@ -225,6 +250,12 @@ class _Run:
             self.results[q] = GenResult(output_ids=out, logprobs=lp[:g], finish_reason="stop" if stop is not None
                                         else "length", matched_stop=stop)
             self.e.stats["new_tokens"] += g
+            m = self.row_entry[row]
+            if m is not None:
+                self.entry_rows[m] -= 1
+                if self.entry_rows[m] == 0:
+                    del self.entry_rows[m]
+                    self.cache.prefix.release(m)
         self._compact(set(rows), ngen)
 
     def _compact(self, finished: set[int], ngen: torch.Tensor) -> None:
@@ -242,10 +273,13 @@ class _Run:
             self.state.move_rows(src, dst)
             for s, d in zip(movers, holes):
                 self.row_req[d] = self.row_req[s]
+                self.row_entry[d] = self.row_entry[s]
         gone = [r for r in range(keep, n) if r in finished]
         if gone:
             self.state.free_rows(torch.tensor(gone, device=dev))
         del self.row_req[keep:]
+        del self.row_entry[keep:]
+        self.tables_stale = self.cache.prefix is not None
 
     # -- admission --------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -258,6 +292,7 @@ class _Run:
         take = [self.waiting.popleft() for _ in range(want)]
         first = len(self.row_req)
         self.row_req.extend(take)
+        self.row_entry.extend([None] * len(take))
         leader_of: dict[tuple[int, ...], int] = {}
         leaders: list[int] = []  # rows that prefill; the others copy their leader's KV
         for i, q in enumerate(take):
@@ -271,6 +306,8 @@ class _Run:
         leader_row = [leader_of[tuple(self.requests[q].input_ids) if self.e.share_prefixes else (i,)]
                       for i, q in enumerate(take)]
         followers = [(first + i, lr) for i, lr in enumerate(leader_row) if lr != first + i]
+        if followers and self.cache.prefix is not None:
+            followers = self._share_entries(leader_row, first)
         if followers:
             length = max(len(self.requests[self.row_req[r]].input_ids) for r, _ in followers)
             dev = self.e.device
@@ -279,6 +316,31 @@ class _Run:
         logits_BV = torch.cat([logits_of[lr] for lr in leader_row])
         with self.e._no_grad_context():
             self.state.record(first, first + len(take), logits_BV, any(self._truncates(q) for q in take))
+
+    def _share_entries(self, leader_row: list[int], first: int) -> list[tuple[int, int]]:
+        """Give each group (rows with the same leader) prefix-store entries of up to the table width; returns the
+        (row, leader) pairs that found no entry and copy the leader's KV instead."""
+        store, left = self.cache.prefix, []
+        groups: dict[int, list[int]] = {}
+        for i, lr in enumerate(leader_row):
+            groups.setdefault(lr, []).append(first + i)
+        for lr, rows in groups.items():
+            if len(rows) < 2:
+                continue
+            plen = len(self.requests[self.row_req[lr]].input_ids)
+            for c in range(0, len(rows), store.width_cap):
+                chunk = rows[c:c + store.width_cap]
+                m = store.take(plen) if len(chunk) > 1 else None
+                if m is None:
+                    left += [(r, lr) for r in chunk if r != lr]
+                    continue
+                store.fill(m, self.cache.k, self.cache.v, lr)
+                self.entry_rows[m] = len(chunk)
+                self.e.stats["cascade_rows"] += len(chunk)
+                for r in chunk:
+                    self.row_entry[r] = m
+        self.tables_stale = True
+        return left
 
     def _set_row_params(self, first: int, take: list[int]) -> None:
         st, n = self.state, len(take)
