@@ -9,7 +9,8 @@ capture, compilation) and once timed. Reported: new tokens/s, peak memory, and %
 measured device-to-device copy bandwidth). `--grpo` adds GRPO groups (8 samples sharing one prompt) with and
 without shared prompt prefixes. Engines: `archon` (decode step compiled by inductor and captured as CUDA
 graphs), `archon-no-compile` (eager step captured as CUDA graphs), `archon-sdpa`, `archon-no-graphs`,
-`hf-eager`, `hf-compile`. Every case frees the previous one's cache first and prints its wall time.
+`hf-eager`, `hf-compile`; GRPO shared prompts use cascade attention (one K/V copy per group) and, last, per-row
+copies (`archon-copy-prefix`). Every case frees the previous one's cache first and prints its wall time.
 
     python benchmarks/rollout.py --suite                           # the headline cases, one GPU, < 8 minutes
     python benchmarks/rollout.py                                   # the full matrix (long)
@@ -119,7 +120,7 @@ def build_archon(name: str):
 
 def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool, kv_gb: float | None,
                graphs: bool, profile: bool = False, attention: str = "matmul", warm_new: int | None = None,
-               compile_decode: bool = True) -> dict:
+               compile_decode: bool = True, cascade: bool = False) -> dict:
     from archon.rl import build_rollout_engine
     from archon_rl import GenRequest, SamplingConfig
 
@@ -128,6 +129,7 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
     # on CPU (--tiny) the compiled path is traced by aot_eager: inductor's C++ build takes minutes there
     engine = build_rollout_engine(model, kv_cache_gb=kv_gb, share_prefixes=share, cuda_graphs=graphs,
                                   max_batch=len(prompts), decode_attention=attention, compile_decode=compile_decode,
+                                  cascade=cascade and share,
                                   compile_backend="inductor" if DEVICE == "cuda" else "aot_eager")
     cfg = SamplingConfig(max_new_tokens=new, temperature=1.0)
     reqs = [GenRequest(p, cfg, seed=i) for i, p in enumerate(prompts)]
@@ -155,7 +157,8 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
               flush=True)
     compiled = engine.runner.compiled is not None and not engine.runner.compiled.failed
     res = dict(engine="archon" + ("" if graphs else "/no-graphs") + ("/compiled" if compiled else "/eager-step")
-               + ("" if share else "/no-share") + ("" if attention == "matmul" else f"/{attention}-attn"), seconds=dt,
+               + ("/cascade" if cascade and share else "") + ("" if share else "/no-share")
+               + ("" if attention == "matmul" else f"/{attention}-attn"), seconds=dt,
                warmup_s=round(warm, 1), new_tokens=len(prompts) * new, slots=engine.num_slots,
                kv_cache_gb=round(engine.cache.nbytes() / 2**30, 1), prefill_tokens=engine.stats["prefill_tokens"],
                graphs=len(getattr(engine.runner, "graphs", {})))
@@ -242,6 +245,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--grpo-prompt", type=int, default=2048)
     p.add_argument("--grpo-batch", type=int, default=64)
+    p.add_argument("--no-cascade", action="store_true",
+                   help="GRPO shared prompts copied into every row's slot instead of cascade attention over one "
+                        "copy per group (by default both run, cascade first)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="Archon cache budget (default: 90%% of free)")
     p.add_argument("--warmup-new-tokens", type=int, default=None,
                    help="Archon warm-up run on this many new tokens (default: the full workload); graphs of "
@@ -265,6 +271,8 @@ def cases(a: argparse.Namespace) -> list[tuple[str, int, int, int, bool]]:
     if a.grpo:
         out += [("archon", a.grpo_batch, a.grpo_prompt, a.group_size, s) for s in (True, False)]
     out += [("hf-compile", b, pl, 1, True) for b in a.batches for pl in a.prompts if "hf-compile" in a.engines]
+    if a.grpo and not a.no_cascade:  # shared prompts copied into every row's slot (no cascade), if time is left
+        out.append(("archon-copy-prefix", a.grpo_batch, a.grpo_prompt, a.group_size, True))
     return out
 
 
@@ -304,7 +312,8 @@ def main() -> None:
                     r = run_archon(model, name, prompts, new, share, a.kv_cache_gb, eng != "archon-no-graphs",
                                    a.profile and eng != "archon-no-graphs",
                                    "sdpa" if eng == "archon-sdpa" else "matmul", a.warmup_new_tokens,
-                                   compile_decode=eng != "archon-no-compile")
+                                   compile_decode=eng != "archon-no-compile",
+                                   cascade=group > 1 and not a.no_cascade and eng != "archon-copy-prefix")
                 else:
                     if batch * plen > a.hf_max_batch_prompt:
                         record(dict(engine=eng, model=name, batch=batch, prompt=plen, skipped="too large"))
@@ -352,10 +361,12 @@ def print_table(rows: list[dict]) -> None:
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x" if peer and r.get("group", 1) == 1 else "-"
         print(f"{head} {r['new']:>4} {r['tokens_per_s']:>8} {r['pct_hbm_bound']:>5} {str(r['peak_mem_gb']):>6} "
               f"{ratio:>11} {r.get('case_wall_s', '-'):>6}")
-    grpo = {r["engine"].endswith("/no-share"): r for r in rows if r.get("group", 1) > 1 and "tokens_per_s" in r}
-    if len(grpo) == 2:
-        print(f"GRPO shared / unshared prefixes: {grpo[False]['tokens_per_s'] / grpo[True]['tokens_per_s']:.2f}x "
-              f"(prefill tokens {grpo[False]['prefill_tokens']} vs {grpo[True]['prefill_tokens']})")
+    grpo = [r for r in rows if r.get("group", 1) > 1 and "tokens_per_s" in r]
+    unshared = next((r for r in grpo if r["engine"].endswith("/no-share")), None)
+    for r in grpo:
+        if unshared is not None and r is not unshared:
+            print(f"GRPO {r['engine']} / unshared: {r['tokens_per_s'] / unshared['tokens_per_s']:.2f}x "
+                  f"(prefill tokens {r['prefill_tokens']} vs {unshared['prefill_tokens']})")
 
 
 if __name__ == "__main__":

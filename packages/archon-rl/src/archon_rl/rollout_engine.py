@@ -55,7 +55,8 @@ class RolloutEngine:
     ``compile_backend`` ("inductor"; "aot_eager" traces the same graph without code generation, for tests).
     ``decode_attention``: "matmul" (`matmul_decode_attention`) or "sdpa".
     ``cascade``: rows sharing a prompt read its KV from one `PrefixStore` entry (cascade attention) instead of
-    per-row copies; a fifth of the budget goes to the store (``num_slots // 4`` entries of up to 16 rows).
+    per-row copies; the store holds ``num_slots // 4`` entries of up to 16 rows (a fifth of the budget when the
+    budget, not ``max_batch``, limits the slots).
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     """
 
@@ -110,14 +111,20 @@ class RolloutEngine:
         else:
             slot_len = math.ceil(need_len / self.kv_block) * self.kv_block
         self.cache = self.state = self.runner = None  # free the old buffers before allocating new ones
+        extra = self.max_batch // 4 + 1 if self.cascade else 0  # prefix-store entries, as many positions each
         n = slot_count(self.layout, slot_len, self.device, kv_cache_gb=self.kv_cache_gb,
-                       kv_cache_fraction=self.kv_cache_fraction, max_slots=self.max_batch)
-        if self.cascade:  # the store's n // 4 entries of slot_len positions take a fifth of the budget
-            n = max(1, n * 4 // 5)
-        self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention)
+                       kv_cache_fraction=self.kv_cache_fraction, max_slots=self.max_batch + extra)
+        entries = 0
         if self.cascade:
+            budget, n = n, min(self.max_batch, n)
+            entries = min(max(1, n // 4), budget - n)
+            if entries < 1 and budget >= 2:  # a budget-bound cache: a fifth of it goes to the store
+                n = max(1, budget * 4 // 5)
+                entries = max(1, min(n // 4, budget - n))
+        self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention)
+        if entries > 0:  # (a budget of one sequence leaves cascade off)
             lay = self.layout
-            self.cache.prefix = PrefixStore(lay.num_layers, max(1, n // 4), lay.num_kv_heads, slot_len, lay.head_dim,
+            self.cache.prefix = PrefixStore(lay.num_layers, entries, lay.num_kv_heads, slot_len, lay.head_dim,
                                             lay.dtype, n, _CASCADE_WIDTH, self.device)
         sampler = _CompiledSampler() if self.compile_sampling else sample_rows
         self.state = DecodeState(n, slot_len, self.max_stop_tokens, self.device, sampler)
