@@ -213,7 +213,7 @@ def finish(res: dict, name: str, batch: int, prompt: int, new: int, group: int, 
 
 
 SUITE = dict(models=["qwen3-0.6b"], batches=[64], prompts=[256], new_tokens=512, grpo=True, group_size=8,
-             grpo_prompt=2048, grpo_batch=64, hf_new_tokens=128, hf_compile_modes=["default"], time_budget=360,
+             grpo_prompt=2048, grpo_batch=64, hf_new_tokens=128, hf_compile_modes=["reduce-overhead", "default"], time_budget=380,
              engines=["archon", "archon-no-compile", "hf-eager", "hf-compile"])
 TINY = dict(models=["tiny"], batches=[4], prompts=[16], new_tokens=8, group_size=4, grpo_prompt=32, grpo_batch=8,
             hf_new_tokens=4)
@@ -224,7 +224,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--suite", action="store_true",
                    help="the headline cases in one run (< 8 minutes on an H100): qwen3-0.6b batch 64 prompt 256, 512 "
                         "new tokens: archon compiled / not compiled, HF eager and HF static+compile (HF on 128 new "
-                        "tokens), then GRPO 8 groups x 8 samples at prompt 2048 with shared prefixes on and off")
+                        "tokens), then GRPO 8 groups x 8 samples at prompt 2048: shared prefixes by cascade "
+                        "attention, unshared, shared by per-row copies (cases starting after 380 s are skipped)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and shapes (runs on CPU in fp32)")
     p.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(CONFIGS))
     p.add_argument("--batches", nargs="+", type=int, default=[64, 256])
@@ -265,12 +266,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def cases(a: argparse.Namespace) -> list[tuple[str, int, int, int, bool]]:
-    """(engine, batch, prompt, group, share) in run order: Archon and HF eager first, GRPO, HF compile last
-    (its compilation is the longest and the time budget cuts from the end)."""
-    out = [(e, b, pl, 1, True) for b in a.batches for pl in a.prompts for e in a.engines if e != "hf-compile"]
+    """(engine, batch, prompt, group, share) in run order: the batch cases, GRPO shared and unshared, then GRPO
+    with per-row prefix copies (the time budget cuts from the end)."""
+    out = [(e, b, pl, 1, True) for b in a.batches for pl in a.prompts for e in a.engines]
     if a.grpo:
         out += [("archon", a.grpo_batch, a.grpo_prompt, a.group_size, s) for s in (True, False)]
-    out += [("hf-compile", b, pl, 1, True) for b in a.batches for pl in a.prompts if "hf-compile" in a.engines]
     if a.grpo and not a.no_cascade:  # shared prompts copied into every row's slot (no cascade), if time is left
         out.append(("archon-copy-prefix", a.grpo_batch, a.grpo_prompt, a.group_size, True))
     return out
