@@ -35,7 +35,8 @@ def test_bad_engine_settings_are_reported(tmp_path, capsys, override, message):
     assert message in capsys.readouterr().err
 
 
-def test_compile_decode_reaches_the_engine(tmp_path):
+def test_compile_decode_and_cascade_reach_the_engine(tmp_path):
     cfg = load_config(RLConfig, EXAMPLE, [f"--log.dir={tmp_path}", "--sampling.engine=rollout",
-                                          "--sampling.compile_decode=false"])
+                                          "--sampling.compile_decode=false", "--sampling.cascade=true"])
     assert cfg.sampling.engine_options()["compile_decode"] is False
+    assert cfg.sampling.engine_options()["cascade"] is True

@@ -44,12 +44,14 @@ class SamplingSection:
                                         "(the trainer shares the GPU)")
     compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
                                             "shapes) before capturing it (null: on with CUDA graphs)")
+    cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
+                               "(cascade attention) instead of per-row copies")
 
     def engine_options(self) -> dict:
         """Keyword arguments of the sampler class `SAMPLER_ENGINES[engine]` beyond (model, config)."""
         if self.engine == "rollout":
             return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction,
-                        compile_decode=self.compile_decode)
+                        compile_decode=self.compile_decode, cascade=self.cascade)
         return {}
 
     def build(self) -> SamplingConfig:
