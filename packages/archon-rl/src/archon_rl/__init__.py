@@ -24,7 +24,9 @@ from archon_rl.config import (
     PPOLossConfig,
     ValueLossConfig,
 )
+from archon_rl.decode_state import StepFn
 from archon_rl.kl import kl_estimate, kl_penalized_rewards
+from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
 from archon_rl.losses import (
     PPOPolicyLoss,
     ValueLoss,
@@ -37,6 +39,8 @@ from archon_rl.microbatch import MicroBatch, plan_micro_batches, split_micro_bat
 from archon_rl.protocol import ProtocolError, decode_answer, encode_answer, encode_generate, parse_generate
 from archon_rl.redistribute import Redistributed, plan_redistribution, redistribute
 from archon_rl.requests import GenerationBackend, GenRequest, GenResult
+from archon_rl.rollout_engine import RolloutEngine, batch_buckets
+from archon_rl.row_sampling import sample_rows
 from archon_rl.sampler import (
     ForwardFn,
     Generation,
@@ -78,6 +82,7 @@ __all__ = [
     "GenRequest",
     "GenResult",
     "GenerationBackend",
+    "CacheLayout", "RolloutEngine", "SlotKVCache", "StepFn", "batch_buckets", "sample_rows", "slot_count",
     "ADVANTAGE_ESTIMATORS", "BALANCE_METHODS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "SAMPLE_FIELDS",
     "TOKEN_FIELDS",
     "AdvantageConfig", "KLConfig", "MicroBatch", "OverlongConfig", "PPOLossConfig", "PPOPolicyLoss",

@@ -18,6 +18,7 @@ from archon.rl.rollout_config import RolloutSection, resolve_rollout
 __all__ = ["PromptConfig", "SamplingSection", "PPOConfig", "RewardConfig", "RLConfig"]
 
 PROMPT_TASKS = ("copy", "reverse", "sort", "jsonl")
+SAMPLING_ENGINES = ("embedded", "rollout")
 
 
 @dataclass
@@ -41,6 +42,23 @@ class SamplingSection:
     pad_token_id: int | None = doc(None, "padding token id; null = the tokenizer's pad (else eos) for text data, "
                                    "0 otherwise")
     seed: int = doc(0, "sampling seed (each step uses its own generator; the global RNG is untouched)")
+    engine: str = doc("embedded", "embedded: one eager forward per token over a per-call cache | rollout: static "
+                                  "KV cache, continuous batching, CUDA-graph decode, shared prompt prefills")
+    kv_cache_gb: float | None = doc(None, "engine=rollout: KV cache budget in GiB (null: 1 GiB on CPU, "
+                                          "kv_cache_fraction of free GPU memory on CUDA)")
+    kv_cache_fraction: float = doc(0.3, "engine=rollout, kv_cache_gb null: share of free GPU memory for the cache "
+                                        "(the trainer shares the GPU)")
+    compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
+                                            "shapes) before capturing it (null: on with CUDA graphs)")
+    cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
+                               "(cascade attention) instead of per-row copies")
+
+    def engine_options(self) -> dict:
+        """Keyword arguments of the sampler class `SAMPLER_ENGINES[engine]` beyond (model, config)."""
+        if self.engine == "rollout":
+            return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction,
+                        compile_decode=self.compile_decode, cascade=self.cascade)
+        return {}
 
     def build(self, stop_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SamplingConfig:
         """The sampler config; the arguments fill in stop / pad ids the config leaves null (default: synthetic)."""
@@ -142,6 +160,12 @@ class RLConfig:
         if r.batch_size % r.group_size:
             raise ValueError(f"rl.group_size {r.group_size} must divide rl.batch_size {r.batch_size} "
                              "(each step samples batch_size / group_size prompts, group_size responses each)")
+        if self.sampling.engine not in SAMPLING_ENGINES:
+            raise ValueError(f"sampling.engine must be one of {SAMPLING_ENGINES}, got {self.sampling.engine!r}")
+        if self.sampling.kv_cache_gb is not None and self.sampling.kv_cache_gb <= 0:
+            raise ValueError(f"sampling.kv_cache_gb must be > 0 (or null), got {self.sampling.kv_cache_gb}")
+        if not 0 < self.sampling.kv_cache_fraction <= 1:
+            raise ValueError(f"sampling.kv_cache_fraction must be in (0, 1], got {self.sampling.kv_cache_fraction}")
         for name, check in (("rl", lambda: r.loss().validate()),
                             ("rl", lambda: r.advantage().validate(r.batch_size)),
                             ("rl", lambda: r.value_loss().validate()),

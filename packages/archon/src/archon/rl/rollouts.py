@@ -17,9 +17,14 @@ from typing import Any, Protocol
 
 from archon_rl import RolloutBatch
 
+from archon.rl.rollout import RolloutSampler
 from archon.rl.sampler import EmbeddedSampler
 
-__all__ = ["RolloutSource", "ColocatedRollouts", "score_samples"]
+__all__ = ["RolloutSource", "ColocatedRollouts", "SAMPLERS", "score_samples"]
+
+SAMPLERS = {"embedded": EmbeddedSampler, "rollout": RolloutSampler}
+"""`sampling.engine` -> the in-process sampler class: ``cls(model, SamplingConfig, seed=, device=, autocast=,
+**options)``."""
 
 
 class RolloutSource(Protocol):
@@ -56,8 +61,9 @@ class ColocatedRollouts:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         cfg, engine = trainer.cfg, trainer.engine
-        self.sampler = EmbeddedSampler(engine.model, trainer.sampling, seed=cfg.sampling.seed,
-                                       device=engine.device, autocast=engine._autocast)
+        sampler_cls = SAMPLERS[cfg.sampling.engine]
+        self.sampler = sampler_cls(engine.model, trainer.sampling, seed=cfg.sampling.seed, device=engine.device,
+                                   autocast=engine._autocast, **cfg.sampling.engine_options())
 
     def start(self, start_step: int) -> None:
         self._prompts = self.trainer.prompts(start_step)

@@ -34,6 +34,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="after a request arrives, wait this long for more to batch with it (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests without sampling_seed")
+    p.add_argument("--engine", default="embedded", choices=["embedded", "rollout"],
+                   help="generation engine: embedded (the KV-cache sampler, default) or rollout (static KV cache, "
+                   "continuous batching, CUDA-graph decode; see docs/archon-rl.md)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="--engine rollout: KV cache budget in GiB (default: a fraction of free GPU memory)")
 
 
 def serve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
@@ -58,14 +63,16 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def load_served_model(model_dir: str, *, device: torch.device, dtype: str = "auto", seed: int = 0) -> ServedModel:
+def load_served_model(model_dir: str, *, device: torch.device, dtype: str = "auto", seed: int = 0,
+                      engine: str = "embedded", kv_cache_gb: float | None = None) -> ServedModel:
     from archon.hf import from_pretrained, load_hf_config
 
     hf_config = load_hf_config(model_dir)
     model = from_pretrained(model_dir, dtype=serve_dtype(dtype, hf_config, device), device=device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return ServedModel(model=model, backend=make_backend(model, device=device, seed=seed),
+    return ServedModel(model=model, backend=make_backend(model, device=device, seed=seed, engine=engine,
+                                                          **({"kv_cache_gb": kv_cache_gb} if kv_cache_gb else {})),
                        vocab_size=int(hf_config.vocab_size), context_len=int(hf_config.max_position_embeddings),
                        model_path=os.path.abspath(model_dir), model_type=hf_config.model_type,
                        weight_version=ready_version(model_dir) or "0",
@@ -93,7 +100,8 @@ def run_serve(args: argparse.Namespace) -> None:
 
     def load() -> None:
         try:
-            server.served = load_served_model(args.model_dir, device=device, dtype=args.dtype, seed=args.seed)
+            server.served = load_served_model(args.model_dir, device=device, dtype=args.dtype, seed=args.seed,
+                                              engine=args.engine, kv_cache_gb=args.kv_cache_gb)
             log.info("archon serve: model %s loaded on %s, ready", args.model_dir, device)
         except Exception as e:  # keep answering (503 with the reason) so a client sees why
             server.load_error = f"loading {args.model_dir} failed: {type(e).__name__}: {e}"

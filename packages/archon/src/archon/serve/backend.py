@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import astuple
+from dataclasses import astuple, replace
 
 import torch
 from archon_rl import GenerationBackend, GenRequest, GenResult, SamplingConfig, generate
 
 from archon.rl.sampler import decoder_forward_fn
 
-__all__ = ["SamplerBackend", "make_backend"]
+__all__ = ["BACKENDS", "RolloutBackend", "SamplerBackend", "make_backend"]
 
 
 def _key(cfg: SamplingConfig) -> tuple:
@@ -61,6 +61,37 @@ class SamplerBackend:
         return results  # type: ignore[return-value]
 
 
-def make_backend(model, *, device: torch.device, seed: int = 0) -> GenerationBackend:
-    """The backend `archon serve` generates with, over ``model``'s own tensors."""
-    return SamplerBackend(model, device=device, seed=seed)
+class RolloutBackend:
+    """`GenerationBackend` over the rollout engine (`archon.rl.build_rollout_engine`: static KV cache, continuous
+    batching, CUDA-graph decode) with ``model``'s own tensors. Requests without ``sampling_seed`` get one drawn
+    from the backend's generator, as with `SamplerBackend`."""
+
+    def __init__(self, model, *, device: torch.device, seed: int = 0,
+                 autocast: Callable[[], AbstractContextManager] | None = None, **engine_options) -> None:
+        from archon.rl.rollout import build_rollout_engine
+
+        self.engine = build_rollout_engine(model, device=device, autocast=autocast, **engine_options)
+        self._seeds = torch.Generator().manual_seed(seed)
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        drawn = torch.randint(-(2**62), 2**62, (len(requests),), generator=self._seeds).tolist()
+        seeded = [r if r.seed is not None else replace(r, seed=int(s)) for r, s in zip(requests, drawn)]
+        results = self.engine.generate(seeded)
+        for req, res in zip(requests, results):
+            res.prompt_tokens = len(req.input_ids)
+        return results
+
+
+BACKENDS = {"embedded": SamplerBackend, "rollout": RolloutBackend}
+"""`archon serve --engine` -> backend class."""
+
+
+def make_backend(model, *, device: torch.device, seed: int = 0, engine: str = "embedded",
+                 **engine_options) -> GenerationBackend:
+    """The backend `archon serve` generates with, over ``model``'s own tensors (``engine``: a key of BACKENDS;
+    ``engine_options`` go to the rollout engine)."""
+    if engine not in BACKENDS:
+        raise ValueError(f"archon serve --engine {engine!r} is not one of {sorted(BACKENDS)}")
+    if engine == "embedded" and engine_options:
+        raise ValueError(f"archon serve: {sorted(engine_options)} only apply to --engine rollout")
+    return BACKENDS[engine](model, device=device, seed=seed, **engine_options)
