@@ -43,7 +43,9 @@ def test_rl_on_two_replicas_equals_one_process(tmp_path, extra):
                 assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1e-6), (key, a[key], b[key])
         for n, p in ref["params"].items():
             rel = float((got["params"][n] - p).norm() / p.norm().clamp(min=1e-30))
-            assert rel <= 1e-5, f"{n}: {rel:.2e}"
+            # 2e-5, not 1e-5: the two ranks sum gradients in another order, and AdamW's normalised step turns that
+            # fp32 rounding into ~1e-5 of a weight after the warm-up + RL steps (1.01e-5 seen on a 2-core x86 host)
+            assert rel <= 2e-5, f"{n}: {rel:.2e}"
 
 
 def test_rl_on_several_ranks_needs_zero1_replicas():

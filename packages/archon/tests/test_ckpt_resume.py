@@ -9,7 +9,7 @@ from archon_parallel.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = str(ROOT / "examples" / "sft_tiny.yaml")
-TIMING = ("step_time", "tokens_per_s", "peak_mem_gb")
+TIMING = ("step_time", "tokens_per_s", "peak_mem_gb", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "mfu_peak_tflops")  # wall clock, measured peak
 
 
 class _Crash(BaseException):

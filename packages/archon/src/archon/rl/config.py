@@ -49,7 +49,7 @@ class SamplingSection:
     kv_cache_fraction: float = doc(0.3, "engine=rollout, kv_cache_gb null: share of free GPU memory for the cache "
                                         "(the trainer shares the GPU)")
     compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
-                                            "shapes) before capturing it (null: on with CUDA graphs)")
+                                            "shapes) before capturing it (null: off; slower on an H100)")
     cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
                                "(cascade attention) instead of per-row copies")
 
