@@ -8,7 +8,7 @@ from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.rl import EmbeddedSampler
-from archon.testing import hf_model, tiny_hf_config
+from archon.testing import hf_greedy, hf_model, tiny_hf_config
 from archon_rl import SamplingConfig, sample_tokens
 
 PROMPTS = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45, 46], [7, 7, 7, 7]]
@@ -22,18 +22,11 @@ def hf_dir(tmp_path_factory):
     return d, ref
 
 
-def _hf_greedy(ref, prompt, n):
-    ids = torch.tensor([prompt])
-    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def test_greedy_equals_hf_generate_and_stop_tokens(hf_dir):
     d, ref = hf_dir
     model = archon.from_pretrained(d)
     n = 8
-    want = [_hf_greedy(ref, p, n) for p in PROMPTS]
+    want = [hf_greedy(ref, p, n) for p in PROMPTS]
     got = EmbeddedSampler(model, SamplingConfig(max_new_tokens=n, temperature=0.0)).generate(PROMPTS)
     assert got.responses() == want
     assert got.lengths_B.tolist() == [n] * len(PROMPTS) and not got.stopped_B.any()

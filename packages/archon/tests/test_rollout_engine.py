@@ -9,7 +9,7 @@ from archon.config.schema import ActorConfig
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.rl import EmbeddedSampler, RolloutSampler, build_rollout_engine
-from archon.testing import hf_model, tiny_hf_config
+from archon.testing import hf_greedy, hf_model, tiny_hf_config
 from archon_rl import GenRequest, SamplingConfig, sequence_seeds
 
 PROMPTS = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45, 46], [7, 7, 7, 7], [11, 12], [30, 2, 30, 2, 30]]
@@ -30,18 +30,11 @@ def hf_dir(request, tmp_path_factory):
     return d, ref
 
 
-def _hf_greedy(ref, prompt, n):
-    ids = torch.tensor([prompt])
-    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def test_greedy_equals_hf_generate_and_embedded_sampler(hf_dir):
     d, ref = hf_dir
     model = archon.from_pretrained(d)
     n = 8
-    want = [_hf_greedy(ref, p, n) for p in PROMPTS]
+    want = [hf_greedy(ref, p, n) for p in PROMPTS]
     cfg = SamplingConfig(max_new_tokens=n, temperature=0.0)
     assert EmbeddedSampler(model, cfg).generate(PROMPTS).responses() == want
     sampler = RolloutSampler(model, cfg, **budget(2))  # 2 slots for 6 prompts: the others wait
@@ -195,7 +188,7 @@ def test_cuda_graphs_equal_eager_and_follow_weight_updates(hf_dir):
     assert got == eager and (len(graphs.runner.graphs) > 0) != moe
     cfg = SamplingConfig(max_new_tokens=8, temperature=0.0)
     greedy = [GenRequest(p, cfg) for p in PROMPTS]
-    assert [r.output_ids for r in graphs.generate(greedy)] == [_hf_greedy(ref, p, 8) for p in PROMPTS]
+    assert [r.output_ids for r in graphs.generate(greedy)] == [hf_greedy(ref, p, 8) for p in PROMPTS]
     with torch.no_grad():  # an in-place weight update: the captured graphs read the new values
         for p in model.parameters():
             p.mul_(1.5)

@@ -37,6 +37,16 @@ def hf_model(cfg, seed: int = 0):
     return m.eval()
 
 
+def hf_greedy(ref, prompt: list[int], n: int) -> list[int]:
+    """Exactly ``n`` greedy tokens after ``prompt`` from HF ``generate`` (no EOS): the reference for samplers."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def tiny_byte_tokenizer(out_dir: str, chat_template: str = "chatml") -> str:
     """A byte-level BPE tokenizer without merges (256 byte tokens + ChatML specials) saved to ``out_dir``:
     a real HF fast tokenizer whose vocabulary fits a tiny model."""
