@@ -149,8 +149,10 @@ class SlotKVCache:
         lo = 0 if cascade is None else cascade.own_lo
         pos_S = torch.arange(lo, kv_len, device=pos_B.device)[None, :]
         valid_B1S = (pos_S <= pos_B[:, None])[:, None, :]
+        prefix = self.prefix
         if cascade is not None:
-            valid_B1S = valid_B1S & (pos_S >= self.prefix.plen[:B, None])[:, None, :]
+            assert prefix is not None, "cascade tables without a prefix store"
+            valid_B1S = valid_B1S & (pos_S >= prefix.plen[:B, None])[:, None, :]
 
         def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
             layer = self._layer(attn)
@@ -167,7 +169,7 @@ class SlotKVCache:
             else:
                 own, own_lse = masked_attention(q_BGRD, k_all[:B, :, lo:kv_len], v_all[:B, :, lo:kv_len],
                                                 valid_B1S[:, None], scale)
-                pre, pre_lse = self.prefix.attention(layer, q_BGRD, cascade, scale)
+                pre, pre_lse = prefix.attention(layer, q_BGRD, cascade, scale)  # type: ignore[union-attr]
                 o_BGRD = merge_attention(pre, pre_lse, own, own_lse)
             return o_BGRD.reshape(B, H, D).to(q_THD.dtype)
 

@@ -198,7 +198,9 @@ class _Run:
 
     def __init__(self, engine: RolloutEngine, requests: list[GenRequest], seeds: list[int]) -> None:
         self.e, self.requests, self.seeds = engine, requests, seeds
-        self.cache, self.state = engine.cache, engine.state
+        assert engine.cache is not None and engine.state is not None, "allocate() runs before a call"
+        self.cache: SlotKVCache = engine.cache
+        self.state: DecodeState = engine.state
         self.waiting = deque(range(len(requests)))
         self.row_req: list[int] = []  # request index of each running row (row b = slot b)
         self.row_entry: list[int | None] = []  # each running row's prefix-store entry (cascade)
@@ -228,8 +230,10 @@ class _Run:
             B = next(b for b in e.buckets if b >= n)
             truncate = any(self._truncates(q) for q in self.row_req)
             if self.tables_stale:
+                assert self.cache.prefix is not None  # tables go stale only with a prefix store
                 self.cascade = self.cache.prefix.set_rows(self.row_entry, e.kv_block)
                 self.tables_stale = False
+            assert e.runner is not None
             for _ in range(k):
                 e.runner.run(B, kv_len, truncate, self.cascade)
             e.stats["decode_steps"] += k
@@ -264,6 +268,7 @@ class _Run:
                 self.entry_rows[m] -= 1
                 if self.entry_rows[m] == 0:
                     del self.entry_rows[m]
+                    assert self.cache.prefix is not None  # rows hold entries only with a prefix store
                     self.cache.prefix.release(m)
         self._compact(set(rows), ngen)
 
@@ -330,6 +335,7 @@ class _Run:
         """Give each group (rows with the same leader) prefix-store entries of up to the table width; returns the
         (row, leader) pairs that found no entry and copy the leader's KV instead."""
         store, left = self.cache.prefix, []
+        assert store is not None, "shared entries need a prefix store (cascade=True)"
         groups: dict[int, list[int]] = {}
         for i, lr in enumerate(leader_row):
             groups.setdefault(lr, []).append(first + i)
