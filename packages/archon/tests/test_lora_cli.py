@@ -133,3 +133,21 @@ def test_export_adapter_errors(tmp_path, capsys):
     assert "actor.lora.enabled is false" in capsys.readouterr().err
     assert main(["export-hf", str(tmp_path / "nothing"), str(tmp_path / "out"), "--merge-lora"]) == 2
     assert "needs --config" in capsys.readouterr().err
+
+
+def test_lora_exports_never_replace_what_they_did_not_write(tmp_path, capsys):
+    """export-adapter and export-hf --merge-lora refuse a non-empty target and the checkpoint itself; nothing changes."""
+    from archon.cli import main
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    ckpt.mkdir()
+    (ckpt / "keep.txt").write_text("mine")
+    out.mkdir()
+    (out / "notes.txt").write_text("user data")
+    for args, why in ((["export-adapter", str(ckpt), str(out), "--config", "x.yaml"], "is not empty"),
+                      (["export-hf", str(ckpt), str(out), "--merge-lora", "--config", "x.yaml"], "is not empty"),
+                      (["export-adapter", str(ckpt), str(ckpt), "--config", "x.yaml"], "is the checkpoint")):
+        assert main(args) == 2
+        assert why in capsys.readouterr().err  # refused for the target, before the (missing) run config is read
+    assert (out / "notes.txt").read_text() == "user data" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["keep.txt"]

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p_ad = sub.add_parser("export-adapter", help="write the LoRA adapter of a training checkpoint as a PEFT adapter")
     p_ad.add_argument("checkpoint", help="checkpoint root (uses `latest`) or a step directory")
     p_ad.add_argument("out", help="output adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p_ad.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p_ad.add_argument("--config", required=True, help="the run's YAML (actor.path, actor.lora); --actor.x=y overrides "
                       "follow")
     p_plot = sub.add_parser("plot", help="draw metrics.jsonl curves of one or more runs into a PNG")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export-adapter":
             from archon.export_adapter import export_adapter
 
-            export_adapter(args.checkpoint, args.out, args.config, _split_overrides(rest))
+            export_adapter(args.checkpoint, args.out, args.config, _split_overrides(rest), overwrite=args.overwrite)
         elif args.command == "plot":
             from archon.plot import plot_runs
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.config:
                 raise UserError("export-hf --merge-lora needs --config RUN.yaml (the LoRA settings of the run)")
-            export_merged(args.checkpoint, args.out, args.config, _split_overrides(rest), args.dtype)
+            export_merged(args.checkpoint, args.out, args.config, _split_overrides(rest), args.dtype,
+                          overwrite=args.overwrite)
         else:
             if rest:
                 raise UserError(f"export-hf: unknown argument {rest[0]!r} (see archon export-hf --help)")

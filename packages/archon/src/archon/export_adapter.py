@@ -50,8 +50,7 @@ def _step_dir(checkpoint: str) -> tuple[str, int]:
 
 def load_lora_checkpoint(checkpoint: str, actor: ActorConfig):
     """An `ArchonEngine` (one CPU process) whose model holds the checkpoint's weights and LoRA adapter."""
-    from archon_ckpt import Checkpointer, ModelState
-    from torch.distributed.checkpoint import FileSystemReader
+    from archon_ckpt import Checkpointer, ModelState, read_metadata
 
     from archon.engine.checkpoint import AdapterState
     from archon.engine.engine import ArchonEngine
@@ -62,7 +61,7 @@ def load_lora_checkpoint(checkpoint: str, actor: ActorConfig):
                          "checkpoint was trained with (a full fine-tune exports with `archon export-hf CKPT OUT --model`)")
     root, step = _step_dir(checkpoint)
     step_path = str(Checkpointer(root).step_path(step))
-    keys = [k for k in FileSystemReader(step_path).read_metadata().state_dict_metadata if k.startswith("model.")]
+    keys = [k for k in read_metadata(step_path).state_dict_metadata if k.startswith("model.")]
     if not any(is_lora_param(k) for k in keys):
         raise ValueError(f"{step_path!r} holds no LoRA factors: it is not a LoRA training checkpoint")
     # built like the run was (an `adapter_path` sets the adapter's scaling); the checkpoint then supplies the tensors
@@ -80,14 +79,22 @@ def _saved_module_params(model) -> set[str]:
     return {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def export_adapter(checkpoint: str, out_dir: str, run_config: str, overrides: list[str]) -> None:
+def export_adapter(checkpoint: str, out_dir: str, run_config: str, overrides: list[str], *,
+                   overwrite: bool = False) -> None:
     """`archon export-adapter`: the checkpoint's LoRA adapter as a PEFT adapter directory."""
+    from archon.export_guard import check_export_target
+
+    check_export_target(checkpoint, out_dir, overwrite=overwrite, command="export-adapter")
     engine = load_lora_checkpoint(checkpoint, actor_from_run_config(run_config, overrides))
     engine.save_adapter(out_dir)
 
 
-def export_merged(checkpoint: str, out_dir: str, run_config: str, overrides: list[str], dtype: str) -> None:
+def export_merged(checkpoint: str, out_dir: str, run_config: str, overrides: list[str], dtype: str, *,
+                  overwrite: bool = False) -> None:
     """`archon export-hf --merge-lora`: base weights with the checkpoint's adapter folded in, as an HF directory."""
+    from archon.export_guard import check_export_target
+
+    check_export_target(checkpoint, out_dir, overwrite=overwrite)  # never over a checkpoint or data we did not write
     if dtype not in _DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     engine = load_lora_checkpoint(checkpoint, actor_from_run_config(run_config, overrides))

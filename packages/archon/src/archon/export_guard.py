@@ -20,24 +20,24 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_export_target(source: str, out: str, *, overwrite: bool) -> None:
+def check_export_target(source: str, out: str, *, overwrite: bool, command: str = "export-hf") -> None:
     """Refuse an output directory whose replacement would destroy data the export did not create."""
     src, dst = Path(source).resolve(), Path(out).resolve()
     if _inside(src, dst):
-        raise UserError(f"export-hf: output {out!r} is the checkpoint {source!r} or a folder holding it; replacing "
+        raise UserError(f"{command}: output {out!r} is the checkpoint {source!r} or a folder holding it; replacing "
                         "it would delete the checkpoint: pick a new output directory")
     if _inside(dst, src):
-        raise UserError(f"export-hf: output {out!r} lies inside the checkpoint {source!r}: pick a directory "
+        raise UserError(f"{command}: output {out!r} lies inside the checkpoint {source!r}: pick a directory "
                         "outside it")
     if dst.exists() and not dst.is_dir():
-        raise UserError(f"export-hf: output {out!r} is a file, not a directory")
+        raise UserError(f"{command}: output {out!r} is a file, not a directory")
     if not dst.is_dir() or not any(dst.iterdir()):
         return
     if _holds_checkpoint(dst):
-        raise UserError(f"export-hf: output {out!r} holds a training checkpoint; Archon never replaces one "
+        raise UserError(f"{command}: output {out!r} holds a training checkpoint; Archon never replaces one "
                         "(even with --overwrite): pick a new output directory")
     if not overwrite:
-        raise UserError(f"export-hf: output {out!r} is not empty; pass --overwrite to replace its content or pick "
+        raise UserError(f"{command}: output {out!r} is not empty; pass --overwrite to replace its content or pick "
                         "a new directory")
 
 

@@ -106,6 +106,8 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         t0 = time.perf_counter()
         with guard.step(step + 1):
             stats = engine.train_batch(batch, sft_loss, target_tokens)
+            if engine.device.type == "cuda":  # the step's kernels, not just their launch (tokens/s, MFU)
+                torch.cuda.synchronize(engine.device)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
                      peak_mem_gb=peak_memory_gb(engine.device), **step_metrics(batch, stats["tokens"], dt))
