@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
+from archon_rl.sampler import prefill_attention
 
 __all__ = ["CacheLayout", "DECODE_ATTENTION", "DecodeAttention", "SlotKVCache", "matmul_decode_attention",
            "sdpa_decode_attention", "slot_count"]
@@ -122,16 +123,10 @@ class SlotKVCache:
 
         def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
             layer = self._layer(attn)
-            T, H, D = q_THD.shape
-            k_nGPD = k_TGD.view(n, P, -1, D).transpose(1, 2)
-            v_nGPD = v_TGD.view(n, P, -1, D).transpose(1, 2)
+            o_THD, k_nGPD, v_nGPD = prefill_attention(attn, q_THD, k_TGD, v_TGD, n)
             self.k[layer][slots_n, :, :P] = k_nGPD.to(self.layout.dtype)
             self.v[layer][slots_n, :, :P] = v_nGPD.to(self.layout.dtype)
-            q_nHPD = q_THD.view(n, P, H, D).transpose(1, 2)
-            o_nHPD = F.scaled_dot_product_attention(q_nHPD, k_nGPD, v_nGPD, is_causal=True,
-                                                    scale=getattr(attn, "scale", None),
-                                                    enable_gqa=H != k_nGPD.shape[1])
-            return o_nHPD.transpose(1, 2).reshape(T, H, D)
+            return o_THD
 
         return hook
 

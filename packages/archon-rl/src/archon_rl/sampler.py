@@ -80,6 +80,20 @@ class Generation:
         return [row[:n].tolist() for row, n in zip(self.logprobs_BL.cpu(), self.lengths_B.tolist())]
 
 
+def prefill_attention(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor,
+                      batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention over a right-padded [B, P] prompt block (a real query never sees the padding after it):
+    the output [T, H, D] and the block's K / V as [B, G, P, D], for the caller to store in its cache."""
+    T, H, D = q_THD.shape
+    P = T // batch
+    k_BGPD = k_TGD.view(batch, P, -1, D).transpose(1, 2)
+    v_BGPD = v_TGD.view(batch, P, -1, D).transpose(1, 2)
+    q_BHPD = q_THD.view(batch, P, H, D).transpose(1, 2)
+    o_BHPD = F.scaled_dot_product_attention(q_BHPD, k_BGPD, v_BGPD, is_causal=True,
+                                            scale=getattr(attn, "scale", None), enable_gqa=H != k_BGPD.shape[1])
+    return o_BHPD.transpose(1, 2).reshape(T, H, D), k_BGPD, v_BGPD
+
+
 class KVCache:
     """Per-layer K/V buffers [B, G, S, D] (keyed by the attention module) and the ``kv_hook``."""
 
@@ -100,18 +114,12 @@ class KVCache:
         """Hook for a right-padded [B, P] prompt block at positions 0..P-1."""
 
         def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
-            T, H, D = q_THD.shape
-            P = T // batch
-            k_BGPD = k_TGD.view(batch, P, -1, D).transpose(1, 2)
-            v_BGPD = v_TGD.view(batch, P, -1, D).transpose(1, 2)
+            o_THD, k_BGPD, v_BGPD = prefill_attention(attn, q_THD, k_TGD, v_TGD, batch)
+            P = k_BGPD.shape[2]
             cache_k, cache_v = self._buffers(attn, k_TGD[0], batch)
             cache_k[:, :, :P] = k_BGPD
             cache_v[:, :, :P] = v_BGPD
-            q_BHPD = q_THD.view(batch, P, H, D).transpose(1, 2)
-            o_BHPD = F.scaled_dot_product_attention(q_BHPD, k_BGPD, v_BGPD, is_causal=True,
-                                                    scale=getattr(attn, "scale", None),
-                                                    enable_gqa=H != k_BGPD.shape[1])
-            return o_BHPD.transpose(1, 2).reshape(T, H, D)
+            return o_THD
 
         return hook
 
