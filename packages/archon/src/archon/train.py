@@ -15,7 +15,6 @@ from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.engine.setup import resolve_device
-from archon.hf import load_hf_config
 from archon.logging_sinks import make_sinks
 from archon.run_guard import RunGuard, check_token_ids, init_process_group
 from archon.step_metrics import StepMetrics
@@ -85,7 +84,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         start = ckpt.maybe_resume()
     guard = RunGuard(max_skipped_steps=cfg.max_skipped_steps, timeout_s=cfg.distributed.timeout_s)
     guard.check_start(start, cfg.total_train_steps, cfg.checkpoint.dir)
-    vocab = load_hf_config(cfg.actor.path).vocab_size if text is None and cfg.data.task == "jsonl" else None
+    vocab = engine.model.args.vocab_size if text is None and cfg.data.task == "jsonl" else None
     if text is not None:
         data = iter(text)  # its position came back with the checkpoint
     else:

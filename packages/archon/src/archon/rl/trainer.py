@@ -26,7 +26,6 @@ from archon.data.text import TextPrompts
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
 from archon.engine.setup import resolve_device
-from archon.hf import load_hf_config
 from archon.logging_sinks import make_sinks
 from archon.reward_pool import RewardPool
 from archon.rl.actor import PPOActor
@@ -73,7 +72,6 @@ class RLTrainer:
         self.setup = resolve_rl_setup(cfg, device=device)  # every rule, RL ones included, before any process group
         w = cfg.reward
         self.rewards = RewardPool(w.fn, num_workers=w.num_workers, timeout_s=w.timeout_s, on_error=w.on_error)
-        self.reward_fn = self.rewards.fn
         init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
         self.engine = ArchonEngine(self.setup.actor).initialize()
         self.dp_rank, self.dp_world = self.engine.dp_rank_world()
@@ -111,7 +109,7 @@ class RLTrainer:
         d = self.cfg.data
         stream = prompt_stream(d.task, self.num_prompts, num_digits=d.num_digits, seed=d.seed, path=d.path,
                                start_step=start_step)
-        context = load_hf_config(self.cfg.actor.path).max_position_embeddings
+        context = self.engine.model.args.max_position_embeddings  # the config as the engine read it
         source = f"data.path {d.path!r}" if d.task == "jsonl" else f"data.task {d.task!r}"
         for batch in stream:
             check_prompt_lengths([p for p, _ in batch], self.cfg.sampling.max_new_tokens, context, source)
@@ -272,11 +270,6 @@ def log_time_split(history: list[dict]) -> None:
     mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
     log.info("time split (mean of %d steps): generate %.3fs, wait %.3fs, train %.3fs, sync %.3fs | step %.3fs | "
              "rollout %.0f tok/s", len(rows), *(mean[k] for k in keys))
-def _check_replicas(cfg: RLConfig, engine: ArchonEngine) -> None:
-    """Several ranks: each samples from its own full replica (rule `archon.config.validate.validate_rl_replicas`)."""
-    from archon.config.validate import validate_rl_replicas
-
-    validate_rl_replicas(cfg, engine.dims, engine.world_size)
 
 
 def _has_weights(path: str) -> bool:
