@@ -7,12 +7,12 @@ token, so every row makes exactly --new-tokens tokens. Peers: HF `generate` eage
 capture, compilation) and once timed. Reported: new tokens/s, peak memory, and % of the HBM bandwidth bound
 (bytes a decode step must read: the weights once plus every row's KV cache up to its position, over the
 measured device-to-device copy bandwidth). `--grpo` adds GRPO groups (8 samples sharing one prompt) with and
-without shared prompt prefixes. Engines: `archon` (decode step compiled by inductor and captured as CUDA
-graphs), `archon-no-compile` (eager step captured as CUDA graphs), `archon-sdpa`, `archon-no-graphs`,
-`hf-eager`, `hf-compile`; GRPO shared prompts use cascade attention (one K/V copy per group) and, last, per-row
+without shared prompt prefixes. Engines: `archon` (the engine's defaults: fused Triton decode ops, steps captured
+as CUDA graphs), `archon-unfused` (the model's own forward captured as CUDA graphs), `archon-compiled` (the
+model's forward compiled by inductor, then captured), `archon-sdpa`, `archon-no-graphs`, `hf-eager`, `hf-compile`; GRPO shared prompts use cascade attention (one K/V copy per group) and, last, per-row
 copies (`archon-copy-prefix`). Every case frees the previous one's cache first and prints its wall time.
 
-    python benchmarks/rollout.py --suite                           # the headline cases, one GPU, < 8 minutes
+    python benchmarks/rollout.py --suite                           # the headline cases, one GPU, < 9 minutes
     python benchmarks/rollout.py                                   # the full matrix (long)
     python benchmarks/rollout.py --models qwen3-0.6b --batches 64 --prompts 256 --grpo
     python benchmarks/rollout.py --engines archon --hf-new-tokens 64  # HF timed on fewer new tokens
@@ -120,7 +120,7 @@ def build_archon(name: str):
 
 def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool, kv_gb: float | None,
                graphs: bool, profile: bool = False, attention: str = "matmul", warm_new: int | None = None,
-               compile_decode: bool = True, cascade: bool = False) -> dict:
+               compile_decode: bool = False, cascade: bool = False, kernels: str = "auto") -> dict:
     from archon.rl import build_rollout_engine
     from archon_rl import GenRequest, SamplingConfig
 
@@ -129,7 +129,7 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
     # on CPU (--tiny) the compiled path is traced by aot_eager: inductor's C++ build takes minutes there
     engine = build_rollout_engine(model, kv_cache_gb=kv_gb, share_prefixes=share, cuda_graphs=graphs,
                                   max_batch=len(prompts), decode_attention=attention, compile_decode=compile_decode,
-                                  cascade=cascade and share,
+                                  cascade=cascade and share, kernels=kernels,
                                   compile_backend="inductor" if DEVICE == "cuda" else "aot_eager")
     cfg = SamplingConfig(max_new_tokens=new, temperature=1.0)
     reqs = [GenRequest(p, cfg, seed=i) for i, p in enumerate(prompts)]
@@ -156,7 +156,8 @@ def run_archon(model, name: str, prompts: list[list[int]], new: int, share: bool
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60),
               flush=True)
     compiled = engine.runner.compiled is not None and not engine.runner.compiled.failed
-    res = dict(engine="archon" + ("" if graphs else "/no-graphs") + ("/compiled" if compiled else "/eager-step")
+    step = "/compiled" if compiled else ("/fused-" + engine.kernels.name if engine.kernels else "/model-forward")
+    res = dict(engine="archon" + ("" if graphs else "/no-graphs") + step
                + ("/cascade" if cascade and share else "") + ("" if share else "/no-share")
                + ("" if attention == "matmul" else f"/{attention}-attn"), seconds=dt,
                warmup_s=round(warm, 1), new_tokens=len(prompts) * new, slots=engine.num_slots,
@@ -213,8 +214,8 @@ def finish(res: dict, name: str, batch: int, prompt: int, new: int, group: int, 
 
 
 SUITE = dict(models=["qwen3-0.6b"], batches=[64], prompts=[256], new_tokens=512, grpo=True, group_size=8,
-             grpo_prompt=2048, grpo_batch=64, hf_new_tokens=128, hf_compile_modes=["reduce-overhead", "default"], time_budget=380,
-             engines=["archon", "archon-no-compile", "hf-eager", "hf-compile"])
+             grpo_prompt=2048, grpo_batch=64, hf_new_tokens=None, hf_compile_modes=["reduce-overhead", "default"],
+             time_budget=420, engines=["archon", "archon-unfused", "hf-eager", "hf-compile"])
 TINY = dict(models=["tiny"], batches=[4], prompts=[16], new_tokens=8, group_size=4, grpo_prompt=32, grpo_batch=8,
             hf_new_tokens=4)
 
@@ -222,19 +223,21 @@ TINY = dict(models=["tiny"], batches=[4], prompts=[16], new_tokens=8, group_size
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true",
-                   help="the headline cases in one run (< 8 minutes on an H100): qwen3-0.6b batch 64 prompt 256, 512 "
-                        "new tokens: archon compiled / not compiled, HF eager and HF static+compile (HF on 128 new "
-                        "tokens), then GRPO 8 groups x 8 samples at prompt 2048: shared prefixes by cascade "
-                        "attention, unshared, shared by per-row copies (cases starting after 380 s are skipped)")
+                   help="the headline cases in one run (< 9 minutes on an H100): qwen3-0.6b batch 64 prompt 256, 512 "
+                        "new tokens: archon fused / unfused, HF eager and HF static+compile on the same workload, "
+                        "then GRPO 8 groups x 8 samples at prompt 2048: shared prefixes by cascade attention, "
+                        "unshared, shared by per-row copies (cases starting after 420 s are skipped)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and shapes (runs on CPU in fp32)")
     p.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(CONFIGS))
     p.add_argument("--batches", nargs="+", type=int, default=[64, 256])
     p.add_argument("--prompts", nargs="+", type=int, default=[256, 2048], help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--engines", nargs="+", default=["archon", "hf-eager", "hf-compile"],
-                   choices=["archon", "archon-no-compile", "archon-sdpa", "archon-no-graphs", "hf-eager", "hf-compile"],
-                   help="archon: decode step compiled and captured as CUDA graphs; archon-no-compile: the eager step "
-                        "captured; archon-sdpa: decode attention by SDPA instead of two matmuls")
+                   choices=["archon", "archon-unfused", "archon-compiled", "archon-sdpa", "archon-no-graphs", "hf-eager",
+                            "hf-compile"],
+                   help="archon: fused Triton decode ops captured as CUDA graphs (the defaults); archon-unfused: the "
+                        "model's own forward captured; archon-compiled: that forward compiled by inductor, then "
+                        "captured; archon-sdpa: unfused with SDPA decode attention")
     p.add_argument("--hf-compile-modes", nargs="+", default=["reduce-overhead", "default"],
                    help="torch.compile modes tried in order for HF's static-cache path until one runs")
     p.add_argument("--hf-new-tokens", type=int, default=None,
@@ -312,8 +315,10 @@ def main() -> None:
                     r = run_archon(model, name, prompts, new, share, a.kv_cache_gb, eng != "archon-no-graphs",
                                    a.profile and eng != "archon-no-graphs",
                                    "sdpa" if eng == "archon-sdpa" else "matmul", a.warmup_new_tokens,
-                                   compile_decode=eng != "archon-no-compile",
-                                   cascade=group > 1 and not a.no_cascade and eng != "archon-copy-prefix")
+                                   compile_decode=eng == "archon-compiled",
+                                   cascade=group > 1 and not a.no_cascade and eng != "archon-copy-prefix",
+                                   kernels="none" if eng in ("archon-unfused", "archon-sdpa", "archon-compiled")
+                                   else "auto")
                 else:
                     if batch * plen > a.hf_max_batch_prompt:
                         record(dict(engine=eng, model=name, batch=batch, prompt=plen, skipped="too large"))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from archon_rl.decode_kernels import DecodeKernels
 from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
 from archon_rl.sampler import prefill_attention
 
@@ -94,9 +95,10 @@ class SlotKVCache:
     """Per-layer K/V buffers ``[N, G, S, D]``; layers are numbered in the order the hooks first see them."""
 
     def __init__(self, layout: CacheLayout, num_slots: int, slot_len: int, device: torch.device,
-                 decode_attention: DecodeAttention | None = None) -> None:
+                 decode_attention: DecodeAttention | None = None, kernels: DecodeKernels | None = None) -> None:
         self.layout, self.num_slots, self.slot_len = layout, num_slots, slot_len
         self.decode_attention = decode_attention or matmul_decode_attention
+        self.kernels = kernels  # fused K/V store + attention for decode steps without cascade (DecodeKernels)
         shape = (num_slots, layout.num_kv_heads, slot_len, layout.head_dim)
         # zeros, not empty: rows of a padded decode bucket read slots nothing has written yet
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
@@ -137,6 +139,15 @@ class SlotKVCache:
         from ``cascade.own_lo`` on. Only device ops: safe to capture in a CUDA graph."""
         B = pos_B.numel()
         G, S = self.layout.num_kv_heads, self.slot_len
+        kernels = self.kernels
+        if kernels is not None and cascade is None:
+            def fused(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
+                layer = self._layer(attn)
+                scale = getattr(attn, "scale", None) or q_THD.shape[-1] ** -0.5
+                return kernels.attend_and_store(q_THD, k_TGD, v_TGD, self.k[layer], self.v[layer], pos_B, kv_len,
+                                                scale)
+
+            return fused
         # flat row of (slot b, head g, position pos_b) in a [N * G * S, D] view: one index_copy_ per layer
         heads_G = torch.arange(G, device=pos_B.device)
         rows_BG = ((torch.arange(B, device=pos_B.device)[:, None] * G + heads_G[None, :]) * S

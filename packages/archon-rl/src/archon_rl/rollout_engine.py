@@ -25,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from archon_rl.decode_compile import CompiledForward, compile_options
+from archon_rl.decode_kernels import DecodeKernels
 from archon_rl.decode_runner import DecodeRunner, EagerDecode, GraphDecode
 from archon_rl.decode_state import DecodeState, StepFn
 from archon_rl.kv_cache import DECODE_ATTENTION, CacheLayout, SlotKVCache, slot_count
@@ -57,6 +58,9 @@ class RolloutEngine:
     ``cascade``: rows sharing a prompt read its KV from one `PrefixStore` entry (cascade attention) instead of
     per-row copies; the store holds ``num_slots // 4`` entries of up to 16 rows (a fifth of the budget when the
     budget, not ``max_batch``, limits the slots).
+    ``kernels``: the fused decode ops (`archon_rl.decode_kernels`) the cache's decode attention uses (K/V store
+    and attention in one kernel); None = the ``decode_attention`` path. The step function may use the same
+    object for its own fused ops (``archon.rl.decoder_step_fn``).
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     """
 
@@ -66,7 +70,8 @@ class RolloutEngine:
                  compile_decode: bool | None = None, compile_mode: str = "default", compile_backend: str = "inductor",
                  sync_every: int | None = None, prefill_tokens: int = 32768, share_prefixes: bool = True,
                  kv_block: int = 256, max_stop_tokens: int = 16, buckets: list[int] | None = None, seed: int = 0,
-                 decode_attention: str = "matmul", cascade: bool = False, context: Callable = nullcontext) -> None:
+                 decode_attention: str = "matmul", cascade: bool = False, kernels: DecodeKernels | None = None,
+                 context: Callable = nullcontext) -> None:
         self.device = torch.device(device)
         self.step_fn, self.layout = step_fn, layout
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -94,6 +99,7 @@ class RolloutEngine:
             raise ValueError(f"rollout engine decode_attention must be one of {sorted(DECODE_ATTENTION)}, "
                              f"got {decode_attention!r}")
         self.decode_attention = DECODE_ATTENTION[decode_attention]
+        self.kernels = kernels
         self.rng = torch.Generator().manual_seed(seed)
         self.cache: SlotKVCache | None = None
         self.state: DecodeState | None = None
@@ -123,7 +129,7 @@ class RolloutEngine:
             if entries < 1 and budget >= 2:  # a budget-bound cache: a fifth of it goes to the store
                 n = max(1, budget * 4 // 5)
                 entries = max(1, min(n // 4, budget - n))
-        self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention)
+        self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention, self.kernels)
         if entries > 0:  # (a budget of one sequence leaves cascade off)
             lay = self.layout
             self.cache.prefix = PrefixStore(lay.num_layers, entries, lay.num_kv_heads, slot_len, lay.head_dim,

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from archon_rl import AdvantageConfig, KLConfig, PPOLossConfig, SamplingConfig, ValueLossConfig
+from archon_rl import (
+    DECODE_KERNELS,
+    AdvantageConfig,
+    KLConfig,
+    PPOLossConfig,
+    SamplingConfig,
+    ValueLossConfig,
+)
 
 from archon.config.fields import doc
 from archon.config.schema import ActorConfig, CheckpointConfig, DistributedConfig, LogConfig
@@ -52,12 +59,14 @@ class SamplingSection:
                                             "shapes) before capturing it (null: off; slower on an H100)")
     cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
                                "(cascade attention) instead of per-row copies")
+    kernels: str = doc("auto", "engine=rollout: fused decode ops: auto (Triton on CUDA, the model's own forward on "
+                               "CPU) | triton | torch (eager reference) | none (the model's own forward)")
 
     def engine_options(self) -> dict:
         """Keyword arguments of the sampler class `SAMPLER_ENGINES[engine]` beyond (model, config)."""
         if self.engine == "rollout":
             return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction,
-                        compile_decode=self.compile_decode, cascade=self.cascade)
+                        compile_decode=self.compile_decode, cascade=self.cascade, kernels=self.kernels)
         return {}
 
     def build(self, stop_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SamplingConfig:
@@ -166,6 +175,11 @@ class RLConfig:
             raise ValueError(f"sampling.kv_cache_gb must be > 0 (or null), got {self.sampling.kv_cache_gb}")
         if not 0 < self.sampling.kv_cache_fraction <= 1:
             raise ValueError(f"sampling.kv_cache_fraction must be in (0, 1], got {self.sampling.kv_cache_fraction}")
+        if self.sampling.kernels not in DECODE_KERNELS:
+            raise ValueError(f"sampling.kernels must be one of {list(DECODE_KERNELS)}, got {self.sampling.kernels!r}")
+        if self.sampling.compile_decode and self.sampling.kernels not in ("auto", "none"):
+            raise ValueError(f"sampling.kernels {self.sampling.kernels!r} and sampling.compile_decode are "
+                             "alternatives (inductor fuses the compiled step itself): set one")
         for name, check in (("rl", lambda: r.loss().validate()),
                             ("rl", lambda: r.advantage().validate(r.batch_size)),
                             ("rl", lambda: r.value_loss().validate()),

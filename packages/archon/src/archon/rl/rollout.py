@@ -14,17 +14,35 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
-from archon_rl import CacheLayout, Generation, GenRequest, RolloutEngine, SamplingConfig, sequence_seeds
+from archon_rl import (
+    CacheLayout,
+    DecodeKernels,
+    Generation,
+    GenRequest,
+    RolloutEngine,
+    SamplingConfig,
+    select_decode_kernels,
+    sequence_seeds,
+)
 
 from archon.models.common.rope import rope_cos_sin
 
-__all__ = ["decoder_step_fn", "decoder_cache_layout", "build_rollout_engine", "RolloutSampler"]
+__all__ = ["decoder_step_fn", "decoder_cache_layout", "build_rollout_engine", "fused_step_supported",
+           "RolloutSampler"]
 
 
-def decoder_step_fn(model) -> Callable:
-    """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens."""
+def decoder_step_fn(model, kernels: DecodeKernels | None = None) -> Callable:
+    """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens.
+
+    With ``kernels`` (and a model `fused_step_supported` accepts) the step drives the same modules block by block
+    with the fused ops: a residual add and the next norm in one kernel, q/k norm and RoPE in one, SwiGLU's gate
+    in one; projections, MoE layers and the LM head are the modules' own calls. This is the math of
+    `TransformerBlock.forward`, reordered so that each norm follows the add that feeds it."""
+    fused = kernels is not None and fused_step_supported(model)
 
     def forward(ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
+        if fused:
+            return _fused_forward(model, kernels, ids_T, pos_T, kv_hook, rows_N)  # type: ignore[arg-type]
         h_TD = model.tok_embeddings(ids_T)
         rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
         for block in model.layers.values():
@@ -38,7 +56,61 @@ def decoder_step_fn(model) -> Callable:
             return forward(ids_T, pos_T, kv_hook, rows_N)
 
     step.traceable = forward  # what the engine's compiled decode step traces (it inlines compiled blocks)
+    step.fused = fused
     return step
+
+
+def fused_step_supported(model) -> bool:
+    """Whether the fused step can drive ``model``: plain (not DTensor) parameters, since calling a block's
+    submodules directly would bypass FSDP's per-block gathers, and the Qwen-family block layout."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return False
+    if model.tok_embeddings is None or model.norm is None or model.output is None:
+        return False
+    for block in model.layers.values():
+        a = getattr(block, "attention", None)
+        if a is None or not all(hasattr(a, n) for n in ("wq", "wk", "wv", "wo", "q_norm", "k_norm", "head_dim")):
+            return False
+        if not (hasattr(block, "attention_norm") and hasattr(block, "ffn_norm")):
+            return False
+        ff = None if getattr(block, "moe_enabled", False) else getattr(block, "feed_forward", None)
+        if ff is not None and not all(hasattr(ff, n) for n in ("w1", "w2", "w3")):
+            return False
+    return True
+
+
+def _fused_forward(model, kernels: DecodeKernels, ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook,
+                   rows_N: torch.Tensor | None) -> torch.Tensor:
+    blocks = list(model.layers.values())
+    h_TD = model.tok_embeddings(ids_T)
+    T = h_TD.shape[0]
+    cos_TD, sin_TD = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
+    norm = blocks[0].attention_norm
+    x_TD = kernels.rms_norm(h_TD, norm.weight, norm.eps)
+    for i, block in enumerate(blocks):
+        a = block.attention
+        q_THD = a.wq(x_TD).view(T, -1, a.head_dim)
+        k_TGD = a.wk(x_TD).view(T, -1, a.head_dim)
+        v_TGD = a.wv(x_TD).view(T, -1, a.head_dim)
+        qn, kn = a.q_norm, a.k_norm
+        q_THD, k_TGD = kernels.qk_norm_rope(q_THD, k_TGD, qn.weight if qn is not None else None,
+                                            kn.weight if kn is not None else None, qn.eps if qn is not None else 0.0,
+                                            cos_TD, sin_TD, v_TGD.dtype)
+        o_THD = kv_hook(a, q_THD, k_TGD, v_TGD)
+        h_TD, x_TD = kernels.add_rms_norm(h_TD, a.wo(o_THD.reshape(T, -1)), block.ffn_norm.weight,
+                                          block.ffn_norm.eps)
+        if getattr(block, "moe_enabled", False):
+            m_TD = block.moe(x_TD)
+        else:
+            ff = block.feed_forward
+            m_TD = ff.w2(kernels.silu_mul(ff.w1(x_TD), ff.w3(x_TD)))
+        norm = blocks[i + 1].attention_norm if i + 1 < len(blocks) else model.norm
+        h_TD, x_TD = kernels.add_rms_norm(h_TD, m_TD, norm.weight, norm.eps)
+    if rows_N is not None:
+        x_TD = x_TD[rows_N]
+    return model.output(x_TD).float()
 
 
 def decoder_cache_layout(model, dtype: torch.dtype | None = None) -> CacheLayout:
@@ -51,9 +123,11 @@ def decoder_cache_layout(model, dtype: torch.dtype | None = None) -> CacheLayout
 
 def build_rollout_engine(model, *, device: torch.device | str | None = None,
                          autocast: Callable[[], AbstractContextManager] | None = None,
-                         dtype: torch.dtype | None = None, **engine_options) -> RolloutEngine:
+                         dtype: torch.dtype | None = None, kernels: str = "auto", **engine_options) -> RolloutEngine:
     """A `RolloutEngine` on ``model`` (an archon Decoder with an LM head). Each call runs in eval mode, eagerly
     (compiled training blocks are bypassed) under ``autocast``; the model's mode is restored afterwards.
+    ``kernels``: the fused decode ops, `archon_rl.DECODE_KERNELS` ("auto": Triton on CUDA, none on CPU or with
+    ``compile_decode``, where inductor fuses the step instead).
     ``engine_options`` go to `RolloutEngine` (kv_cache_gb, max_seq_len, cuda_graphs, ...)."""
     if getattr(model, "output", None) is None:
         raise ValueError("the rollout engine needs a model with an LM head (head='lm')")
@@ -73,8 +147,14 @@ def build_rollout_engine(model, *, device: torch.device | str | None = None,
         finally:
             model.train(was_training)
 
-    return RolloutEngine(decoder_step_fn(model), decoder_cache_layout(model, dtype), device=device,
-                         context=context, **engine_options)
+    if engine_options.get("compile_decode"):
+        if kernels not in ("auto", "none"):
+            raise ValueError(f"rollout engine: kernels={kernels!r} and compile_decode are alternatives (inductor "
+                             "fuses the compiled step itself); use one")
+        kernels = "none"
+    ops = select_decode_kernels(kernels, device)
+    return RolloutEngine(decoder_step_fn(model, ops), decoder_cache_layout(model, dtype), device=device,
+                         context=context, kernels=ops, **engine_options)
 
 
 class RolloutSampler:

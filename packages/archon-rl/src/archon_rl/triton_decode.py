@@ -1,0 +1,230 @@
+"""`DecodeKernels` as Triton kernels: one launch per fused op (CUDA; on CPU only under ``TRITON_INTERPRET=1``).
+
+Every kernel computes in fp32 and rounds to the storage dtype where the eager reference
+(`archon_rl.decode_kernels.DecodeKernels`) rounds, so in fp32 the two agree to summation order and in bf16
+they differ by at most a rounding of the same values. The one exception is attention: scores stay in fp32
+(eagerly they are rounded to bf16 by the QK matmul), with an online softmax over blocks of the slot.
+
+Grids: norms one program per token; q/k norm + RoPE one program per (token, head); attention one program per
+(row, kv head), its R = H / G query heads padded to 16 rows for ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from archon_rl.decode_kernels import DecodeKernels
+
+__all__ = ["TritonDecodeKernels"]
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _tl(dtype: torch.dtype):
+    try:
+        return _TL_DTYPE[dtype]
+    except KeyError:
+        raise ValueError(f"fused decode kernels support float32/bfloat16/float16, got {dtype}") from None
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, d_ptr, hout_ptr, y_ptr, w_ptr, eps, D, stride_h, stride_d, stride_ho, stride_y,
+                         HAS_ADD: tl.constexpr, H_DT: tl.constexpr, Y_DT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    o = tl.arange(0, BLOCK)
+    m = o < D
+    x = tl.load(h_ptr + t * stride_h + o, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x = x + tl.load(d_ptr + t * stride_d + o, mask=m, other=0.0).to(tl.float32)
+        x = x.to(H_DT).to(tl.float32)
+        tl.store(hout_ptr + t * stride_ho + o, x.to(H_DT), mask=m)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    n = (x * r).to(H_DT).to(tl.float32)
+    w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_y + o, (w * n).to(Y_DT), mask=m)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps, H, D,
+                         stride_q, stride_k, stride_qo, stride_ko, stride_cos, stride_sin,
+                         BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, IN_DT: tl.constexpr, NORM_DT: tl.constexpr,
+                         ROPE_DT: tl.constexpr, OUT_DT: tl.constexpr):
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    half = D // 2
+    rot = (d + half) % D
+    if j < H:
+        src = q_ptr + t * stride_q + j * D
+        dst = qo_ptr + t * stride_qo + j * D
+        w_ptr = qw_ptr
+    else:
+        src = k_ptr + t * stride_k + (j - H) * D
+        dst = ko_ptr + t * stride_ko + (j - H) * D
+        w_ptr = kw_ptr
+    x = tl.load(src + d, mask=dm, other=0.0).to(tl.float32)
+    xr = tl.load(src + rot, mask=dm, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        wr = tl.load(w_ptr + rot, mask=dm, other=0.0).to(tl.float32)
+        x = (w * (x * r).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
+        xr = (wr * (xr * r).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
+    cos = tl.load(cos_ptr + t * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_sin + d, mask=dm, other=0.0).to(tl.float32)
+    xr = tl.where(d < half, -xr, xr)
+    a = (x * cos).to(ROPE_DT).to(tl.float32)
+    b = (xr * sin).to(ROPE_DT).to(tl.float32)
+    tl.store(dst + d, (a + b).to(ROPE_DT).to(OUT_DT), mask=dm)
+
+
+@triton.jit
+def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, F, stride_a, stride_b, stride_o, A_DT: tl.constexpr, O_DT: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = o < F
+    a = tl.load(a_ptr + t * stride_a + o, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + t * stride_b + o, mask=m, other=0.0).to(tl.float32)
+    s = (a / (1.0 + tl.exp(-a))).to(A_DT).to(tl.float32)
+    tl.store(o_ptr + t * stride_o + o, (s * b).to(O_DT), mask=m)
+
+
+@triton.jit
+def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, D,
+                         stride_qb, stride_qh, stride_knb, stride_kng, stride_vnb, stride_vng,
+                         stride_cn, stride_cg, stride_cs, stride_ob, stride_oh,
+                         R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         C_DT: tl.constexpr, O_DT: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = tl.load(pos_ptr + b)
+    r = tl.arange(0, R_PAD)
+    d = tl.arange(0, BLOCK_D)
+    rm = r < R
+    dm = d < D
+    qm = rm[:, None] & dm[None, :]
+    q = tl.load(q_ptr + b * stride_qb + (g * R + r)[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+    q = (q.to(C_DT).to(tl.float32) * scale).to(C_DT)
+    kn = tl.load(kn_ptr + b * stride_knb + g * stride_kng + d, mask=dm, other=0.0).to(C_DT)
+    vn = tl.load(vn_ptr + b * stride_vnb + g * stride_vng + d, mask=dm, other=0.0).to(C_DT)
+    base = b * stride_cn + g * stride_cg
+    tl.store(kc_ptr + base + pos * stride_cs + d, kn, mask=dm)
+    tl.store(vc_ptr + base + pos * stride_cs + d, vn, mask=dm)
+    # the new token's own key first: the running max starts finite, so padded rows never see exp(-inf - -inf)
+    m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1)
+    l_i = tl.full([R_PAD], 1.0, tl.float32)
+    acc = tl.zeros([R_PAD, BLOCK_D], tl.float32) + vn.to(tl.float32)[None, :]
+    s_off = tl.arange(0, BLOCK_S)
+    for start in range(0, pos, BLOCK_S):
+        s = start + s_off
+        sm = s < pos
+        km = sm[:, None] & dm[None, :]
+        k = tl.load(kc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=km, other=0.0)
+        v = tl.load(vc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=km, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC)
+        sc = tl.where(sm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(C_DT), v, input_precision=PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :], out.to(O_DT), mask=qm)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A [T, X] view with unit stride along X (a copy only if the last dim is strided)."""
+    x = x.reshape(x.shape[0], -1)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class TritonDecodeKernels(DecodeKernels):
+    """One Triton kernel per fused op."""
+
+    name = "triton"
+
+    @staticmethod
+    def interpreted() -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+    def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm(x_TD, None, w_D, eps)[1]
+
+    def add_rms_norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor, w_D: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._norm(h_TD, d_TD, w_D, eps)
+
+    def _norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor | None, w_D: torch.Tensor, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = _rows(h_TD)
+        T, D = h.shape
+        h_dt = h.dtype if d_TD is None else torch.promote_types(h.dtype, d_TD.dtype)
+        d = _rows(d_TD) if d_TD is not None else h
+        h_out = torch.empty(T, D, dtype=h_dt, device=h.device) if d_TD is not None else h
+        y = torch.empty(T, D, dtype=torch.promote_types(w_D.dtype, h_dt), device=h.device)
+        if T:
+            _add_rms_norm_kernel[(T,)](h, d, h_out, y, w_D, eps, D, h.stride(0), d.stride(0), h_out.stride(0),
+                                       y.stride(0), HAS_ADD=d_TD is not None, H_DT=_tl(h_dt), Y_DT=_tl(y.dtype),
+                                       BLOCK=triton.next_power_of_2(D))
+        return h_out.view(h_TD.shape[:-1] + (D,)), y.view(h_TD.shape[:-1] + (D,))
+
+    def qk_norm_rope(self, q_THD: torch.Tensor, k_TGD: torch.Tensor, qw_D: torch.Tensor | None,
+                     kw_D: torch.Tensor | None, eps: float, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        T, H, D = q_THD.shape
+        G = k_TGD.shape[1]
+        if D % 2:
+            return super().qk_norm_rope(q_THD, k_TGD, qw_D, kw_D, eps, cos_TD, sin_TD, out_dtype)
+        q, k = _rows(q_THD), _rows(k_TGD)
+        cos, sin = _rows(cos_TD), _rows(sin_TD)
+        has_norm = qw_D is not None and kw_D is not None
+        norm_dt = torch.promote_types(qw_D.dtype, q.dtype) if has_norm else q.dtype  # type: ignore[union-attr]
+        rope_dt = torch.promote_types(norm_dt, cos.dtype)
+        q_out = torch.empty(T, H, D, dtype=out_dtype, device=q.device)
+        k_out = torch.empty(T, G, D, dtype=out_dtype, device=q.device)
+        if T:
+            w = qw_D if has_norm else q
+            _qk_norm_rope_kernel[(T, H + G)](
+                q, k, q_out, k_out, w, kw_D if has_norm else w, cos, sin, eps, H, D, q.stride(0), k.stride(0),
+                H * D, G * D, cos.stride(0), sin.stride(0), BLOCK_D=triton.next_power_of_2(D), HAS_NORM=has_norm, IN_DT=_tl(q.dtype),
+                NORM_DT=_tl(norm_dt), ROPE_DT=_tl(rope_dt), OUT_DT=_tl(out_dtype))
+        return q_out, k_out
+
+    def silu_mul(self, a_TF: torch.Tensor, b_TF: torch.Tensor) -> torch.Tensor:
+        a, b = _rows(a_TF), _rows(b_TF)
+        T, F = a.shape
+        out = torch.empty(T, F, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        block = min(1024, triton.next_power_of_2(F))
+        if T:
+            _silu_mul_kernel[(T, triton.cdiv(F, block))](a, b, out, F, a.stride(0), b.stride(0), out.stride(0),
+                                                        A_DT=_tl(a.dtype), O_DT=_tl(out.dtype), BLOCK=block)
+        return out.view(a_TF.shape)
+
+    def attend_and_store(self, q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor,
+                         k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, pos_B: torch.Tensor, kv_len: int,
+                         scale: float) -> torch.Tensor:
+        B, H, D = q_BHD.shape
+        G = k_NGSD.shape[1]
+        if not (k_NGSD.is_contiguous() and v_NGSD.is_contiguous()):
+            return super().attend_and_store(q_BHD, k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B, kv_len, scale)
+        q = q_BHD if q_BHD.stride(-1) == 1 else q_BHD.contiguous()
+        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_BGD, v_BGD))
+        R = H // G
+        o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+        c_dt = k_NGSD.dtype
+        if B:
+            _attend_store_kernel[(B, G)](
+                q, k, v, k_NGSD, v_NGSD, pos_B, o, scale, D, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), k_NGSD.stride(0), k_NGSD.stride(1), k_NGSD.stride(2), o.stride(0),
+                o.stride(1), R=R, R_PAD=max(16, triton.next_power_of_2(R)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_S=64 if D <= 128 else 32,
+                C_DT=_tl(c_dt), O_DT=_tl(o.dtype), PREC="ieee" if c_dt == torch.float32 else "tf32",
+                num_warps=4)
+        return o
