@@ -29,9 +29,11 @@ def test_rollout_engine_run_equals_embedded(tmp_path):
     ("--sampling.engine=vllm", "sampling.engine must be one of"),
     ("--sampling.kv_cache_gb=0", "sampling.kv_cache_gb must be > 0"),
     ("--sampling.kv_cache_fraction=2", "sampling.kv_cache_fraction must be in (0, 1]"),
+    ("--sampling.kernels=cuda", "sampling.kernels must be one of"),
+    ("--sampling.compile_decode=true --sampling.kernels=triton", "are alternatives"),
 ])
 def test_bad_engine_settings_are_reported(tmp_path, capsys, override, message):
-    assert main(["rl", EXAMPLE, override, f"--log.dir={tmp_path}"]) == 2
+    assert main(["rl", EXAMPLE, *override.split(), f"--log.dir={tmp_path}"]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -119,6 +119,31 @@ def test_fused_decode_step_equals_hf_and_the_model_forward(hf_dir, kernels):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
 
 
+def test_fused_step_low_precision_weights_equal_autocast(hf_dir):
+    """fp32 parameters decoded under bf16 autocast: the fused step reads bf16 weight copies made once per generate
+    call and gives the tokens and logprobs of the model's forward under autocast; in-place updates reach them."""
+    d, _ = hf_dir
+    if "moe" in d.name:
+        pytest.skip("dense blocks: the MoE experts are called as they are")
+    model = archon.from_pretrained(d)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    reqs = _requests()[:6]
+    fused = build_rollout_engine(model, autocast=autocast, kernels="torch", **budget(4))
+    assert fused.step_fn.weights is not None and fused.step_fn.weights.nbytes() > 0
+    for _ in range(2):
+        want = build_rollout_engine(model, autocast=autocast, kernels="none", **budget(4)).generate(reqs)
+        got = fused.generate(reqs)
+        assert [r.output_ids for r in got] == [r.output_ids for r in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.25)
+
+
 def test_shared_prompts_prefill_once(hf_dir):
     d, _ = hf_dir
     model = archon.from_pretrained(d)
@@ -226,7 +251,7 @@ def test_cuda_compiled_decode_graphs_equal_eager_and_follow_weight_updates(hf_di
         pytest.skip("the fp32 MoE loops over experts on the host: not one graph")
     model = archon.from_pretrained(d, device="cuda")
     greedy = [GenRequest(p, SamplingConfig(max_new_tokens=8, temperature=0.0)) for p in PROMPTS]
-    compiled = build_rollout_engine(model, **budget(8))
+    compiled = build_rollout_engine(model, compile_decode=True, **budget(8))
     for scale in (1.0, 1.5):
         with torch.no_grad():
             for p in model.parameters():
@@ -236,7 +261,7 @@ def test_cuda_compiled_decode_graphs_equal_eager_and_follow_weight_updates(hf_di
         assert [r.output_ids for r in got] == [r.output_ids for r in want]
         for g, w in zip(got, want):
             torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
-    assert compiled.runner.compiled is not None and not compiled.runner.compiled.failed
+    assert compiled.runner.compiled is not None and not compiled.runner.compiled.failed, "compile_decode=True"
     assert len(compiled.runner.graphs) > 0
 
 

@@ -62,6 +62,7 @@ class RolloutEngine:
     and attention in one kernel); None = the ``decode_attention`` path. The step function may use the same
     object for its own fused ops (``archon.rl.decoder_step_fn``).
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
+    A ``step_fn.prepare()``, where the step function has one, runs at the start of every `generate` call.
     """
 
     def __init__(self, step_fn: StepFn, layout: CacheLayout, *, device: torch.device | str = "cpu",
@@ -169,6 +170,10 @@ class RolloutEngine:
                 raise ValueError(f"request {i} has {len(r.sampling.stop_token_ids)} stop tokens; the rollout "
                                  f"engine's max_stop_tokens is {self.max_stop_tokens}")
         self._allocate(max(len(r.input_ids) + r.sampling.max_new_tokens for r in requests))
+        prepare = getattr(self.step_fn, "prepare", None)
+        if prepare is not None:  # e.g. low-precision weight copies refreshed from the parameters
+            with self._no_grad_context():
+                prepare()
         seeds = [r.seed if r.seed is not None else int(torch.randint(-2**62, 2**62, (), generator=self.rng))
                  for r in requests]
         return _Run(self, requests, seeds).run()

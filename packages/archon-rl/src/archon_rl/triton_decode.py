@@ -5,7 +5,7 @@ Every kernel computes in fp32 and rounds to the storage dtype where the eager re
 they differ by at most a rounding of the same values. The one exception is attention: scores stay in fp32
 (eagerly they are rounded to bf16 by the QK matmul), with an online softmax over blocks of the slot.
 
-Grids: norms one program per token; q/k norm + RoPE one program per (token, head); attention one program per
+Grids: norms, q/k norm + RoPE one program per token; attention one program per
 (row, kv head), its R = H / G query heads padded to 16 rows for ``tl.dot``.
 """
 
@@ -49,38 +49,41 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, hout_ptr, y_ptr, w_ptr, eps, D, stride_h,
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps, H, D,
-                         stride_q, stride_k, stride_qo, stride_ko, stride_cos, stride_sin,
-                         BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, IN_DT: tl.constexpr, NORM_DT: tl.constexpr,
-                         ROPE_DT: tl.constexpr, OUT_DT: tl.constexpr):
-    t = tl.program_id(0)
-    j = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    half = D // 2
-    rot = (d + half) % D
-    if j < H:
-        src = q_ptr + t * stride_q + j * D
-        dst = qo_ptr + t * stride_qo + j * D
-        w_ptr = qw_ptr
-    else:
-        src = k_ptr + t * stride_k + (j - H) * D
-        dst = ko_ptr + t * stride_ko + (j - H) * D
-        w_ptr = kw_ptr
-    x = tl.load(src + d, mask=dm, other=0.0).to(tl.float32)
-    xr = tl.load(src + rot, mask=dm, other=0.0).to(tl.float32)
+def _norm_rope_heads(src, dst, w_ptr, n, cos, sin, d, dm, rot, eps, D, BLOCK_N: tl.constexpr, HAS_NORM: tl.constexpr,
+                     IN_DT: tl.constexpr, NORM_DT: tl.constexpr, ROPE_DT: tl.constexpr, OUT_DT: tl.constexpr):
+    """The ``n`` heads [n, D] of one token at ``src``: RMSNorm per head (HAS_NORM), RoPE, stored at ``dst``."""
+    h = tl.arange(0, BLOCK_N)
+    m = (h < n)[:, None] & dm[None, :]
+    off = h[:, None] * D
+    x = tl.load(src + off + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xr = tl.load(src + off + rot[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_NORM:
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         w = tl.load(w_ptr + d, mask=dm, other=0.0).to(tl.float32)
         wr = tl.load(w_ptr + rot, mask=dm, other=0.0).to(tl.float32)
-        x = (w * (x * r).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
-        xr = (wr * (xr * r).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
+        x = (w[None, :] * (x * r[:, None]).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
+        xr = (wr[None, :] * (xr * r[:, None]).to(IN_DT).to(tl.float32)).to(NORM_DT).to(tl.float32)
+    xr = tl.where((d < D // 2)[None, :], -xr, xr)
+    a = (x * cos[None, :]).to(ROPE_DT).to(tl.float32)
+    b = (xr * sin[None, :]).to(ROPE_DT).to(tl.float32)
+    tl.store(dst + off + d[None, :], (a + b).to(ROPE_DT).to(OUT_DT), mask=m)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, eps, H, G, D,
+                         stride_q, stride_k, stride_qo, stride_ko, stride_cos, stride_sin,
+                         BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+                         IN_DT: tl.constexpr, NORM_DT: tl.constexpr, ROPE_DT: tl.constexpr, OUT_DT: tl.constexpr):
+    t = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    rot = (d + D // 2) % D
     cos = tl.load(cos_ptr + t * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + t * stride_sin + d, mask=dm, other=0.0).to(tl.float32)
-    xr = tl.where(d < half, -xr, xr)
-    a = (x * cos).to(ROPE_DT).to(tl.float32)
-    b = (xr * sin).to(ROPE_DT).to(tl.float32)
-    tl.store(dst + d, (a + b).to(ROPE_DT).to(OUT_DT), mask=dm)
+    _norm_rope_heads(q_ptr + t * stride_q, qo_ptr + t * stride_qo, qw_ptr, H, cos, sin, d, dm, rot, eps, D, BLOCK_H,
+                     HAS_NORM, IN_DT, NORM_DT, ROPE_DT, OUT_DT)
+    _norm_rope_heads(k_ptr + t * stride_k, ko_ptr + t * stride_ko, kw_ptr, G, cos, sin, d, dm, rot, eps, D, BLOCK_G,
+                     HAS_NORM, IN_DT, NORM_DT, ROPE_DT, OUT_DT)
 
 
 @triton.jit
@@ -191,10 +194,11 @@ class TritonDecodeKernels(DecodeKernels):
         k_out = torch.empty(T, G, D, dtype=out_dtype, device=q.device)
         if T:
             w = qw_D if has_norm else q
-            _qk_norm_rope_kernel[(T, H + G)](
-                q, k, q_out, k_out, w, kw_D if has_norm else w, cos, sin, eps, H, D, q.stride(0), k.stride(0),
-                H * D, G * D, cos.stride(0), sin.stride(0), BLOCK_D=triton.next_power_of_2(D), HAS_NORM=has_norm, IN_DT=_tl(q.dtype),
-                NORM_DT=_tl(norm_dt), ROPE_DT=_tl(rope_dt), OUT_DT=_tl(out_dtype))
+            _qk_norm_rope_kernel[(T,)](
+                q, k, q_out, k_out, w, kw_D if has_norm else w, cos, sin, eps, H, G, D, q.stride(0), k.stride(0),
+                H * D, G * D, cos.stride(0), sin.stride(0), BLOCK_H=triton.next_power_of_2(H),
+                BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D), HAS_NORM=has_norm,
+                IN_DT=_tl(q.dtype), NORM_DT=_tl(norm_dt), ROPE_DT=_tl(rope_dt), OUT_DT=_tl(out_dtype))
         return q_out, k_out
 
     def silu_mul(self, a_TF: torch.Tensor, b_TF: torch.Tensor) -> torch.Tensor:

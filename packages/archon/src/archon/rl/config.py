@@ -49,8 +49,9 @@ class SamplingSection:
     pad_token_id: int | None = doc(None, "padding token id; null = the tokenizer's pad (else eos) for text data, "
                                    "0 otherwise")
     seed: int = doc(0, "sampling seed (each step uses its own generator; the global RNG is untouched)")
-    engine: str = doc("embedded", "embedded: one eager forward per token over a per-call cache | rollout: static "
-                                  "KV cache, continuous batching, CUDA-graph decode, shared prompt prefills")
+    engine: str = doc("rollout", "rollout: static KV cache, continuous batching, CUDA-graph decode with fused "
+                                 "kernels, shared prompt prefills | embedded: one eager forward per token over a "
+                                 "per-call cache")
     kv_cache_gb: float | None = doc(None, "engine=rollout: KV cache budget in GiB (null: 1 GiB on CPU, "
                                           "kv_cache_fraction of free GPU memory on CUDA)")
     kv_cache_fraction: float = doc(0.3, "engine=rollout, kv_cache_gb null: share of free GPU memory for the cache "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from archon_rl import (
     CacheLayout,
     DecodeKernels,
@@ -31,18 +32,23 @@ __all__ = ["decoder_step_fn", "decoder_cache_layout", "build_rollout_engine", "f
            "RolloutSampler"]
 
 
-def decoder_step_fn(model, kernels: DecodeKernels | None = None) -> Callable:
+def decoder_step_fn(model, kernels: DecodeKernels | None = None, compute_dtype: torch.dtype | None = None
+                    ) -> Callable:
     """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens.
 
     With ``kernels`` (and a model `fused_step_supported` accepts) the step drives the same modules block by block
     with the fused ops: a residual add and the next norm in one kernel, q/k norm and RoPE in one, SwiGLU's gate
     in one; projections, MoE layers and the LM head are the modules' own calls. This is the math of
-    `TransformerBlock.forward`, reordered so that each norm follows the add that feeds it."""
+    `TransformerBlock.forward`, reordered so that each norm follows the add that feeds it. With a
+    ``compute_dtype`` (the autocast dtype) below the parameters' dtype, the fused step reads `LowPrecisionWeights`
+    instead of letting autocast cast every weight in every step; ``step.prepare()`` (the engine calls it at the
+    start of each generate) refreshes them from the parameters."""
     fused = kernels is not None and fused_step_supported(model)
+    weights = LowPrecisionWeights(model, compute_dtype) if fused and compute_dtype is not None else None
 
     def forward(ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
         if fused:
-            return _fused_forward(model, kernels, ids_T, pos_T, kv_hook, rows_N)  # type: ignore[arg-type]
+            return _fused_forward(model, kernels, weights, ids_T, pos_T, kv_hook, rows_N)  # type: ignore[arg-type]
         h_TD = model.tok_embeddings(ids_T)
         rope = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
         for block in model.layers.values():
@@ -57,7 +63,56 @@ def decoder_step_fn(model, kernels: DecodeKernels | None = None) -> Callable:
 
     step.traceable = forward  # what the engine's compiled decode step traces (it inlines compiled blocks)
     step.fused = fused
+    step.prepare = weights.refresh if weights is not None else None
+    step.weights = weights
     return step
+
+
+class LowPrecisionWeights:
+    """Copies in ``dtype`` of the plain ``nn.Linear`` weights (and biases) of the blocks and of the LM head, for a
+    decode step under autocast: autocast would cast every fp32 weight again in every step (reading 4 and writing
+    2 bytes per parameter per token); these are cast once per generate call by `refresh`. The values equal
+    autocast's casts, so the logits are the same bits. Modules with hooks or of other types (LoRA) are called as
+    they are."""
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.copies: dict[int, tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+        for block in model.layers.values():
+            for m in block.modules():
+                if (type(m) is torch.nn.Linear and m.weight.dtype != dtype and m.weight.is_floating_point()
+                        and not (m._forward_hooks or m._forward_pre_hooks)):
+                    bias = None if m.bias is None else torch.empty_like(m.bias, dtype=dtype)
+                    self.copies[id(m)] = (m, torch.empty_like(m.weight, dtype=dtype), bias)
+        head = model.output
+        self.head = None
+        if head.weight.dtype != dtype and not (head._forward_hooks or head._forward_pre_hooks):
+            self.head = torch.empty_like(head.weight, dtype=dtype)
+        self.model = model
+
+    def nbytes(self) -> int:
+        ts = [t for _, w, b in self.copies.values() for t in (w, b)] + [self.head]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for m, w, b in self.copies.values():
+            w.copy_(m.weight)
+            if b is not None:
+                b.copy_(m.bias)
+        if self.head is not None:
+            self.head.copy_(self.model.output.weight)
+
+    def linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        c = self.copies.get(id(m))
+        if c is None:
+            return m(x)
+        return F.linear(x.to(self.dtype), c[1], c[2])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.model.output(x)
+        return F.linear(x.to(self.dtype), self.head)
 
 
 def fused_step_supported(model) -> bool:
@@ -81,8 +136,9 @@ def fused_step_supported(model) -> bool:
     return True
 
 
-def _fused_forward(model, kernels: DecodeKernels, ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook,
-                   rows_N: torch.Tensor | None) -> torch.Tensor:
+def _fused_forward(model, kernels: DecodeKernels, weights: LowPrecisionWeights | None, ids_T: torch.Tensor,
+                   pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
+    lin = weights.linear if weights is not None else (lambda m, x: m(x))
     blocks = list(model.layers.values())
     h_TD = model.tok_embeddings(ids_T)
     T = h_TD.shape[0]
@@ -91,26 +147,26 @@ def _fused_forward(model, kernels: DecodeKernels, ids_T: torch.Tensor, pos_T: to
     x_TD = kernels.rms_norm(h_TD, norm.weight, norm.eps)
     for i, block in enumerate(blocks):
         a = block.attention
-        q_THD = a.wq(x_TD).view(T, -1, a.head_dim)
-        k_TGD = a.wk(x_TD).view(T, -1, a.head_dim)
-        v_TGD = a.wv(x_TD).view(T, -1, a.head_dim)
+        q_THD = lin(a.wq, x_TD).view(T, -1, a.head_dim)
+        k_TGD = lin(a.wk, x_TD).view(T, -1, a.head_dim)
+        v_TGD = lin(a.wv, x_TD).view(T, -1, a.head_dim)
         qn, kn = a.q_norm, a.k_norm
         q_THD, k_TGD = kernels.qk_norm_rope(q_THD, k_TGD, qn.weight if qn is not None else None,
                                             kn.weight if kn is not None else None, qn.eps if qn is not None else 0.0,
                                             cos_TD, sin_TD, v_TGD.dtype)
         o_THD = kv_hook(a, q_THD, k_TGD, v_TGD)
-        h_TD, x_TD = kernels.add_rms_norm(h_TD, a.wo(o_THD.reshape(T, -1)), block.ffn_norm.weight,
+        h_TD, x_TD = kernels.add_rms_norm(h_TD, lin(a.wo, o_THD.reshape(T, -1)), block.ffn_norm.weight,
                                           block.ffn_norm.eps)
         if getattr(block, "moe_enabled", False):
             m_TD = block.moe(x_TD)
         else:
             ff = block.feed_forward
-            m_TD = ff.w2(kernels.silu_mul(ff.w1(x_TD), ff.w3(x_TD)))
+            m_TD = lin(ff.w2, kernels.silu_mul(lin(ff.w1, x_TD), lin(ff.w3, x_TD)))
         norm = blocks[i + 1].attention_norm if i + 1 < len(blocks) else model.norm
         h_TD, x_TD = kernels.add_rms_norm(h_TD, m_TD, norm.weight, norm.eps)
     if rows_N is not None:
         x_TD = x_TD[rows_N]
-    return model.output(x_TD).float()
+    return (weights.logits(x_TD) if weights is not None else model.output(x_TD)).float()
 
 
 def decoder_cache_layout(model, dtype: torch.dtype | None = None) -> CacheLayout:
@@ -153,7 +209,7 @@ def build_rollout_engine(model, *, device: torch.device | str | None = None,
                              "fuses the compiled step itself); use one")
         kernels = "none"
     ops = select_decode_kernels(kernels, device)
-    return RolloutEngine(decoder_step_fn(model, ops), decoder_cache_layout(model, dtype), device=device,
+    return RolloutEngine(decoder_step_fn(model, ops, dtype), decoder_cache_layout(model, dtype), device=device,
                          context=context, kernels=ops, **engine_options)
 
 

@@ -34,9 +34,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="after a request arrives, wait this long for more to batch with it (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests without sampling_seed")
-    p.add_argument("--engine", default="embedded", choices=["embedded", "rollout"],
-                   help="generation engine: embedded (the KV-cache sampler, default) or rollout (static KV cache, "
-                   "continuous batching, CUDA-graph decode; see docs/archon-rl.md)")
+    p.add_argument("--engine", default="rollout", choices=["embedded", "rollout"],
+                   help="generation engine: rollout (static KV cache, continuous batching, CUDA-graph decode with "
+                   "fused kernels; the default, see docs/rollout.md) or embedded (the simple KV-cache sampler)")
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="--engine rollout: KV cache budget in GiB (default: a fraction of free GPU memory)")
 
@@ -64,7 +64,7 @@ def _device(name: str) -> torch.device:
 
 
 def load_served_model(model_dir: str, *, device: torch.device, dtype: str = "auto", seed: int = 0,
-                      engine: str = "embedded", kv_cache_gb: float | None = None) -> ServedModel:
+                      engine: str = "rollout", kv_cache_gb: float | None = None) -> ServedModel:
     from archon.hf import from_pretrained, load_hf_config
 
     hf_config = load_hf_config(model_dir)

@@ -86,7 +86,7 @@ BACKENDS = {"embedded": SamplerBackend, "rollout": RolloutBackend}
 """`archon serve --engine` -> backend class."""
 
 
-def make_backend(model, *, device: torch.device, seed: int = 0, engine: str = "embedded",
+def make_backend(model, *, device: torch.device, seed: int = 0, engine: str = "rollout",
                  **engine_options) -> GenerationBackend:
     """The backend `archon serve` generates with, over ``model``'s own tensors (``engine``: a key of BACKENDS;
     ``engine_options`` go to the rollout engine)."""
