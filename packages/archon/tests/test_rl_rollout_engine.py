@@ -18,7 +18,9 @@ def test_rollout_engine_run_equals_embedded(tmp_path):
         trainer = RLTrainer(cfg)
         runs[engine] = (trainer, trainer.run())
     (emb, hist_e), (rol, hist_r) = runs["embedded"], runs["rollout"]
-    assert isinstance(rol.source.sampler, RolloutSampler) and rol.source.sampler.engine.num_slots > 0
+    eng = rol.source.sampler.engine
+    assert isinstance(rol.source.sampler, RolloutSampler) and eng.stats["decode_steps"] > 0
+    assert eng.release_memory and eng.cache is None  # sampling.release_memory: training got the memory back
     for key in ("reward", "response_len", "stop_frac"):
         assert [h[key] for h in hist_r] == [h[key] for h in hist_e], key
     for (n, p), q in zip(rol.engine.model.named_parameters(), emb.engine.model.parameters()):

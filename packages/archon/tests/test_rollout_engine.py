@@ -144,6 +144,17 @@ def test_fused_step_low_precision_weights_equal_autocast(hf_dir):
                 p.mul_(1.25)
 
 
+def test_released_memory_is_allocated_again(hf_dir):
+    d, _ = hf_dir
+    model = archon.from_pretrained(d)
+    reqs = _requests()[:6]
+    want = build_rollout_engine(model, **budget(4)).generate(reqs)
+    eng = build_rollout_engine(model, release_memory=True, **budget(4))
+    for _ in range(2):
+        assert [r.output_ids for r in eng.generate(reqs)] == [r.output_ids for r in want]
+        assert eng.cache is None and eng.state is None and eng.runner is None
+
+
 def test_shared_prompts_prefill_once(hf_dir):
     d, _ = hf_dir
     model = archon.from_pretrained(d)
@@ -175,6 +186,24 @@ def test_cascade_prefixes_equal_unshared_decode(hf_dir):
     assert eng.stats["cascade_rows"] > 2 * eng.cache.prefix.entries  # budget(6): 4 slots, 1 entry taken again
     with pytest.raises(ValueError, match="cascade needs share_prefixes"):
         build_rollout_engine(model, cascade=True, share_prefixes=False)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fused_cascade_equals_unshared_decode(hf_dir, kernels):
+    """Cascade attention by the fused ops (Triton interpreted on CPU: a prefix kernel per entry and the row kernel
+    merging it) gives the unshared path's seeded tokens and logprobs (1e-5)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    d, _ = hf_dir
+    model = archon.from_pretrained(d)
+    reqs = [GenRequest(PROMPTS[2 + i // 3], MIXED[i % len(MIXED)], seed=i) for i in range(7)]  # groups of 3
+    want = build_rollout_engine(model, share_prefixes=False, kernels="none", **budget(8)).generate(reqs)
+    eng = build_rollout_engine(model, cascade=True, kernels=kernels, **budget(16))
+    got = eng.generate(reqs)
+    assert eng.stats["cascade_rows"] > 0 and eng.stats["cascade_steps"] > 0, eng.stats
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
 
 
 def test_compiled_decode_equals_eager_and_follows_weight_updates(hf_dir):

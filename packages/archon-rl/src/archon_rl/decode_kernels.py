@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
+
 __all__ = ["DECODE_KERNELS", "DecodeKernels", "TorchDecodeKernels", "select_decode_kernels"]
 
 DECODE_KERNELS = ("auto", "triton", "torch", "none")
@@ -69,17 +71,40 @@ class DecodeKernels:
         """Store row b's new K/V at ``pos_B[b]`` of slot b, then attend over the slot's positions ``<= pos_B[b]``
         (all below ``kv_len``): output [B, H, Dh] in q's dtype."""
         B, H, D = q_BHD.shape
-        G, S = k_NGSD.shape[1], k_NGSD.shape[2]
-        rows = ((torch.arange(B, device=q_BHD.device)[:, None] * G + torch.arange(G, device=q_BHD.device)) * S
-                + pos_B[:, None]).reshape(-1)
-        k_NGSD.view(-1, D).index_copy_(0, rows, k_BGD.reshape(-1, D).to(k_NGSD.dtype))
-        v_NGSD.view(-1, D).index_copy_(0, rows, v_BGD.reshape(-1, D).to(v_NGSD.dtype))
-        q_BGRD = q_BHD.to(k_NGSD.dtype).view(B, G, H // G, D)
+        _store(k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B)
+        q_BGRD = q_BHD.to(k_NGSD.dtype).view(B, k_NGSD.shape[1], -1, D)
         scores = torch.matmul(q_BGRD * scale, k_NGSD[:B, :, :kv_len].transpose(-1, -2)).float()
         valid_B1S = torch.arange(kv_len, device=q_BHD.device)[None, :] <= pos_B[:, None]
         scores = scores.masked_fill(~valid_B1S[:, None, None, :], float("-inf"))
         o = torch.matmul(scores.softmax(-1).to(v_NGSD.dtype), v_NGSD[:B, :, :kv_len])
         return o.reshape(B, H, D).to(q_BHD.dtype)
+
+    def attend_cascade(self, q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor, k_NGSD: torch.Tensor,
+                       v_NGSD: torch.Tensor, pos_B: torch.Tensor, kv_len: int, scale: float, store: PrefixStore,
+                       layer: int, shape: CascadeShape) -> torch.Tensor:
+        """`attend_and_store` for rows that may share a prefix held once in ``store`` (its tables set for this
+        step): such a row attends to its entry's prefix and to its own positions ``[plen, pos]``, merged by
+        log-sum-exp; the own part is read from ``shape.own_lo`` on."""
+        B, H, D = q_BHD.shape
+        _store(k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B)
+        q_BGRD = q_BHD.to(k_NGSD.dtype).view(B, k_NGSD.shape[1], -1, D)
+        lo = shape.own_lo
+        pos_S = torch.arange(lo, kv_len, device=pos_B.device)[None, :]
+        valid = ((pos_S <= pos_B[:, None]) & (pos_S >= store.plen[:B, None]))[:, None, None, :]
+        own, own_lse = masked_attention(q_BGRD, k_NGSD[:B, :, lo:kv_len], v_NGSD[:B, :, lo:kv_len], valid, scale)
+        pre, pre_lse = store.attention(layer, q_BGRD, shape, scale)
+        return merge_attention(pre, pre_lse, own, own_lse).reshape(B, H, D).to(q_BHD.dtype)
+
+
+def _store(k_BGD: torch.Tensor, v_BGD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor,
+           pos_B: torch.Tensor) -> None:
+    """Row b's new K/V into slot b at ``pos_B[b]``: one ``index_copy_`` each over a flat [N * G * S, D] view."""
+    B = pos_B.numel()
+    G, S, D = k_NGSD.shape[1:]
+    rows = ((torch.arange(B, device=pos_B.device)[:, None] * G + torch.arange(G, device=pos_B.device)) * S
+            + pos_B[:, None]).reshape(-1)
+    k_NGSD.view(-1, D).index_copy_(0, rows, k_BGD.reshape(-1, D).to(k_NGSD.dtype))
+    v_NGSD.view(-1, D).index_copy_(0, rows, v_BGD.reshape(-1, D).to(v_NGSD.dtype))
 
 
 class TorchDecodeKernels(DecodeKernels):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from archon_rl.decode_kernels import DecodeKernels
-from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
+from archon_rl.decode_kernels import DecodeKernels, TorchDecodeKernels
+from archon_rl.prefix_cache import CascadeShape, PrefixStore
 from archon_rl.sampler import prefill_attention
 
 __all__ = ["CacheLayout", "DECODE_ATTENTION", "DecodeAttention", "SlotKVCache", "matmul_decode_attention",
@@ -50,6 +50,9 @@ def sdpa_decode_attention(q_BGRD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: to
 
 
 DECODE_ATTENTION: dict[str, DecodeAttention] = {"matmul": matmul_decode_attention, "sdpa": sdpa_decode_attention}
+
+
+_REFERENCE = TorchDecodeKernels()  # cascade attention without fused kernels
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,20 @@ class SlotKVCache:
         from ``cascade.own_lo`` on. Only device ops: safe to capture in a CUDA graph."""
         B = pos_B.numel()
         G, S = self.layout.num_kv_heads, self.slot_len
+        if cascade is not None:
+            prefix = self.prefix
+            assert prefix is not None, "cascade tables without a prefix store"
+            cascade_ops = self.kernels or _REFERENCE
+
+            def cascaded(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
+                layer = self._layer(attn)
+                scale = getattr(attn, "scale", None) or q_THD.shape[-1] ** -0.5
+                return cascade_ops.attend_cascade(q_THD, k_TGD, v_TGD, self.k[layer], self.v[layer], pos_B, kv_len,
+                                                  scale, prefix, layer, cascade)
+
+            return cascaded
         kernels = self.kernels
-        if kernels is not None and cascade is None:
+        if kernels is not None:
             def fused(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
                 layer = self._layer(attn)
                 scale = getattr(attn, "scale", None) or q_THD.shape[-1] ** -0.5
@@ -152,13 +167,7 @@ class SlotKVCache:
         heads_G = torch.arange(G, device=pos_B.device)
         rows_BG = ((torch.arange(B, device=pos_B.device)[:, None] * G + heads_G[None, :]) * S
                    + pos_B[:, None]).reshape(-1)
-        lo = 0 if cascade is None else cascade.own_lo
-        pos_S = torch.arange(lo, kv_len, device=pos_B.device)[None, :]
-        valid_B1S = (pos_S <= pos_B[:, None])[:, None, :]
-        prefix = self.prefix
-        if cascade is not None:
-            assert prefix is not None, "cascade tables without a prefix store"
-            valid_B1S = valid_B1S & (pos_S >= prefix.plen[:B, None])[:, None, :]
+        valid_B1S = (torch.arange(kv_len, device=pos_B.device)[None, :] <= pos_B[:, None])[:, None, :]
 
         def hook(attn, q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> torch.Tensor:
             layer = self._layer(attn)
@@ -169,14 +178,7 @@ class SlotKVCache:
             H = q_THD.shape[1]
             q_BGRD = q_THD.to(k_all.dtype).view(B, G, H // G, D)
             scale = getattr(attn, "scale", None) or D**-0.5
-            if cascade is None:
-                o_BGRD = self.decode_attention(q_BGRD, k_all[:B, :, :kv_len], v_all[:B, :, :kv_len], valid_B1S,
-                                               scale)
-            else:
-                own, own_lse = masked_attention(q_BGRD, k_all[:B, :, lo:kv_len], v_all[:B, :, lo:kv_len],
-                                                valid_B1S[:, None], scale)
-                pre, pre_lse = prefix.attention(layer, q_BGRD, cascade, scale)  # type: ignore[union-attr]
-                o_BGRD = merge_attention(pre, pre_lse, own, own_lse)
+            o_BGRD = self.decode_attention(q_BGRD, k_all[:B, :, :kv_len], v_all[:B, :, :kv_len], valid_B1S, scale)
             return o_BGRD.reshape(B, H, D).to(q_THD.dtype)
 
         return hook

@@ -63,6 +63,8 @@ class RolloutEngine:
     object for its own fused ops (``archon.rl.decoder_step_fn``).
     ``context``: a context manager factory wrapping every model call (autocast, eval mode...).
     A ``step_fn.prepare()``, where the step function has one, runs at the start of every `generate` call.
+    ``release_memory``: drop the cache, its state and the captured graphs at the end of every `generate` call
+    (a trainer sharing the device gets the memory back; the next call allocates and captures again).
     """
 
     def __init__(self, step_fn: StepFn, layout: CacheLayout, *, device: torch.device | str = "cpu",
@@ -72,7 +74,7 @@ class RolloutEngine:
                  sync_every: int | None = None, prefill_tokens: int = 32768, share_prefixes: bool = True,
                  kv_block: int = 256, max_stop_tokens: int = 16, buckets: list[int] | None = None, seed: int = 0,
                  decode_attention: str = "matmul", cascade: bool = False, kernels: DecodeKernels | None = None,
-                 context: Callable = nullcontext) -> None:
+                 release_memory: bool = False, context: Callable = nullcontext) -> None:
         self.device = torch.device(device)
         self.step_fn, self.layout = step_fn, layout
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -101,6 +103,7 @@ class RolloutEngine:
                              f"got {decode_attention!r}")
         self.decode_attention = DECODE_ATTENTION[decode_attention]
         self.kernels = kernels
+        self.release_memory = release_memory
         self.rng = torch.Generator().manual_seed(seed)
         self.cache: SlotKVCache | None = None
         self.state: DecodeState | None = None
@@ -176,7 +179,15 @@ class RolloutEngine:
                 prepare()
         seeds = [r.seed if r.seed is not None else int(torch.randint(-2**62, 2**62, (), generator=self.rng))
                  for r in requests]
-        return _Run(self, requests, seeds).run()
+        try:
+            return _Run(self, requests, seeds).run()
+        finally:
+            if self.release_memory:
+                self.release()
+
+    def release(self) -> None:
+        """Free the KV cache, the decode state and the captured graphs (the next call allocates them again)."""
+        self.cache = self.state = self.runner = None
 
 
 @contextmanager

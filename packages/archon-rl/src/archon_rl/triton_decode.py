@@ -102,8 +102,9 @@ def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, F, stride_a, stride_b, stride_o, A_DT:
 def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, D,
                          stride_qb, stride_qh, stride_knb, stride_kng, stride_vnb, stride_vng,
                          stride_cn, stride_cg, stride_cs, stride_ob, stride_oh,
+                         plen_ptr, at_ptr, n_table, po_ptr, plse_ptr, stride_lb,
                          R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         C_DT: tl.constexpr, O_DT: tl.constexpr, PREC: tl.constexpr):
+                         C_DT: tl.constexpr, O_DT: tl.constexpr, PREC: tl.constexpr, HAS_PREFIX: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
@@ -123,8 +124,21 @@ def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, 
     m_i = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1)
     l_i = tl.full([R_PAD], 1.0, tl.float32)
     acc = tl.zeros([R_PAD, BLOCK_D], tl.float32) + vn.to(tl.float32)[None, :]
+    lo = 0
+    if HAS_PREFIX:  # a row sharing a prefix: its attention over it (fp32 output and lse), merged in first
+        lo = tl.load(plen_ptr + b)
+        has = rm & ((r * 0 + tl.load(at_ptr + b)) < n_table)  # [R_PAD]: the row has an entry
+        p_lse = tl.load(plse_ptr + b * stride_lb + g * R + r, mask=has, other=float("-inf"))
+        p_o = tl.load(po_ptr + b * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :],
+                      mask=has[:, None] & dm[None, :], other=0.0)
+        m_new = tl.maximum(m_i, p_lse)
+        a1 = tl.exp(m_i - m_new)
+        a2 = tl.exp(p_lse - m_new)
+        l_i = a1 + a2
+        acc = acc * a1[:, None] + p_o * a2[:, None]
+        m_i = m_new
     s_off = tl.arange(0, BLOCK_S)
-    for start in range(0, pos, BLOCK_S):
+    for start in range(lo, pos, BLOCK_S):
         s = start + s_off
         sm = s < pos
         km = sm[:, None] & dm[None, :]
@@ -140,6 +154,53 @@ def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, 
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :], out.to(O_DT), mask=qm)
+
+
+@triton.jit
+def _prefix_attn_kernel(q_ptr, kp_ptr, vp_ptr, members_ptr, elen_ptr, o_ptr, lse_ptr, scale, B, D,
+                        stride_qb, stride_qh, stride_pm, stride_pg, stride_ps, stride_ob, stride_oh, stride_lb,
+                        E: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, C_DT: tl.constexpr, PREC: tl.constexpr):
+    """Entry m's prefix for kv head g, read once for the R query heads of each of its (up to E) member rows."""
+    m = tl.program_id(0)
+    g = tl.program_id(1)
+    n = tl.load(elen_ptr + m)
+    i = tl.arange(0, ROWS)
+    j = i // R
+    r = i % R
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    b = tl.load(members_ptr + m * E + j, mask=i < E * R, other=B)
+    rowm = (i < E * R) & (b < B)
+    qm = rowm[:, None] & dm[None, :]
+    q = tl.load(q_ptr + b[:, None] * stride_qb + (g * R + r)[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
+    q = (q.to(C_DT).to(tl.float32) * scale).to(C_DT)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    base = m * stride_pm + g * stride_pg
+    s_off = tl.arange(0, BLOCK_S)
+    for start in range(0, n, BLOCK_S):
+        s = start + s_off
+        sm = s < n
+        km = sm[:, None] & dm[None, :]
+        k = tl.load(kp_ptr + base + s[:, None] * stride_ps + d[None, :], mask=km, other=0.0)
+        v = tl.load(vp_ptr + base + s[:, None] * stride_ps + d[None, :], mask=km, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC)
+        sc = tl.where(sm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(C_DT), v, input_precision=PREC)
+        m_i = m_new
+    tl.store(o_ptr + b[:, None] * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :], acc / l_i[:, None],
+             mask=qm)
+    tl.store(lse_ptr + b * stride_lb + g * R + r, m_i + tl.log(l_i), mask=rowm)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 caches: exact fp32 dots, not TF32
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -214,11 +275,20 @@ class TritonDecodeKernels(DecodeKernels):
     def attend_and_store(self, q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor,
                          k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, pos_B: torch.Tensor, kv_len: int,
                          scale: float) -> torch.Tensor:
-        B, H, D = q_BHD.shape
-        G = k_NGSD.shape[1]
         if not (k_NGSD.is_contiguous() and v_NGSD.is_contiguous()):
             return super().attend_and_store(q_BHD, k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B, kv_len, scale)
         q = q_BHD if q_BHD.stride(-1) == 1 else q_BHD.contiguous()
+        return self._attend(q, k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B, scale, None)
+
+    def _attend(self, q: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor, k_NGSD: torch.Tensor,
+                v_NGSD: torch.Tensor, pos_B: torch.Tensor, scale: float, prefix: tuple | None) -> torch.Tensor:
+        """The store + attention kernel; ``prefix``: (plen, at, table size, prefix output, prefix lse, lse row
+        stride) of a cascade step, merged in before the row's own positions ``[plen, pos)``."""
+        B, H, D = q.shape
+        G = k_NGSD.shape[1]
+        has_prefix = prefix is not None
+        # unused pointer arguments of a step without a prefix: any tensor will do
+        prefix_args = prefix if prefix is not None else (pos_B, pos_B, 0, q, q, 0)
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_BGD, v_BGD))
         R = H // G
         o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
@@ -227,8 +297,29 @@ class TritonDecodeKernels(DecodeKernels):
             _attend_store_kernel[(B, G)](
                 q, k, v, k_NGSD, v_NGSD, pos_B, o, scale, D, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), k_NGSD.stride(0), k_NGSD.stride(1), k_NGSD.stride(2), o.stride(0),
-                o.stride(1), R=R, R_PAD=max(16, triton.next_power_of_2(R)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-                BLOCK_S=64 if D <= 128 else 32,
-                C_DT=_tl(c_dt), O_DT=_tl(o.dtype), PREC="ieee" if c_dt == torch.float32 else "tf32",
-                num_warps=4)
+                o.stride(1), *prefix_args, R=R, R_PAD=max(16, triton.next_power_of_2(R)),
+                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=64 if D <= 128 else 32, C_DT=_tl(c_dt),
+                O_DT=_tl(o.dtype), PREC=_prec(c_dt), HAS_PREFIX=has_prefix, num_warps=4)
         return o
+
+    def attend_cascade(self, q_BHD: torch.Tensor, k_BGD: torch.Tensor, v_BGD: torch.Tensor, k_NGSD: torch.Tensor,
+                       v_NGSD: torch.Tensor, pos_B: torch.Tensor, kv_len: int, scale: float, store, layer: int,
+                       shape) -> torch.Tensor:
+        B, H, D = q_BHD.shape
+        G = k_NGSD.shape[1]
+        kp, vp = store.k[layer], store.v[layer]
+        if not all(t.is_contiguous() for t in (k_NGSD, v_NGSD, kp, vp)):
+            return super().attend_cascade(q_BHD, k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B, kv_len, scale, store, layer,
+                                          shape)
+        q = q_BHD if q_BHD.stride(-1) == 1 else q_BHD.contiguous()
+        R, M, E = H // G, shape.entries, shape.width
+        o_pre = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+        lse_pre = torch.empty(B, H, dtype=torch.float32, device=q.device)
+        c_dt = kp.dtype
+        _prefix_attn_kernel[(M, G)](
+            q, kp, vp, store.members, store.entry_len, o_pre, lse_pre, scale, B, D, q.stride(0), q.stride(1),
+            kp.stride(0), kp.stride(1), kp.stride(2), o_pre.stride(0), o_pre.stride(1), lse_pre.stride(0), E=E, R=R,
+            ROWS=max(16, triton.next_power_of_2(E * R)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+            BLOCK_S=64 if D <= 128 else 32, C_DT=_tl(c_dt), PREC=_prec(c_dt), num_warps=4)
+        return self._attend(q, k_BGD, v_BGD, k_NGSD, v_NGSD, pos_B, scale,
+                            (store.plen, store.at, M * E, o_pre, lse_pre, lse_pre.stride(0)))

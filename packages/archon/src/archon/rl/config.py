@@ -60,6 +60,9 @@ class SamplingSection:
                                             "shapes) before capturing it (null: off; slower on an H100)")
     cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
                                "(cascade attention) instead of per-row copies")
+    release_memory: bool = doc(True, "engine=rollout: free the KV cache and captured graphs after each step's "
+                                     "generation so training gets the memory back (allocated and captured again "
+                                     "at the next step)")
     kernels: str = doc("auto", "engine=rollout: fused decode ops: auto (Triton on CUDA, the model's own forward on "
                                "CPU) | triton | torch (eager reference) | none (the model's own forward)")
 
@@ -67,7 +70,8 @@ class SamplingSection:
         """Keyword arguments of the sampler class `SAMPLER_ENGINES[engine]` beyond (model, config)."""
         if self.engine == "rollout":
             return dict(kv_cache_gb=self.kv_cache_gb, kv_cache_fraction=self.kv_cache_fraction,
-                        compile_decode=self.compile_decode, cascade=self.cascade, kernels=self.kernels)
+                        compile_decode=self.compile_decode, cascade=self.cascade, kernels=self.kernels,
+                        release_memory=self.release_memory)
         return {}
 
     def build(self, stop_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SamplingConfig:
