@@ -77,8 +77,11 @@ def report(out: str, warm: int) -> dict:
 
 def compare(a) -> int:
     run_yaml = prepare(a.out, a.model, a.seq, a.steps, a.warm, a.compile == "on", a.device)
+    # the benchmark runs from benchmarks/: a relative PYTHONPATH (packages/*/src) must still find archon
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p))
     print("== archon train", flush=True)
-    if subprocess.run([sys.executable, "-m", "archon", "train", run_yaml]).returncode != 0:
+    if subprocess.run([sys.executable, "-m", "archon", "train", run_yaml], env=env).returncode != 0:
         print("mfu_check: error: archon train failed", file=sys.stderr)
         return 2
     train = report(a.out, a.warm)
@@ -87,7 +90,7 @@ def compare(a) -> int:
     cmd = [sys.executable, "train_throughput.py", "--engines", "archon", "--models", a.model, "--shapes", f"seq{a.seq}",
            "--compile", a.compile, "--steps", str(a.steps), "--warm", str(a.warm), "--device", a.device,
            "--json", bench_json]
-    if subprocess.run(cmd, cwd=HERE).returncode != 0:
+    if subprocess.run(cmd, cwd=HERE, env=env).returncode != 0:
         print("mfu_check: error: train_throughput.py failed", file=sys.stderr)
         return 2
     with open(bench_json) as f:
