@@ -135,6 +135,7 @@ def main() -> int:
     p.add_argument("--report", action="store_true", help="print the medians of DIR/run's metrics")
     p.add_argument("--compare", action="store_true", help="run archon train and train_throughput.py, compare")
     a = p.parse_args()
+    a.out = os.path.abspath(a.out)  # the benchmark runs from benchmarks/
     a.device = "cpu" if a.tiny else "cuda"
     a.model = a.model or ("qwen3-tiny" if a.tiny else "qwen3-0.6b")
     a.seq = a.seq or (256 if a.tiny else 4096)
