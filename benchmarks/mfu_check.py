@@ -12,7 +12,7 @@ which is against a measured matmul peak). Steps:
    (medians after the warm-up steps) and their ratio; exit status 1 when they differ by more than --tolerance.
 
     python benchmarks/mfu_check.py --out /tmp/mfu --compare                 # one GPU: Qwen3-0.6B, seq 4096, compiled
-    python benchmarks/mfu_check.py --out /tmp/mfu --compare --compile off
+    python benchmarks/mfu_check.py --out /tmp/mfu --compare --compile both   # compiled, then eager
     python benchmarks/mfu_check.py --out /tmp/mfu --compare --tiny          # CPU smoke run of the same pipeline
     python benchmarks/mfu_check.py --out /tmp/mfu && archon train /tmp/mfu/run.yaml && \\
         python benchmarks/mfu_check.py --out /tmp/mfu --report
@@ -126,8 +126,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="a train_throughput.py model (default qwen3-0.6b; --tiny: qwen3-tiny)")
     p.add_argument("--seq", type=int, default=None, help="tokens per step (default 4096; --tiny: 256)")
-    p.add_argument("--compile", choices=["on", "off"], default=None,
-                   help="torch.compile the blocks (default on, archon train's default on CUDA; --tiny: off)")
+    p.add_argument("--compile", choices=["on", "off", "both"], default=None,
+                   help="torch.compile the blocks (default on, archon train's default on CUDA; --tiny: off); "
+                        "both: --compare each setting, in DIR/compile_on and DIR/compile_off")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warm", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: qwen3-tiny, 256 tokens, eager")
@@ -143,8 +144,15 @@ def main() -> int:
     if a.report:
         print(json.dumps({k: round(v, 4) for k, v in report(a.out, a.warm).items()}))
         return 0
+    if a.compare and a.compile == "both":
+        out, codes = a.out, []
+        for c in ("on", "off"):
+            codes.append(compare(argparse.Namespace(**{**vars(a), "compile": c, "out": os.path.join(out, f"compile_{c}")})))
+        return max(codes)
     if a.compare:
         return compare(a)
+    if a.compile == "both":
+        p.error("--compile both needs --compare")
     prepare(a.out, a.model, a.seq, a.steps, a.warm, a.compile == "on", a.device)
     return 0
 
