@@ -1,12 +1,19 @@
-"""Check the per-step `mfu` of `archon train` against `train_throughput.py` on the same model and shape.
+"""Check the per-step `mfu` of `archon train` against `train_throughput.py` on the same run.
 
-Writes DIR/run.yaml, the Qwen3-0.6B config and DIR/data.jsonl (random 4096-token documents, one per step), the
-same run `train_throughput.py --models qwen3-0.6b --shapes seq4096 --compile off --engines archon` times
-(bf16 compute, fp32 master weights, one 4096-token sequence per step, random init); `--report` prints the
-median `mfu` / `tokens_per_s_per_gpu` of the metrics after the warm-up steps. Both divide by the same peak
-(`archon.mfu`: spec-sheet dense bf16 TFLOP/s by GPU name; the benchmark's `mfu_spec` column).
+Both time the same engine config (`train_throughput.archon_actor`: bf16 compute, fp32 master weights, random
+init, compile as `--compile`), one SEQ-token sequence per step, and both count FLOPs with `archon.mfu` and divide
+by its peak (spec-sheet dense bf16 TFLOP/s by GPU name; the benchmark's `mfu_spec`, not its table's `MFU`,
+which is against a measured matmul peak). Steps:
 
-    cd benchmarks && python train_throughput.py --models qwen3-0.6b --shapes seq4096 --compile off --engines archon
+1. write DIR/model (the benchmark's HF config of --model), DIR/data.jsonl (random SEQ-token documents, one per
+   step) and DIR/run.yaml, whose `actor` section is the benchmark's engine config (checked on load);
+2. `--compare` then runs `python -m archon train DIR/run.yaml` and `train_throughput.py --engines archon` with the
+   same model, shape, compile setting and step counts, each in its own process, and prints both figures
+   (medians after the warm-up steps) and their ratio; exit status 1 when they differ by more than --tolerance.
+
+    python benchmarks/mfu_check.py --out /tmp/mfu --compare                 # one GPU: Qwen3-0.6B, seq 4096, compiled
+    python benchmarks/mfu_check.py --out /tmp/mfu --compare --compile both   # compiled, then eager
+    python benchmarks/mfu_check.py --out /tmp/mfu --compare --tiny          # CPU smoke run of the same pipeline
     python benchmarks/mfu_check.py --out /tmp/mfu && archon train /tmp/mfu/run.yaml && \\
         python benchmarks/mfu_check.py --out /tmp/mfu --report
 """
@@ -14,57 +21,141 @@ median `mfu` / `tokens_per_s_per_gpu` of the metrics after the warm-up steps. Bo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 
-VOCAB = 151936
-QWEN3_0_6B = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                  max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # train_throughput (and its profiling import) live next to this file
 
 
-def prepare(out: str, steps: int, warm: int) -> None:
+def prepare(out: str, model: str, seq: int, steps: int, warm: int, compile_on: bool, device: str) -> str:
+    import yaml
+    from archon.config.fields import load_config
+    from archon.config.schema import TrainConfig
+    from train_throughput import archon_actor, hf_config
+
+    if os.path.exists(os.path.join(out, "run", "metrics.jsonl")):
+        sys.exit(f"mfu_check: error: {out}/run/metrics.jsonl exists (archon train appends to it): pass a new --out")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(QWEN3_0_6B, f, indent=1)
+    model_dir = os.path.join(out, "model")
+    cfg = hf_config(model)
+    cfg.save_pretrained(model_dir)
     rng = random.Random(0)
     with open(os.path.join(out, "data.jsonl"), "w") as f:
         for _ in range(steps + warm):
-            f.write(json.dumps({"input_ids": [rng.randrange(VOCAB) for _ in range(4096)]}) + "\n")
-    run = f"""allocation_mode: archon:d1
-total_train_steps: {steps + warm}
-device: cuda
-actor:
-  path: {out}/config.json
-  dtype: bfloat16
-  mb_max_tokens: 16384
-  optimizer: {{lr: 1.0e-5}}
-data: {{task: jsonl, path: {out}/data.jsonl, batch_size: 1}}
-log: {{dir: {out}/run, progress_bar: false}}
-"""
-    with open(os.path.join(out, "run.yaml"), "w") as f:
-        f.write(run)
-    print(f"wrote {out}/run.yaml; now: archon train {out}/run.yaml")
+            f.write(json.dumps({"input_ids": [rng.randrange(cfg.vocab_size) for _ in range(seq)]}) + "\n")
+    actor = archon_actor(model_dir, compile_on)
+    run = dict(allocation_mode="archon:d1", total_train_steps=steps + warm, device=device,
+               actor=dataclasses.asdict(actor),
+               data=dict(task="jsonl", path=os.path.join(out, "data.jsonl"), batch_size=1),
+               log=dict(dir=os.path.join(out, "run"), progress_bar=False))
+    path = os.path.join(out, "run.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(run, f, sort_keys=False)
+    loaded = load_config(TrainConfig, path)
+    if loaded.actor != actor:  # what archon train will build must be what the benchmark times
+        sys.exit(f"mfu_check: error: {path} does not load back as the benchmark's engine config")
+    print(f"wrote {path}; now: archon train {path}", flush=True)
+    return path
 
 
-def report(out: str, warm: int) -> None:
+def report(out: str, warm: int) -> dict:
+    """Medians of `archon train`'s metrics after `warm` steps; `step_s`: the timed step the metrics divide by."""
     with open(os.path.join(out, "run", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][warm:]
-    print(json.dumps({k: round(statistics.median(r[k] for r in rows), 4)
-                      for k in ("mfu", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_peak_tflops", "step_time")}))
+    med = {k: statistics.median(r[k] for r in rows)
+           for k in ("mfu", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_peak_tflops", "step_time")}
+    med["step_s"] = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
+    med["gflop_per_token"] = statistics.median(r["tflops_per_gpu"] / r["tokens_per_s_per_gpu"] * 1e3 for r in rows)
+    return med
 
 
-def main() -> None:
+def compare(a) -> int:
+    run_yaml = prepare(a.out, a.model, a.seq, a.steps, a.warm, a.compile == "on", a.device)
+    # the benchmark runs from benchmarks/: a relative PYTHONPATH (packages/*/src) must still find archon
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p))
+    print("== archon train", flush=True)
+    if subprocess.run([sys.executable, "-m", "archon", "train", run_yaml], env=env).returncode != 0:
+        print("mfu_check: error: archon train failed", file=sys.stderr)
+        return 2
+    train = report(a.out, a.warm)
+    print("== train_throughput.py", flush=True)
+    bench_json = os.path.join(a.out, "train_throughput.json")
+    cmd = [sys.executable, "train_throughput.py", "--engines", "archon", "--models", a.model, "--shapes", f"seq{a.seq}",
+           "--compile", a.compile, "--steps", str(a.steps), "--warm", str(a.warm), "--device", a.device,
+           "--json", bench_json]
+    if subprocess.run(cmd, cwd=HERE, env=env).returncode != 0:
+        print("mfu_check: error: train_throughput.py failed", file=sys.stderr)
+        return 2
+    with open(bench_json) as f:
+        res = json.load(f)
+    (row,) = res["results"]
+    if "error" in row:
+        print(f"mfu_check: error: train_throughput.py: {row['error']}", file=sys.stderr)
+        return 2
+    tflops = row["flops_per_token"] * row["tokens_per_s_per_gpu"] / 1e12  # unrounded
+    bench = dict(mfu=tflops / res["spec_peak_tflops"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
+                 tflops_per_gpu=tflops, mfu_peak_tflops=res["spec_peak_tflops"], step_s=row["step_s"],
+                 gflop_per_token=row["flops_per_token"] / 1e9)
+    same_peak = abs(train["mfu_peak_tflops"] - bench["mfu_peak_tflops"]) < 1e-9
+    # on CPU each process measures its own peak: compare achieved TFLOP/s (the same FLOPs count) instead
+    key = "mfu" if same_peak else "tflops_per_gpu"
+    ratio = train[key] / bench[key]
+    print(f"\n{'':<22}{'step s':>9}{'tok/s/gpu':>12}{'GFLOP/tok':>11}{'TFLOP/s':>10}{'peak':>9}{'MFU':>8}")
+    for name, r in (("archon train", train), ("train_throughput.py", bench)):
+        print(f"{name:<22}{r['step_s']:>9.4f}{r['tokens_per_s_per_gpu']:>12.0f}{r['gflop_per_token']:>11.4g}"
+              f"{r['tflops_per_gpu']:>10.4g}{r['mfu_peak_tflops']:>9.4g}{r['mfu']:>8.2%}")
+    ok = abs(ratio - 1) <= a.tolerance
+    print(f"{key} ratio archon train / train_throughput.py: {ratio:.3f} "
+          f"({'within' if ok else 'NOT within'} {a.tolerance:.0%}); archon train's engine step_time "
+          f"{train['step_time']:.4f} s (up to the stats read, before the optimizer's kernels end)")
+    with open(os.path.join(a.out, "compare.json"), "w") as f:
+        json.dump(dict(archon_train=train, train_throughput=bench, ratio_key=key, ratio=ratio, within=ok,
+                       model=a.model, seq=a.seq, compile=a.compile, device=a.device), f, indent=1)
+    return 0 if ok else 1
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="a train_throughput.py model (default qwen3-0.6b; --tiny: qwen3-tiny)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per step (default 4096; --tiny: 256)")
+    p.add_argument("--compile", choices=["on", "off", "both"], default=None,
+                   help="torch.compile the blocks (default on, archon train's default on CUDA; --tiny: off); "
+                        "both: --compare each setting, in DIR/compile_on and DIR/compile_off")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warm", type=int, default=3)
-    p.add_argument("--report", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: qwen3-tiny, 256 tokens, eager")
+    p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--report", action="store_true", help="print the medians of DIR/run's metrics")
+    p.add_argument("--compare", action="store_true", help="run archon train and train_throughput.py, compare")
     a = p.parse_args()
-    report(a.out, a.warm) if a.report else prepare(a.out, a.steps, a.warm)
+    a.out = os.path.abspath(a.out)  # the benchmark runs from benchmarks/
+    a.device = "cpu" if a.tiny else "cuda"
+    a.model = a.model or ("qwen3-tiny" if a.tiny else "qwen3-0.6b")
+    a.seq = a.seq or (256 if a.tiny else 4096)
+    a.compile = a.compile or ("off" if a.tiny else "on")
+    if a.report:
+        print(json.dumps({k: round(v, 4) for k, v in report(a.out, a.warm).items()}))
+        return 0
+    if a.compare and a.compile == "both":
+        out, codes = a.out, []
+        for c in ("on", "off"):
+            codes.append(compare(argparse.Namespace(**{**vars(a), "compile": c, "out": os.path.join(out, f"compile_{c}")})))
+        return max(codes)
+    if a.compare:
+        return compare(a)
+    if a.compile == "both":
+        p.error("--compile both needs --compare")
+    prepare(a.out, a.model, a.seq, a.steps, a.warm, a.compile == "on", a.device)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

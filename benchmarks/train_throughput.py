@@ -2,11 +2,13 @@
 
 Same Qwen3 config, same random tokens, bf16 compute with fp32 master weights and fused AdamW for both.
 Prints one JSON line per measurement and a table: tokens/s, MFU against the measured bf16 matmul peak
-(`mfu_spec`: against the spec-sheet peak of `archon.mfu`, as in `archon train`'s metrics),
+(`mfu_spec`, the table's `spec` column: against the spec-sheet peak of `archon.mfu`, as in `archon train`'s
+metrics; FLOPs per token from `archon.mfu` for both),
 peak memory and step time; ratios are against the HF peer of the same model/shape/compile setting.
 
     python benchmarks/train_throughput.py                       # 0.6B + 1.7B, seq 4096 + packed 16K
     python benchmarks/train_throughput.py --models qwen3-1.7b --shapes seq4096 --compile on
+    python benchmarks/train_throughput.py --device cpu --models qwen3-tiny --shapes seq256 --compile off --engines archon
     torchrun --nproc-per-node 4 benchmarks/train_throughput.py --models qwen3-1.7b --fsdp   # per-GPU numbers
 """
 
@@ -26,8 +28,11 @@ CONFIGS = {
                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # a smoke-test shape for CPU (`--device cpu`, `benchmarks/mfu_check.py --tiny`)
+    "qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, vocab_size=512),
 }
-VOCAB = 151936
+VOCAB = 151936  # unless the config names its own
 
 
 def peak_matmul_tflops() -> float:
@@ -43,17 +48,18 @@ def peak_matmul_tflops() -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def flops_per_token(cfg: dict, attn_len: float) -> float:
-    """6N (lm head counted, embedding lookup not) + causal attention over documents of mean length attn_len."""
-    h, L, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    n = L * (h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i) + h * VOCAB
-    return 6 * n + 12 * L * nh * hd * attn_len / 2
+def model_flops_per_token(name: str, attn_len: float) -> float:
+    """Training FLOPs per token as `archon train`'s metrics count them (`archon.mfu.flops_per_token`: 6N with the
+    LM head and without the embedding lookup, plus causal attention over documents of mean length attn_len)."""
+    from archon.hf import build_model
+    from archon.mfu import flops_per_token
+
+    return flops_per_token(build_model(hf_config(name), device="meta").args, attn_len)
 
 
 def doc_lengths(shape: str, gen: torch.Generator) -> list[int]:
-    if shape == "seq4096":
-        return [4096]
+    if shape.startswith("seq"):  # seqN: one N-token sequence
+        return [int(shape[3:])]
     total, out = 16384, []  # packed: mixed-length documents totalling 16K tokens
     while sum(out) < total:
         out.append(int(torch.randint(128, 3072, (1,), generator=gen)))
@@ -68,37 +74,53 @@ def mean_attn_len(lengths: list[int]) -> float:
 def hf_config(name: str):
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rope_theta=1e6, **CONFIGS[name])
+    return Qwen3Config(**{"vocab_size": VOCAB, "max_position_embeddings": 40960, "rope_theta": 1e6, **CONFIGS[name]})
 
 
-def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,
-               profile_dir: str | None = None, scope: str = "block", mode: str = "default") -> dict:
+def archon_actor(path: str, compile_on: bool, scope: str = "block", mode: str = "default"):
+    """The engine config timed here (bf16 compute, fp32 master weights, random init); `mfu_check.py` writes the
+    same one into the `archon train` run it compares against."""
     from archon.config.schema import ActorConfig
-    from archon.engine.batch import PackedBatch
-    from archon.engine.engine import ArchonEngine
-    from archon.train import sft_loss, target_tokens
 
-    d = tempfile.mkdtemp()
-    hf_config(name).save_pretrained(d)
-    actor = ActorConfig(path=d, init_from_scratch=True, dtype="bfloat16", mb_max_tokens=16384)
+    actor = ActorConfig(path=path, init_from_scratch=True, dtype="bfloat16", mb_max_tokens=16384)
     actor.optimizer.lr = 1e-5
     actor.archon.enable_compile = compile_on
     actor.archon.compile_scope = scope
     actor.archon.compile_mode = "default" if mode == "cpp-wrapper" else mode
     actor.archon.compile_cpp_wrapper = mode == "cpp-wrapper"
-    eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=warm + steps, device="cuda").initialize()
+    return actor
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, allocation: str,
+               profile_dir: str | None = None, scope: str = "block", mode: str = "default",
+               device: str = "cuda") -> dict:
+    from archon.engine.batch import PackedBatch
+    from archon.engine.engine import ArchonEngine
+    from archon.train import sft_loss, target_tokens
+
+    d = tempfile.mkdtemp()
+    cfg = hf_config(name)
+    cfg.save_pretrained(d)
+    actor = archon_actor(d, compile_on, scope, mode)
+    eng = ArchonEngine(actor, allocation_mode=allocation, total_steps=warm + steps, device=device).initialize()
     gen = torch.Generator().manual_seed(0)
     lengths = doc_lengths(shape, gen)
     world = eng.dims.dp_cp
-    seqs = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     batch = PackedBatch.from_sequences(seqs)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warm + steps):
-        torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         eng.train_batch(batch, sft_loss, target_tokens)
-        torch.cuda.synchronize()
+        sync(device)
         if i >= warm:
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
@@ -109,12 +131,15 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
     from archon.config.validate import compile_scope
 
     label = f"archon/{compile_scope(actor, eng.dims, eng.device)}" + ("" if mode == "default" else f"/{mode}")
+    fpt = model_flops_per_token(name, mean_attn_len(lengths))
     res = dict(engine="archon" if not compile_on else label, model=name, shape=shape, compile=compile_on, layout=allocation,
-               step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
-               tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
-               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), world=world)
+               step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med), flops_per_token=fpt,
+               tflops=round(fpt * tokens / med / 1e12, 4),
+               peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else 0.0,
+               world=world)
     eng = None  # free GPU memory before the next run
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 
@@ -130,7 +155,7 @@ def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int, profi
     gen = torch.Generator().manual_seed(0)
     lengths = doc_lengths(shape, gen)
     tokens = sum(lengths)
-    ids = torch.randint(0, VOCAB, (1, tokens), generator=gen).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=gen).cuda()
     kwargs = {}
     if len(lengths) > 1:  # HF packed form: position ids restart per document (flash/sdpa varlen detection)
         kwargs["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
@@ -154,7 +179,7 @@ def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int, profi
     profile_step(step, f"hf_{name}_{shape}_{'compiled' if compile_on else 'eager'}", profile_dir)
     res = dict(engine="hf", model=name, shape=shape, compile=compile_on, step_s=round(med, 4),
                tokens_per_s_per_gpu=round(tokens / med),
-               tflops=round(flops_per_token(CONFIGS[name], mean_attn_len(lengths)) * tokens / med / 1e12, 1),
+               tflops=round(model_flops_per_token(name, mean_attn_len(lengths)) * tokens / med / 1e12, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1))
     model = opt = fwd = None  # free GPU memory before the next run
     torch.cuda.empty_cache()
@@ -163,7 +188,7 @@ def run_hf(name: str, shape: str, compile_on: bool, steps: int, warm: int, profi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(CONFIGS))
+    p.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"], choices=list(CONFIGS))
     p.add_argument("--shapes", nargs="+", default=["seq4096", "packed16k"])
     p.add_argument("--compile", choices=["on", "off", "both"], default="both")
     p.add_argument("--engines", nargs="+", default=["hf", "archon"])
@@ -180,19 +205,24 @@ def main() -> None:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, profile one more step of each run and write kernel tables to DIR")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a smoke run of the Archon engine (HF skipped; peak = a measured fp32 matmul)")
     a = p.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.device == "cpu" and (a.engines != ["archon"] or world_size() > 1):
+        p.error("--device cpu times the Archon engine on one process only: pass --engines archon")
+    world = world_size()
     rank = int(os.environ.get("RANK", "0"))
     allocation = f"archon:d{world}" if a.fsdp or world > 1 else "archon:d1"
     import transformers
-
-    peak = peak_matmul_tflops()
     from archon.mfu import device_peak_tflops
 
-    spec_peak, _ = device_peak_tflops(torch.device("cuda"))  # what `archon train` metrics divide by (`mfu`)
+    # spec_peak: what `archon train`'s metrics divide by (their `mfu`); this table's `MFU` is against `peak`
+    spec_peak, _ = device_peak_tflops(torch.device(a.device))
+    peak = peak_matmul_tflops() if a.device == "cuda" else spec_peak
     if rank == 0:
-        print(f"torch {torch.__version__} transformers {transformers.__version__} {torch.cuda.get_device_name()} "
-              f"peak bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+        gpu = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+        print(f"torch {torch.__version__} transformers {transformers.__version__} {gpu} "
+              f"peak matmul {peak:.1f} TFLOP/s (spec {spec_peak:.1f})", flush=True)
     compiles = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
     rows = []
     for name in a.models:
@@ -206,18 +236,19 @@ def main() -> None:
                         continue
                     try:
                         r = (run_hf(name, shape, c, a.steps, a.warm, a.profile) if eng == "hf"
-                             else run_archon(name, shape, c, a.steps, a.warm, allocation, a.profile, scope, mode))
+                             else run_archon(name, shape, c, a.steps, a.warm, allocation, a.profile, scope, mode,
+                                             a.device))
                     except Exception as ex:  # report and go on: one failing shape must not hide the rest
                         r = dict(engine=eng, model=name, shape=shape, compile=c, error=repr(ex)[:400])
-                    r["mfu"] = round(r.get("tflops", 0.0) / peak, 3)
-                    r["mfu_spec"] = round(r.get("tflops", 0.0) / spec_peak, 3)
+                    r["mfu"] = round(r.get("tflops", 0.0) / peak, 4)
+                    r["mfu_spec"] = round(r.get("tflops", 0.0) / spec_peak, 4)
                     rows.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)
     if rank == 0:
         peers = {(r["model"], r["shape"], r["compile"]): r for r in rows if r["engine"] == "hf" and "error" not in r}
         print(f"\n{'model':<11} {'shape':<10} {'compile':<7} {'engine':<28} {'tok/s/gpu':>10} {'MFU':>6} "
-              f"{'mem GB':>7} {'step s':>7} {'vs HF':>6}")
+              f"{'spec':>6} {'mem GB':>7} {'step s':>7} {'vs HF':>6}")
         for r in rows:
             if "error" in r:
                 print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<28} ERROR {r['error'][:80]}")
@@ -225,9 +256,14 @@ def main() -> None:
             peer = peers.get((r["model"], r["shape"], r["compile"]))
             ratio = f"{r['tokens_per_s_per_gpu'] / peer['tokens_per_s_per_gpu']:.2f}" if peer else "-"
             print(f"{r['model']:<11} {r['shape']:<10} {r['compile']!s:<7} {r['engine']:<28} "
-                  f"{r['tokens_per_s_per_gpu']:>10} {r['mfu']:>6.1%} {r['peak_mem_gb']:>7} {r['step_s']:>7} {ratio:>6}")
+                  f"{r['tokens_per_s_per_gpu']:>10} {r['mfu']:>6.1%} {r['mfu_spec']:>6.1%} {r['peak_mem_gb']:>7} {r['step_s']:>7} {ratio:>6}")
         with open(a.json, "w") as f:
-            json.dump(dict(peak_tflops=peak, torch=torch.__version__, results=rows), f, indent=1)
+            json.dump(dict(peak_tflops=peak, spec_peak_tflops=spec_peak, torch=torch.__version__, results=rows), f,
+                      indent=1)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 if __name__ == "__main__":
