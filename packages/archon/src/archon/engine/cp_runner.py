@@ -33,8 +33,8 @@ from archon.engine.runner import FlatRunner
 class ContextParallelRunner(FlatRunner):
     """A `FlatRunner` whose micro-batches are split over the `cp` mesh (Ulysses or ring attention).
 
-    `mb_max_tokens` stays a per-rank budget: a micro-batch holds up to cp x `max_tokens` tokens (before
-    the padding to a multiple of cp x tp, x2 for ring).
+    `mb_max_tokens` stays a per-rank budget: a micro-batch holds up to cp x `mb_max_tokens` tokens (before
+    the padding to a multiple of cp x tp, x2 for ring; planned by `archon.engine.micro_batches`).
     """
 
     def __init__(self, model: torch.nn.Module, *, cp_mesh, cp_impl: str = "ulysses", **kw) -> None:
@@ -48,10 +48,6 @@ class ContextParallelRunner(FlatRunner):
             inner = inner.inner
         self.backend = get_cp_attention(cp_impl, inner, self.cp_group)
         model.set_attention_backend(self.backend)
-
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        return super().plan_micro_batches(batch, max_tokens * self.cp_size, num_micro_batches)
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
         from archon.models.common.packing import PackedInput

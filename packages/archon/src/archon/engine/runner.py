@@ -4,7 +4,8 @@ The engine calls `runner.forward_all(mbs, want_entropy)` and `runner.forward_bac
 aux_scales)` with every micro-batch of a step and never asks which runner it holds. By default these run
 `forward` / `forward_backward` one micro-batch at a time; `FlatRunner` runs the packed batch as is, tree modes
 (prefix sharing) override the per-micro-batch methods, and `PipelineRunner` (pipeline_runner.py) overrides the
-batch methods to run a pipeline schedule over all micro-batches together.
+batch methods to run a pipeline schedule over all micro-batches together. Which sequences form a micro-batch is
+planned before the runner sees them, by `archon.engine.micro_batches.MicroBatchBudget`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,6 @@ class Runner:
                              ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """`forward_backward` of every micro-batch of a step, in order (a pipeline runs them together)."""
         return [self.forward_backward(mb, loss_fn, s, aux_scale=a) for mb, s, a in zip(mbs, scales, aux_scales)]
-
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        """Sequence indices of each micro-batch (an empty list is a padding micro-batch)."""
-        from archon_rl import plan_micro_batches
-
-        return plan_micro_batches(batch.lengths.tolist(), max_tokens, num_micro_batches=num_micro_batches)
 
     def pop_stats(self) -> dict[str, float]:
         """Counters accumulated by `forward_backward` since the last call (same on every DP rank)."""
