@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from archon.engine.dp_layout import DataParallelLayout
@@ -36,7 +38,7 @@ def block_compile_config(cfg, dims, device: torch.device):
 
 
 def build_parallel_model(setup: EngineSetup, meshes, layout: DataParallelLayout, *,
-                         stage_prune=None) -> nn.Module:
+                         stage_prune: Callable[[nn.Module, Any], None] | None = None) -> nn.Module:
     """The model of `setup` on this rank, wrapped by `layout` (the engine's data-parallel layout) over `meshes`.
     `stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
     from archon.spec import get_model_spec
