@@ -141,3 +141,18 @@ def test_pad_to_maximum_pads_to_mb_max_tokens(tiny_model_dir):
     cfg = ActorConfig(path=tiny_model_dir, dtype="float32", mb_max_tokens=48,
                       archon=ArchonEngineConfig(pad_to_maximum=True))
     assert resolve_setup(cfg, device="cpu", world_size=1).micro_batches.pad_to_tokens == 48
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--allocation_mode=archon:d2", "--actor.archon.dp_layout=zero1", "--actor.archon.offload_params=true"],
+     "rule offload-needs-fsdp"),
+    (["--allocation_mode=archon:d1t2", "--actor.archon.dp_layout=zero1"], "rule zero1-pure-dp"),
+])
+def test_archon_train_rejects_a_wrong_parallel_config_before_the_process_group(tmp_path, no_distributed_or_model,
+                                                                               overrides, message):
+    from archon.config.schema import TrainConfig
+    from archon.train import run_train
+
+    cfg = load_config(TrainConfig, "examples/sft_tiny.yaml", [f"--log.dir={tmp_path}", "--device=cpu", *overrides])
+    with pytest.raises(ValueError, match=message):
+        run_train(cfg)
