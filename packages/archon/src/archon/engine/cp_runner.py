@@ -28,6 +28,7 @@ import torch
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import FlatRunner
+from archon.models.common.head import LogprobRequest
 
 
 class ContextParallelRunner(FlatRunner):
@@ -66,8 +67,8 @@ class ContextParallelRunner(FlatRunner):
             if self.head == "value":
                 values_L = self.model(ids_L, packed=packed)
                 return {"values": gather(values_L.float().reshape(-1))}
-            lp_L, ent_L = self.model(ids_L, packed=packed, labels=labels_L, want_entropy=want_entropy,
-                                     logprob_chunk_size=self.chunk, logprob_keep_last=True)
+            lp_L, ent_L = self.model(ids_L, packed=packed, logprobs=LogprobRequest(
+                labels_L, want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=True))
         out = {"logprobs": shift_to_tokens(gather(lp_L), cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(gather(ent_L), cu)

@@ -25,6 +25,7 @@ from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import Runner, pad_packed
 from archon.engine.setup import EngineSetup
+from archon.models.common.head import LogprobRequest
 from torch import nn
 
 _PAD_BUCKET = 64  # L is rounded up to this so few distinct schedules (one per L) are ever built
@@ -179,7 +180,7 @@ class PipelineRunner(Runner):
                 packed = dataclasses.replace(packed, tokens=x[:packed.tokens.shape[0] // self.info.tp])
             new = {"packed": packed}
             if module.output is not None:
-                new.update(labels=st.labels[i], want_entropy=st.want_entropy, logprob_chunk_size=self.chunk)
+                new["logprobs"] = LogprobRequest(st.labels[i], want_entropy=st.want_entropy, chunk_size=self.chunk)
             return (x,), new
         return hook
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
+from archon.models.common.head import LogprobRequest
 
 
 class Runner:
@@ -105,8 +106,8 @@ class FlatRunner(Runner):
             if self.head == "value":
                 values = self.model(ids, packed=packed)
                 return {"values": values.float().reshape(-1)}
-            lp, ent = self.model(ids, packed=packed, labels=next_token_labels(ids), want_entropy=want_entropy,
-                                 logprob_chunk_size=self.chunk, logprob_keep_last=True)
+            lp, ent = self.model(ids, packed=packed, logprobs=LogprobRequest(
+                next_token_labels(ids), want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=True))
         out = {"logprobs": shift_to_tokens(lp, cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(ent, cu)
