@@ -19,6 +19,7 @@ import torch
 from archon.config.schema import ActorConfig
 from archon.engine.micro_batches import MicroBatchBudget
 from archon.lora_integration import validate_lora
+from archon_parallel.dims import ParallelDims
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -31,8 +32,8 @@ class EngineSetup:
     """The role's config, checked against everything below."""
     allocation_mode: str
     """The allocation string as given (`archon:d2t2`, `sglang:d4+archon:d2`, ...)."""
-    dims: Any
-    """`archon_parallel.ParallelDims` of the trainer part of the allocation."""
+    dims: ParallelDims
+    """The parallel degrees of the trainer part of the allocation."""
     device: torch.device
     """This rank's device."""
     dtype: torch.dtype
@@ -100,7 +101,6 @@ def resolve_setup(cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total
     """Resolve and check `cfg` for an engine on `world_size` ranks (default: this launch's); creates no process
     group and no model. Raises ValueError naming the rule or key at fault."""
     from archon.config.validate import validate_engine
-    from archon_parallel.dims import ParallelDims
 
     if head not in ("lm", "value"):
         raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
