@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from archon.engine.dp_layout import DataParallelLayout
+from archon.engine.pipeline_runner import build_pipeline_model
 from archon.engine.setup import EngineSetup
 from archon.hf import build_model, load_hf_weights
+from archon.models.common.head import LMHead
 from archon_ckpt import clean_fqn
 from torch import nn
 
@@ -49,8 +51,6 @@ def build_parallel_model(setup: EngineSetup, meshes, layout: DataParallelLayout,
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
     hf_cfg = setup.hf_config
     if dims.pp > 1 and stage_prune is None:
-        from archon.engine.pipeline_runner import build_pipeline_model
-
         return build_pipeline_model(setup, meshes, lambda prune: (
             build_parallel_model(setup, meshes, layout, stage_prune=prune)))
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
@@ -72,8 +72,6 @@ def build_parallel_model(setup: EngineSetup, meshes, layout: DataParallelLayout,
         from archon.parallel_head import apply_head_norm_tp
 
         apply_head_norm_tp(model, meshes["tp"])
-    from archon.models.common.head import LMHead
-
     if isinstance(model.output, LMHead) and (dims.tp_enabled or compile_cfg.enabled):
         # the LM head built whole: a vocab shard under TP, its softmax kernels compiled with the blocks
         model.output = LMHead.like(model.output, tp_mesh=meshes["tp"] if dims.tp_enabled else None,

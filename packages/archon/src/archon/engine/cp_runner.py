@@ -29,6 +29,7 @@ from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import FlatRunner
 from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import PackedInput
 
 
 class ContextParallelRunner(FlatRunner):
@@ -51,7 +52,6 @@ class ContextParallelRunner(FlatRunner):
         model.set_attention_backend(self.backend)
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        from archon.models.common.packing import PackedInput
         from archon_parallel.context_parallel import gather_sequence, shard_packed_batch
 
         ids_T, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)

@@ -26,6 +26,7 @@ from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import Runner, pad_packed
 from archon.engine.setup import EngineSetup
 from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import pack_inputs
 from torch import nn
 
 _PAD_BUCKET = 64  # L is rounded up to this so few distinct schedules (one per L) are ever built
@@ -147,8 +148,6 @@ class PipelineRunner(Runner):
             stage.register_forward_hook(self._post_hook(k))
 
     def _prepare(self, mbs: list[PackedBatch], want_entropy: bool) -> _Step:
-        from archon.models.common.packing import pack_inputs
-
         # Stages compute only each micro-batch's own tokens (padded to a multiple of tp, exactly as FlatRunner) and
         # zero-fill the rest of the static [L] buffers, so padding never reaches attention, MoE routing or the loss.
         packed, ids = [], []

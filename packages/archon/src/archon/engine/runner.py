@@ -20,6 +20,7 @@ import torch
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import pack_inputs
 
 
 class Runner:
@@ -91,8 +92,6 @@ class FlatRunner(Runner):
         return {k: v[:T] for k, v in out.items()}
 
     def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
-        from archon.models.common.packing import pack_inputs
-
         if self.cuda_graphs:  # earlier replays' outputs are consumed: their memory may be reused
             torch.compiler.cudagraph_mark_step_begin()
         packed = pack_inputs(ids, None, cu)  # host cu_seqlens: the meta is built there and copied
