@@ -149,7 +149,7 @@ class RLConfig:
 
     allocation_mode: str = doc("archon:d1", "trainer layout (archon:...), optionally after rollout servers: "
                                "sglang:d2+archon:d2t2 (see rollout.*); without servers the embedded sampler "
-                               "samples on every rank (archon:dN with dp_layout=zero1)")
+                               "samples on every rank (archon:dN with the ZeRO-1 dp_layout: full replicas)")
     total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
     device: str = doc("auto", "auto | cpu | cuda")
     max_skipped_steps: int = doc(10, "stop with an error after this many updates in a row skipped for a "
