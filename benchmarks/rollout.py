@@ -90,15 +90,16 @@ def copy_bandwidth() -> float:
 
 
 def bound_tokens_per_s(weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt: int, new: int,
-                       bandwidth: float, slots: int) -> float:
+                       bandwidth: float, slots: int, prompt_readers: int = 1) -> float:
     """New tokens/s if every decode step only read the weights once and each running row's KV up to its
-    position, at ``bandwidth``. With fewer slots than rows the batch runs in waves of ``slots`` rows."""
+    position, at ``bandwidth``. With fewer slots than rows the batch runs in waves of ``slots`` rows.
+    ``prompt_readers``: rows that read one copy of a prompt's KV (the group size under cascade attention)."""
     waves, total_bytes = -(-batch // slots), 0.0
     left = batch
     for _ in range(waves):
         rows = min(slots, left)
         left -= rows
-        mean_ctx = prompt + (new - 1) / 2
+        mean_ctx = prompt / prompt_readers + (new - 1) / 2
         total_bytes += new * weight_bytes + rows * new * mean_ctx * kv_bytes_per_token
     return batch * new / (total_bytes / bandwidth)
 
@@ -207,8 +208,9 @@ def finish(res: dict, name: str, batch: int, prompt: int, new: int, group: int, 
     res["tokens_per_s"] = round(res["new_tokens"] / res["seconds"])
     res["peak_mem_gb"] = peak_gb()
     slots = res.get("slots", batch)
+    readers = group if "/cascade" in res["engine"] else 1  # cascade reads a group's prompt KV once
     res["pct_hbm_bound"] = round(100 * res["tokens_per_s"] / bound_tokens_per_s(
-        weight_bytes, kv_bpt, batch, prompt, new, bw, slots), 1)
+        weight_bytes, kv_bpt, batch, prompt, new, bw, slots, readers), 1)
     res["seconds"] = round(res["seconds"], 2)
     return res
 

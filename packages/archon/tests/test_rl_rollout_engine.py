@@ -41,6 +41,8 @@ def test_bad_engine_settings_are_reported(tmp_path, capsys, override, message):
 
 def test_compile_decode_and_cascade_reach_the_engine(tmp_path):
     cfg = load_config(RLConfig, EXAMPLE, [f"--log.dir={tmp_path}", "--sampling.engine=rollout",
-                                          "--sampling.compile_decode=false", "--sampling.cascade=true"])
-    assert cfg.sampling.engine_options()["compile_decode"] is False
-    assert cfg.sampling.engine_options()["cascade"] is True
+                                          "--sampling.compile_decode=false", "--sampling.cascade=false",
+                                          "--sampling.kernels=torch", "--sampling.release_memory=false"])
+    opts = cfg.sampling.engine_options()
+    assert opts["compile_decode"] is False and opts["cascade"] is False
+    assert opts["kernels"] == "torch" and opts["release_memory"] is False

@@ -59,8 +59,8 @@ class SamplingSection:
                                         "weights, grads and optimizer state stay resident beside it")
     compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
                                             "shapes) before capturing it (null: off; slower on an H100)")
-    cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
-                               "(cascade attention) instead of per-row copies")
+    cascade: bool = doc(True, "engine=rollout: the samples of one prompt read its KV from one shared copy "
+                              "(cascade attention: the prefix is read once per group) instead of per-row copies")
     release_memory: bool = doc(True, "engine=rollout: free the KV cache and captured graphs after each step's "
                                      "generation so training gets the memory back (allocated and captured again "
                                      "at the next step)")
