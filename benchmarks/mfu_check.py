@@ -9,7 +9,15 @@ which is against a measured matmul peak). Steps:
    step) and DIR/run.yaml, whose `actor` section is the benchmark's engine config (checked on load);
 2. `--compare` then runs `python -m archon train DIR/run.yaml` and `train_throughput.py --engines archon` with the
    same model, shape, compile setting and step counts, each in its own process, and prints both figures
-   (medians after the warm-up steps) and their ratio; exit status 1 when they differ by more than --tolerance.
+   (medians after the warm-up steps, with each side's fastest and slowest timed step) and their ratio; exit
+   status 1 when they differ by more than --tolerance.
+
+Both clocks cover a whole step with the device synchronized at both ends: `archon train` from one step boundary
+(the data read included) to the end of the step's last kernel, the benchmark around `train_batch` on a batch
+built once. Each process compiles into its own fresh inductor / Triton cache (DIR/cache/train, DIR/cache/bench):
+with one shared cache the second process would load the graphs the first one compiled (a compile of seconds
+instead of a cold one, its timed steps starting right after it), so the two would not run under the same
+conditions.
 
     python benchmarks/mfu_check.py --out /tmp/mfu --compare                 # one GPU: Qwen3-0.6B, seq 4096, compiled
     python benchmarks/mfu_check.py --out /tmp/mfu --compare --compile both   # compiled, then eager
@@ -70,7 +78,8 @@ def report(out: str, warm: int) -> dict:
         rows = [json.loads(line) for line in f][warm:]
     med = {k: statistics.median(r[k] for r in rows)
            for k in ("mfu", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_peak_tflops", "step_time")}
-    med["step_s"] = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in rows]
+    med.update(step_s=statistics.median(step_s), step_s_min=min(step_s), step_s_max=max(step_s))
     med["gflop_per_token"] = statistics.median(r["tflops_per_gpu"] / r["tokens_per_s_per_gpu"] * 1e3 for r in rows)
     return med
 
@@ -80,8 +89,17 @@ def compare(a) -> int:
     # the benchmark runs from benchmarks/: a relative PYTHONPATH (packages/*/src) must still find archon
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p))
+
+    def fresh_cache(name: str) -> dict:
+        """`env` with an empty compile cache of this process's own (see the module doc)."""
+        d = os.path.join(a.out, "cache", name)
+        if os.path.exists(d):
+            sys.exit(f"mfu_check: error: {d} exists (a compile cache of an earlier run): pass a new --out")
+        os.makedirs(d)
+        return dict(env, TORCHINDUCTOR_CACHE_DIR=d, TRITON_CACHE_DIR=os.path.join(d, "triton"))
+
     print("== archon train", flush=True)
-    if subprocess.run([sys.executable, "-m", "archon", "train", run_yaml], env=env).returncode != 0:
+    if subprocess.run([sys.executable, "-m", "archon", "train", run_yaml], env=fresh_cache("train")).returncode != 0:
         print("mfu_check: error: archon train failed", file=sys.stderr)
         return 2
     train = report(a.out, a.warm)
@@ -90,7 +108,7 @@ def compare(a) -> int:
     cmd = [sys.executable, "train_throughput.py", "--engines", "archon", "--models", a.model, "--shapes", f"seq{a.seq}",
            "--compile", a.compile, "--steps", str(a.steps), "--warm", str(a.warm), "--device", a.device,
            "--json", bench_json]
-    if subprocess.run(cmd, cwd=HERE, env=env).returncode != 0:
+    if subprocess.run(cmd, cwd=HERE, env=fresh_cache("bench")).returncode != 0:
         print("mfu_check: error: train_throughput.py failed", file=sys.stderr)
         return 2
     with open(bench_json) as f:
@@ -102,19 +120,24 @@ def compare(a) -> int:
     tflops = row["flops_per_token"] * row["tokens_per_s_per_gpu"] / 1e12  # unrounded
     bench = dict(mfu=tflops / res["spec_peak_tflops"], tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"],
                  tflops_per_gpu=tflops, mfu_peak_tflops=res["spec_peak_tflops"], step_s=row["step_s"],
+                 step_s_min=min(row["step_times_s"]), step_s_max=max(row["step_times_s"]),
                  gflop_per_token=row["flops_per_token"] / 1e9)
     same_peak = abs(train["mfu_peak_tflops"] - bench["mfu_peak_tflops"]) < 1e-9
     # on CPU each process measures its own peak: compare achieved TFLOP/s (the same FLOPs count) instead
     key = "mfu" if same_peak else "tflops_per_gpu"
     ratio = train[key] / bench[key]
-    print(f"\n{'':<22}{'step s':>9}{'tok/s/gpu':>12}{'GFLOP/tok':>11}{'TFLOP/s':>10}{'peak':>9}{'MFU':>8}")
+    print(f"\n{'':<22}{'step s':>9}{'min':>8}{'max':>8}{'tok/s/gpu':>12}{'GFLOP/tok':>11}{'TFLOP/s':>10}"
+          f"{'peak':>9}{'MFU':>8}")
     for name, r in (("archon train", train), ("train_throughput.py", bench)):
-        print(f"{name:<22}{r['step_s']:>9.4f}{r['tokens_per_s_per_gpu']:>12.0f}{r['gflop_per_token']:>11.4g}"
+        print(f"{name:<22}{r['step_s']:>9.4f}{r['step_s_min']:>8.4f}{r['step_s_max']:>8.4f}"
+              f"{r['tokens_per_s_per_gpu']:>12.0f}{r['gflop_per_token']:>11.4g}"
               f"{r['tflops_per_gpu']:>10.4g}{r['mfu_peak_tflops']:>9.4g}{r['mfu']:>8.2%}")
     ok = abs(ratio - 1) <= a.tolerance
+    # step_time: train_batch alone, up to its read of the step's stats, which waits for every kernel of the step
+    # (the optimizer's too: the read is queued after them); the step's clock adds the data read before it
     print(f"{key} ratio archon train / train_throughput.py: {ratio:.3f} "
           f"({'within' if ok else 'NOT within'} {a.tolerance:.0%}); archon train's engine step_time "
-          f"{train['step_time']:.4f} s (up to the stats read, before the optimizer's kernels end)")
+          f"{train['step_time']:.4f} s (train_batch without the data read)")
     with open(os.path.join(a.out, "compare.json"), "w") as f:
         json.dump(dict(archon_train=train, train_throughput=bench, ratio_key=key, ratio=ratio, within=ok,
                        model=a.model, seq=a.seq, compile=a.compile, device=a.device), f, indent=1)
@@ -129,8 +152,8 @@ def main() -> int:
     p.add_argument("--compile", choices=["on", "off", "both"], default=None,
                    help="torch.compile the blocks (default on, archon train's default on CUDA; --tiny: off); "
                         "both: --compare each setting, in DIR/compile_on and DIR/compile_off")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warm", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warm", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: qwen3-tiny, 256 tokens, eager")
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--report", action="store_true", help="print the medians of DIR/run's metrics")
