@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -108,6 +109,8 @@ def compare(a) -> int:
     cmd = [sys.executable, "train_throughput.py", "--engines", "archon", "--models", a.model, "--shapes", f"seq{a.seq}",
            "--compile", a.compile, "--steps", str(a.steps), "--warm", str(a.warm), "--device", a.device,
            "--json", bench_json]
+    if a.device == "cuda":  # one more step after the timed ones, profiled: its wall time against GPU-busy time
+        cmd += ["--profile", os.path.join(a.out, "profile")]
     if subprocess.run(cmd, cwd=HERE, env=fresh_cache("bench")).returncode != 0:
         print("mfu_check: error: train_throughput.py failed", file=sys.stderr)
         return 2
@@ -138,6 +141,9 @@ def compare(a) -> int:
     print(f"{key} ratio archon train / train_throughput.py: {ratio:.3f} "
           f"({'within' if ok else 'NOT within'} {a.tolerance:.0%}); archon train's engine step_time "
           f"{train['step_time']:.4f} s (train_batch without the data read)")
+    for prof in sorted(glob.glob(os.path.join(a.out, "profile", "profile_*.txt"))):
+        with open(prof) as f:  # "TAG: wall .. ms (profiled), GPU kernels busy .. ms" and the GPU idle gaps
+            print("train_throughput.py profiled step: " + "; ".join(f.readline().strip() for _ in range(2)))
     with open(os.path.join(a.out, "compare.json"), "w") as f:
         json.dump(dict(archon_train=train, train_throughput=bench, ratio_key=key, ratio=ratio, within=ok,
                        model=a.model, seq=a.seq, compile=a.compile, device=a.device), f, indent=1)
