@@ -136,6 +136,9 @@ def test_cuda_triton_kernels_match_the_reference(dtype):
     h, d, w = rand(T, D), rand(T, D), rand(D)
     for a, b in zip(ref.add_rms_norm(h, d, w, EPS), tri.add_rms_norm(h, d, w, EPS)):
         torch.testing.assert_close(b.float(), a.float(), **tol)
+    # the matmul input written in the autocast dtype directly: the same bits as casting the fp32 result
+    got, want = tri.rms_norm(h, w, EPS, torch.bfloat16), ref.rms_norm(h, w, EPS, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and (got.float() - want.float()).abs().max() <= (want.float().abs() / 64).max()
     a1, a2 = rand(T, F), rand(T, F)
     torch.testing.assert_close(tri.silu_mul(a1, a2).float(), ref.silu_mul(a1, a2).float(), **tol)
     q, k, qw, kw = rand(T, H, Dh), rand(T, G, Dh), rand(Dh), rand(Dh)

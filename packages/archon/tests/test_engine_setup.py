@@ -109,3 +109,50 @@ def test_setup_reads_the_hf_config_once_and_resolves_the_layout(tiny_model_dir, 
     assert isinstance(make_dp_layout("zero1", dims, group=None), Zero1Layout)
     fsdp = make_dp_layout("fsdp", dims, group=object())
     assert isinstance(fsdp, FsdpLayout) and fsdp.loss_scale_world() == 2 and not fsdp.needs_autocast(torch.bfloat16)
+
+
+@pytest.mark.parametrize("allocation, world, archon, plan", [
+    ("archon:d1", 1, {}, [[0, 1], [2, 3]]),  # flat: 10 tokens per micro-batch
+    ("archon:c2", 2, {"cp_impl": "ring"}, [[0, 1, 2, 3]]),  # cp2: 20 tokens, split over the 2 cp ranks
+    ("archon:p2", 2, {"pp_microbatches": 3}, [[0], [1], [2], [3]]),  # >= 3 micro-batches, a multiple of p
+    ("archon:d1", 1, {"tree_training_mode": "sparse"}, [[0, 1, 2], [3]]),  # 4 + 3 x 1 tree tokens, then 5
+])
+def test_mb_max_tokens_is_tokens_of_one_micro_batch_on_one_rank(tiny_model_dir, allocation, world, archon, plan):
+    """Every runner's conversion of mb_max_tokens is made by `EngineSetup.micro_batches` (no process group):
+    four 5-token sequences, three sharing a 4-token prefix, under a budget of 10 tokens."""
+    from archon.config.schema import ArchonEngineConfig
+    from archon.engine.batch import PackedBatch
+
+    cfg = ActorConfig(path=tiny_model_dir, dtype="float32", mb_max_tokens=10, archon=ArchonEngineConfig(**archon))
+    setup = resolve_setup(cfg, allocation_mode=allocation, world_size=world, device="cpu")
+    batch = PackedBatch.from_sequences([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 4, 7], [9, 9, 9, 9, 9]])
+    got = setup.micro_batches.plan(batch)
+    assert sorted(got, key=lambda mb: mb[0] if mb else 99) == plan
+    # the count agreed over data-parallel ranks (one more here); a pipeline rounds it up to a multiple of p
+    more = setup.micro_batches.plan(batch, num_micro_batches=len(plan) + 1)
+    assert len(more) == len(plan) + (1 if setup.dims.pp == 1 else 2)
+    assert sorted(i for mb in more for i in mb) == [0, 1, 2, 3]
+    assert setup.micro_batches.pad_to_tokens is None
+
+
+def test_pad_to_maximum_pads_to_mb_max_tokens(tiny_model_dir):
+    from archon.config.schema import ArchonEngineConfig
+
+    cfg = ActorConfig(path=tiny_model_dir, dtype="float32", mb_max_tokens=48,
+                      archon=ArchonEngineConfig(pad_to_maximum=True))
+    assert resolve_setup(cfg, device="cpu", world_size=1).micro_batches.pad_to_tokens == 48
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--allocation_mode=archon:d2", "--actor.archon.dp_layout=zero1", "--actor.archon.offload_params=true"],
+     "rule offload-needs-fsdp"),
+    (["--allocation_mode=archon:d1t2", "--actor.archon.dp_layout=zero1"], "rule zero1-pure-dp"),
+])
+def test_archon_train_rejects_a_wrong_parallel_config_before_the_process_group(tmp_path, no_distributed_or_model,
+                                                                               overrides, message):
+    from archon.config.schema import TrainConfig
+    from archon.train import run_train
+
+    cfg = load_config(TrainConfig, "examples/sft_tiny.yaml", [f"--log.dir={tmp_path}", "--device=cpu", *overrides])
+    with pytest.raises(ValueError, match=message):
+        run_train(cfg)

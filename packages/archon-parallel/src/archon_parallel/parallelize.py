@@ -23,9 +23,7 @@ plain arguments, so nothing is patched and concurrent calls do not interfere.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -34,6 +32,7 @@ from .checkpointing import ACConfig, apply_ac
 from .compile import CompileConfig, apply_compile
 from .dims import ParallelDims, ParallelMeshes
 from .expert_folding import fold_expert_runner, fold_mesh, validate_folding
+from .expert_parallel import apply_expert_parallel
 from .fsdp import FSDPConfig, apply_fsdp, mixed_precision_policy
 from .plan import ParallelPlan
 from .tensor_parallel import StyleFactory, apply_tp, validate_tp
@@ -44,31 +43,17 @@ __all__ = ["AfterExpertParallel", "parallelize"]
 AfterExpertParallel = Callable[[nn.Module, DeviceMesh, DeviceMesh | None], None]
 
 
-def _hook(module: str, name: str, feature: str) -> Callable[..., Any]:
-    try:
-        mod = importlib.import_module(f"archon_parallel.{module}")
-    except ModuleNotFoundError as err:
-        if err.name != f"archon_parallel.{module}":
-            raise
-        raise ValueError(f"{feature} is requested but archon_parallel.{module} is not available") from err
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise ValueError(f"{feature} is requested but archon_parallel.{module}.{name} does not exist")
-    return fn
-
-
 def _apply_ep(model: nn.Module, dims: ParallelDims, meshes: ParallelMeshes, plan: ParallelPlan,
               device_type: str, after_expert_parallel: AfterExpertParallel | None = None) -> None:
     if plan.experts is None:
         raise ValueError("expert parallelism (ep > 1) needs ParallelPlan.experts, the experts module name")
-    apply_ep = _hook("expert_parallel", "apply_expert_parallel", "expert parallelism")
     parent, _, _ = plan.experts.rpartition(".")
     etp_mesh = meshes["etp"] if dims.etp > 1 else None
     fold = fold_mesh(dims, meshes, device_type)  # None unless hybrid ep folds onto tp ranks
     for _, block in plan.block_list(model):
         if plan.optional_module(block, plan.experts) is not None:
             moe = block.get_submodule(parent) if parent else block
-            apply_ep(moe, meshes["ep"], etp_mesh)
+            apply_expert_parallel(moe, meshes["ep"], etp_mesh)
             if after_expert_parallel is not None:
                 after_expert_parallel(moe, meshes["ep"], etp_mesh)
             if fold is not None:

@@ -44,15 +44,19 @@ class DecodeKernels:
 
     name = "torch"
 
-    def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-        """``w * norm(x)`` in fp32, normalised values rounded to x's dtype (the model's RMSNorm)."""
-        return _rms(x_TD, w_D, eps)
+    def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+        """``w * norm(x)`` in fp32, normalised values rounded to x's dtype (the model's RMSNorm), then cast to
+        ``out_dtype`` if given (what autocast casts a matmul input to)."""
+        y = _rms(x_TD, w_D, eps)
+        return y if out_dtype is None else y.to(out_dtype)
 
-    def add_rms_norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor, w_D: torch.Tensor, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor, w_D: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h + d, rms_norm(h + d))``: a residual add and the next block's (or the final) norm."""
         h_TD = h_TD + d_TD
-        return h_TD, _rms(h_TD, w_D, eps)
+        y = _rms(h_TD, w_D, eps)
+        return h_TD, y if out_dtype is None else y.to(out_dtype)
 
     def qk_norm_rope(self, q_THD: torch.Tensor, k_TGD: torch.Tensor, qw_D: torch.Tensor | None,
                      kw_D: torch.Tensor | None, eps: float, cos_TD: torch.Tensor, sin_TD: torch.Tensor,

@@ -73,7 +73,7 @@ class CacheLayout:
 def slot_count(layout: CacheLayout, slot_len: int, device: torch.device, *, kv_cache_gb: float | None,
                kv_cache_fraction: float, max_slots: int) -> int:
     """Slots of ``slot_len`` positions that fit the budget: ``kv_cache_gb`` GiB, or else ``kv_cache_fraction`` of
-    the device's free memory (CUDA only; on CPU ``kv_cache_gb`` defaults to 1 GiB). At most ``max_slots``."""
+    the device's free memory (including what this process's allocator has reserved but not allocated) (CUDA only; on CPU ``kv_cache_gb`` defaults to 1 GiB). At most ``max_slots``."""
     if kv_cache_gb is not None:
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")
@@ -82,6 +82,9 @@ def slot_count(layout: CacheLayout, slot_len: int, device: torch.device, *, kv_c
         if not 0 < kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {kv_cache_fraction}")
         free, _ = torch.cuda.mem_get_info(device)
+        # memory this process's caching allocator holds but does not use (a trainer's freed activations) is free
+        # for the cache too: the driver's count alone would shrink the cache after every training step
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free * kv_cache_fraction
     else:
         budget = 2**30

@@ -218,21 +218,22 @@ class TritonDecodeKernels(DecodeKernels):
     def interpreted() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-    def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._norm(x_TD, None, w_D, eps)[1]
+    def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+        return self._norm(x_TD, None, w_D, eps, out_dtype)[1]
 
-    def add_rms_norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor, w_D: torch.Tensor, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._norm(h_TD, d_TD, w_D, eps)
+    def add_rms_norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor, w_D: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._norm(h_TD, d_TD, w_D, eps, out_dtype)
 
-    def _norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor | None, w_D: torch.Tensor, eps: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm(self, h_TD: torch.Tensor, d_TD: torch.Tensor | None, w_D: torch.Tensor, eps: float,
+              out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = _rows(h_TD)
         T, D = h.shape
         h_dt = h.dtype if d_TD is None else torch.promote_types(h.dtype, d_TD.dtype)
         d = _rows(d_TD) if d_TD is not None else h
         h_out = torch.empty(T, D, dtype=h_dt, device=h.device) if d_TD is not None else h
-        y = torch.empty(T, D, dtype=torch.promote_types(w_D.dtype, h_dt), device=h.device)
+        y = torch.empty(T, D, dtype=out_dtype or torch.promote_types(w_D.dtype, h_dt), device=h.device)
         if T:
             _add_rms_norm_kernel[(T,)](h, d, h_out, y, w_D, eps, D, h.stride(0), d.stride(0), h_out.stride(0),
                                        y.stride(0), HAS_ADD=d_TD is not None, H_DT=_tl(h_dt), Y_DT=_tl(y.dtype),

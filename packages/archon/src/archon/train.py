@@ -14,7 +14,7 @@ from archon.config.validate import validate_no_inference
 from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.engine.metrics import MetricsLogger, peak_memory_gb
-from archon.engine.setup import resolve_device
+from archon.engine.setup import resolve_setup
 from archon.logging_sinks import make_sinks
 from archon.run_guard import RunGuard, check_token_ids, init_process_group
 from archon.step_metrics import StepMetrics
@@ -68,10 +68,10 @@ def _text_data(cfg: TrainConfig, engine: ArchonEngine):
 def run_train(cfg: TrainConfig) -> list[dict]:
     validate_no_inference(cfg.allocation_mode)
     cfg.data.validate_text(cfg.data.path, "train")
-    init_process_group(resolve_device(cfg.device), cfg.distributed.timeout_s)
-    engine = ArchonEngine(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
-                          device=cfg.device)
-    engine.initialize()
+    setup = resolve_setup(cfg.actor, allocation_mode=cfg.allocation_mode, total_steps=cfg.total_train_steps,
+                          device=cfg.device)  # every rule checked before the process group exists
+    init_process_group(setup.device, cfg.distributed.timeout_s)
+    engine = ArchonEngine(setup).initialize()
     ckpt = None
     start = 0
     text = _text_data(cfg, engine) if cfg.data.source != "synthetic" else None

@@ -89,7 +89,8 @@ class ActorConfig:
     init_from_scratch: bool = doc(False, "random-init from the config at `path` even if weights are present")
     dtype: str = doc("bfloat16", "compute dtype: bfloat16 (fp32 master weights) or float32")
     gradient_checkpointing: bool = doc(False, "AReaL alias: true = archon.ac_mode 'full' unless ac_mode is set")
-    mb_max_tokens: int = doc(8192, "token budget of one micro-batch (per rank)")
+    mb_max_tokens: int = doc(8192, "tokens of one micro-batch on one rank (c>1: micro-batches of c x this, split "
+                             "over the cp ranks; tree modes: tree tokens; p>1: a multiple of p micro-batches)")
     optimizer: OptimizerConfig = doc(factory=OptimizerConfig, help="optimizer")
     archon: ArchonEngineConfig = doc(factory=ArchonEngineConfig, help="engine knobs")
     lora: LoRAEngineConfig = doc(factory=LoRAEngineConfig, help="LoRA adapter training")

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from archon.hf import build_model, load_hf_config, load_hf_weights
+from archon.engine.dp_layout import DataParallelLayout
+from archon.engine.pipeline_runner import build_pipeline_model
+from archon.engine.setup import EngineSetup
+from archon.hf import build_model, load_hf_weights
+from archon.models.common.head import LMHead
 from archon_ckpt import clean_fqn
 from torch import nn
 
@@ -14,12 +20,6 @@ from torch import nn
 def _has_weights(path: str) -> bool:
     d = path if os.path.isdir(path) else os.path.dirname(path)
     return bool(glob.glob(os.path.join(d, "*.safetensors")))
-
-
-def resolve_attn_impl(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "varlen" if device.type == "cuda" else "sdpa"
-    return name
 
 
 def block_compile_config(cfg, dims, device: torch.device):
@@ -39,55 +39,39 @@ def block_compile_config(cfg, dims, device: torch.device):
                          dynamic=dynamic, fullgraph=not dta, cpp_wrapper=cfg.archon.compile_cpp_wrapper)
 
 
-def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str = "lm",
-                         stage_prune=None, layout=None, hf_config=None) -> nn.Module:
-    """`stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first. `layout`: the
-    engine's `archon.engine.dp_layout.DataParallelLayout`, `hf_config`: the model's HF config as
-    `archon.engine.setup.EngineSetup` read it (each built from / read from `cfg` when not given)."""
+def build_parallel_model(setup: EngineSetup, meshes, layout: DataParallelLayout, *,
+                         stage_prune: Callable[[nn.Module, Any], None] | None = None) -> nn.Module:
+    """The model of `setup` on this rank, wrapped by `layout` (the engine's data-parallel layout) over `meshes`.
+    `stage_prune(model, plan)` (pipeline parallel) cuts the meta model down to one stage first."""
     from archon.spec import get_model_spec
     from archon_parallel.fsdp import FSDPConfig
 
-    if layout is None:
-        from archon.engine.dp_layout import make_dp_layout
-
-        layout = make_dp_layout(cfg.archon.dp_layout, dims, group=meshes.group("dp_cp") if meshes is not None else None)
-
+    cfg, dims, device, head = setup.cfg, setup.dims, setup.device, setup.head
     if not cfg.path:
         raise ValueError("actor.path is empty: set it to an HF model directory or a config.json")
-    hf_cfg = hf_config if hf_config is not None else load_hf_config(cfg.path)
+    hf_cfg = setup.hf_config
     if dims.pp > 1 and stage_prune is None:
-        from archon.engine.pipeline_runner import build_pipeline_model
-
-        return build_pipeline_model(cfg, dims, meshes, device, hf_cfg.num_hidden_layers, lambda prune: (
-            build_parallel_model(cfg, dims, meshes, device, head=head, stage_prune=prune, layout=layout,
-                             hf_config=hf_cfg)))
+        return build_pipeline_model(setup, meshes, lambda prune: (
+            build_parallel_model(setup, meshes, layout, stage_prune=prune)))
     model = build_model(hf_cfg, head=head, device="meta", dtype=torch.float32)
     if stage_prune is not None:
         stage_prune(model, get_model_spec(hf_cfg.model_type).parallel_plan(model.args))
-    model.set_attention_backend(resolve_attn_impl(cfg.archon.attn_impl, device))
+    model.set_attention_backend(setup.attn_impl)
     lora = cfg.lora.enabled
     if lora:
         from archon import lora_integration as li
 
-        li.validate_lora(cfg.lora, dims)
         li.inject_engine_lora(model, cfg.lora, stage=stage_prune is not None)
     spec = get_model_spec(hf_cfg.model_type)
     plan = spec.parallel_plan(model.args)
-    ac = cfg.archon.ac_mode
-    if cfg.gradient_checkpointing and ac == "none":
-        ac = "full"
-    if ac == "selective" and cfg.archon.ac_selective_every > 1:
-        ac = f"selective:{cfg.archon.ac_selective_every}"
     compile_cfg = block_compile_config(cfg, dims, device)
-    param_dtype = "bfloat16" if cfg.dtype in ("bfloat16", "bf16") else "float32"
+    param_dtype = "bfloat16" if setup.dtype == torch.bfloat16 else "float32"
     fsdp = FSDPConfig(param_dtype=param_dtype, reduce_dtype="float32",
                       reshard_after_forward=cfg.archon.reshard_after_forward, cpu_offload=cfg.archon.offload_params)
     if dims.tp_enabled:
         from archon.parallel_head import apply_head_norm_tp
 
         apply_head_norm_tp(model, meshes["tp"])
-    from archon.models.common.head import LMHead
-
     if isinstance(model.output, LMHead) and (dims.tp_enabled or compile_cfg.enabled):
         # the LM head built whole: a vocab shard under TP, its softmax kernels compiled with the blocks
         model.output = LMHead.like(model.output, tp_mesh=meshes["tp"] if dims.tp_enabled else None,
@@ -95,7 +79,7 @@ def build_parallel_model(cfg, dims, meshes, device: torch.device, *, head: str =
     if lora:
         li.restore_trainable(model)  # the head / q-k-norm TP above re-created parameters as trainable
     hooks = li.lora_parallel_hooks() if lora else {}
-    layout.wrap(model, dims, plan, device_type=device.type, ac=ac, compile=compile_cfg, fsdp=fsdp, **hooks)
+    layout.wrap(model, dims, plan, device_type=device.type, ac=setup.ac_mode, compile=compile_cfg, fsdp=fsdp, **hooks)
     model.to_empty(device="cpu" if cfg.archon.offload_params else device)
     model.init_buffers()
     if _has_weights(cfg.path) and not cfg.init_from_scratch:

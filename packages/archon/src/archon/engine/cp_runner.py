@@ -28,13 +28,15 @@ import torch
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import FlatRunner
+from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import PackedInput
 
 
 class ContextParallelRunner(FlatRunner):
     """A `FlatRunner` whose micro-batches are split over the `cp` mesh (Ulysses or ring attention).
 
-    `mb_max_tokens` stays a per-rank budget: a micro-batch holds up to cp x `max_tokens` tokens (before
-    the padding to a multiple of cp x tp, x2 for ring).
+    `mb_max_tokens` stays a per-rank budget: a micro-batch holds up to cp x `mb_max_tokens` tokens (before
+    the padding to a multiple of cp x tp, x2 for ring; planned by `archon.engine.micro_batches`).
     """
 
     def __init__(self, model: torch.nn.Module, *, cp_mesh, cp_impl: str = "ulysses", **kw) -> None:
@@ -49,12 +51,7 @@ class ContextParallelRunner(FlatRunner):
         self.backend = get_cp_attention(cp_impl, inner, self.cp_group)
         model.set_attention_backend(self.backend)
 
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        return super().plan_micro_batches(batch, max_tokens * self.cp_size, num_micro_batches)
-
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
-        from archon.models.common.packing import PackedInput
         from archon_parallel.context_parallel import gather_sequence, shard_packed_batch
 
         ids_T, cu = mb.input_ids.to(self.device), mb.cu_seqlens.to(self.device)
@@ -70,8 +67,8 @@ class ContextParallelRunner(FlatRunner):
             if self.head == "value":
                 values_L = self.model(ids_L, packed=packed)
                 return {"values": gather(values_L.float().reshape(-1))}
-            lp_L, ent_L = self.model(ids_L, packed=packed, labels=labels_L, want_entropy=want_entropy,
-                                     logprob_chunk_size=self.chunk, logprob_keep_last=True)
+            lp_L, ent_L = self.model(ids_L, packed=packed, logprobs=LogprobRequest(
+                labels_L, want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=True))
         out = {"logprobs": shift_to_tokens(gather(lp_L), cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(gather(ent_L), cu)

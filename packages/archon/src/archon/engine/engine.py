@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class ArchonEngine:
         self.device = setup.device
         self.dtype = setup.dtype
         self.dims = setup.dims
+        self.micro_batches = setup.micro_batches  # mb_max_tokens in the runner's units: the one planner
         self.rank, self.world_size = init_distributed(self.device)
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
         self.layout: DataParallelLayout = make_dp_layout(self.cfg.archon.dp_layout, self.dims, group=self.dp_group)
@@ -74,13 +75,10 @@ class ArchonEngine:
         from archon.engine.build import build_parallel_model
 
         t0 = time.perf_counter()
-        self.model = build_parallel_model(self.cfg, self.dims, self.meshes, self.device, head=self.head,
-                                          layout=self.layout, hf_config=self.setup.hf_config)
+        self.model = build_parallel_model(self.setup, self.meshes, self.layout)
         self._trainable = self._aux_free_moe = None  # per-model lookups, made on first use
-        self.runner = make_runner(self.cfg, self.model, head=self.head, device=self.device, autocast=self._autocast,
-                                  dp_group=self.dp_group, pad_multiple=self.dims.tp,
-                                  cp_mesh=self.meshes["cp"] if self.dims.cp > 1 else None,
-                                  pad_to_tokens=self.cfg.mb_max_tokens if self.cfg.archon.pad_to_maximum else None)
+        self.runner = make_runner(self.setup, self.model, autocast=self._autocast, meshes=self.meshes,
+                                  dp_group=self.dp_group)
         self.optimizer = self.layout.build_optimizer(self.model, self.cfg.optimizer, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         if self.rank == 0:
@@ -125,10 +123,10 @@ class ArchonEngine:
     def _micro_batches(self, batch: PackedBatch) -> list[list[int]]:
         from archon_rl import sync_num_micro_batches
 
-        plan = self.runner.plan_micro_batches(batch, self.cfg.mb_max_tokens)
+        plan = self.micro_batches.plan(batch)
         if self.dp_group is not None:  # every rank must run the same number of forward/backward passes
             n = sync_num_micro_batches(len(plan), self.dp_group, device=self.device if self.device.type == "cuda" else "cpu")
-            plan = self.runner.plan_micro_batches(batch, self.cfg.mb_max_tokens, num_micro_batches=n)
+            plan = self.micro_batches.plan(batch, num_micro_batches=n)
         return plan
 
     @torch.no_grad()
@@ -329,31 +327,27 @@ class ArchonEngine:
         return sampler_state_dict(self.model, self.device)
 
 
-def make_runner(cfg, model, *, dp_group=None, cp_mesh=None, pad_to_tokens: int | None = None, **kw) -> Runner:
-    """The micro-batch runner for this config: flat packed batches, context parallel (`cp_mesh` of size > 1),
-    or a tree mode (`tree_training_mode`). Only the flat runner pads to `pad_to_tokens` (pad_to_maximum);
-    validate_engine rejects it with the others, and a bypassed check fails here rather than being ignored."""
-    flat = ((cp_mesh is None or cp_mesh.size() == 1) and getattr(model, "pipeline", None) is None
-            and cfg.archon.tree_training_mode == "disabled")
-    if pad_to_tokens is not None and not flat:
-        raise ValueError("pad_to_maximum pads micro-batches in the flat runner only (no cp, pp or tree mode); "
-                         "see the pad-to-maximum-* rules in archon.config.validate")
-    if cp_mesh is not None and cp_mesh.size() > 1:  # validate_engine rejects tree modes with cp
+def make_runner(setup: EngineSetup, model, *, autocast: Callable[[], AbstractContextManager], meshes=None,
+                dp_group=None) -> Runner:
+    """The micro-batch runner of `setup`: context parallel (c>1, on `meshes["cp"]`), pipeline (p>1), a tree mode
+    (`tree_training_mode`) or flat packed batches. `dp_group`: the ranks that see different data (tree metrics)."""
+    a = setup.cfg.archon
+    kw = dict(head=setup.head, device=setup.device, autocast=autocast, pad_multiple=setup.dims.tp,
+              logprob_chunk_size=a.logprob_chunk_size)
+    if setup.dims.cp > 1:  # validate_engine rejects cp with pp, tree modes or pad_to_maximum
         from archon.engine.cp_runner import ContextParallelRunner
 
-        return ContextParallelRunner(model, cp_mesh=cp_mesh, cp_impl=cfg.archon.cp_impl,
-                                     logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
-    if getattr(model, "pipeline", None) is not None:  # pipeline stages (built when pp > 1)
+        return ContextParallelRunner(model, cp_mesh=meshes["cp"], cp_impl=a.cp_impl, **kw)
+    if setup.dims.pp > 1:  # pipeline stages (build_parallel_model builds them when pp > 1)
         from archon.engine.pipeline_runner import PipelineRunner
 
-        return PipelineRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, **kw)
-    mode = cfg.archon.tree_training_mode
-    if mode == "disabled":
-        return FlatRunner(model, logprob_chunk_size=cfg.archon.logprob_chunk_size, pad_to_tokens=pad_to_tokens,
-                          cuda_graphs=cfg.archon.compile_mode == "reduce-overhead", **kw)
+        return PipelineRunner(model, **kw)
+    if a.tree_training_mode == "disabled":
+        return FlatRunner(model, pad_to_tokens=setup.micro_batches.pad_to_tokens,
+                          cuda_graphs=a.compile_mode == "reduce-overhead", **kw)
     from archon.tree import make_tree_runner
 
-    return make_tree_runner(mode, cfg, model, dp_group=dp_group, **kw)
+    return make_tree_runner(setup, model, dp_group=dp_group, **kw)
 
 
 def describe_dims(dims) -> str:

@@ -5,7 +5,9 @@ so stage inputs have static shapes [1, L] token ids / [L/tp, D] hidden states. E
 only `pp_mb` (the micro-batch index) besides its activation; a forward pre-hook swaps it for the packed
 metadata (positions, cu_seqlens, attention meta, labels) that every pp rank builds from the batch it holds,
 so varlen documents reach every stage without extra p2p traffic. The last stage returns per-token
-logprobs (never logits) and the loss is computed there; results are broadcast over the pp group.
+logprobs (never logits) and the loss is computed there; results are broadcast over the pp group. How many
+micro-batches a step has (at least `pp_microbatches`, a multiple of pp) is decided with every other runner's
+budget in `archon.engine.micro_batches`.
 
 M: pipeline micro-batches, L: padded tokens per micro-batch, T: tokens, D: model dim.
 """
@@ -22,6 +24,9 @@ import torch.distributed as dist
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
 from archon.engine.runner import Runner, pad_packed
+from archon.engine.setup import EngineSetup
+from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import pack_inputs
 from torch import nn
 
 _PAD_BUCKET = 64  # L is rounded up to this so few distinct schedules (one per L) are ever built
@@ -36,7 +41,6 @@ class PipelineInfo:
     group: Any  # the pp ProcessGroup
     act_dtype: torch.dtype  # dtype of hidden states sent between stages
     tp: int  # sequence-parallel degree: stage hidden states hold L / tp rows
-    microbatches: int  # minimum pipeline micro-batches per step
 
 
 class PipelineModel(nn.Module):
@@ -65,15 +69,14 @@ class PipelineModel(nn.Module):
         raise RuntimeError("a pipeline-parallel model runs through PipelineRunner, not model(...)")
 
 
-def build_pipeline_model(cfg, dims, meshes, device: torch.device, num_layers: int,
-                         build_stage: Callable[[Callable], nn.Module]) -> nn.Module:
+def build_pipeline_model(setup: EngineSetup, meshes, build_stage: Callable[[Callable], nn.Module]) -> nn.Module:
     """This rank's stage module(s). `build_stage(prune)` builds one stage, calling `prune(model, plan)` on the
     meta model before parallelizing it. Returns the Decoder itself for one stage per rank."""
     from archon_parallel.pipeline import prune_to_stage, stage_layout
 
-    a = cfg.archon
+    a, dims = setup.cfg.archon, setup.dims
     pp_rank = meshes["pp"].get_local_rank()
-    layout = stage_layout(a.pp_schedule, num_layers, pp_rank, dims.pp, a.pp_stages_per_rank,
+    layout = stage_layout(a.pp_schedule, setup.hf_config.num_hidden_layers, pp_rank, dims.pp, a.pp_stages_per_rank,
                           first_less=a.pp_first_stage_less_layers, last_less=a.pp_last_stage_less_layers)
     stages = []
     for sid, layers in zip(layout.stage_ids, layout.layers):
@@ -86,11 +89,10 @@ def build_pipeline_model(cfg, dims, meshes, device: torch.device, num_layers: in
 
         stages.append(build_stage(prune))
     model = stages[0] if len(stages) == 1 else PipelineModel(stages)
-    bf16 = cfg.dtype in ("bfloat16", "bf16")
+    bf16 = setup.dtype == torch.bfloat16
     model.pipeline = PipelineInfo(
         layout=layout, stages=stages, group=meshes.group("pp"),
-        act_dtype=torch.bfloat16 if bf16 and dims.fsdp_enabled else torch.float32, tp=dims.tp,
-        microbatches=a.pp_microbatches or 2 * dims.pp)
+        act_dtype=torch.bfloat16 if bf16 and dims.fsdp_enabled else torch.float32, tp=dims.tp)
     return model
 
 
@@ -145,17 +147,7 @@ class PipelineRunner(Runner):
             stage.register_forward_pre_hook(self._pre_hook(k), with_kwargs=True)
             stage.register_forward_hook(self._post_hook(k))
 
-    # -- micro-batches --------------------------------------------------------------------------------
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        n = len(super().plan_micro_batches(batch, max_tokens)) if num_micro_batches is None else num_micro_batches
-        n = max(n, self.info.microbatches, self.pp_size)
-        n = -(-n // self.pp_size) * self.pp_size  # every schedule accepts a multiple of pp
-        return super().plan_micro_batches(batch, max_tokens, num_micro_batches=n)
-
     def _prepare(self, mbs: list[PackedBatch], want_entropy: bool) -> _Step:
-        from archon.models.common.packing import pack_inputs
-
         # Stages compute only each micro-batch's own tokens (padded to a multiple of tp, exactly as FlatRunner) and
         # zero-fill the rest of the static [L] buffers, so padding never reaches attention, MoE routing or the loss.
         packed, ids = [], []
@@ -187,7 +179,7 @@ class PipelineRunner(Runner):
                 packed = dataclasses.replace(packed, tokens=x[:packed.tokens.shape[0] // self.info.tp])
             new = {"packed": packed}
             if module.output is not None:
-                new.update(labels=st.labels[i], want_entropy=st.want_entropy, logprob_chunk_size=self.chunk)
+                new["logprobs"] = LogprobRequest(st.labels[i], want_entropy=st.want_entropy, chunk_size=self.chunk)
             return (x,), new
         return hook
 

@@ -4,7 +4,8 @@ The engine calls `runner.forward_all(mbs, want_entropy)` and `runner.forward_bac
 aux_scales)` with every micro-batch of a step and never asks which runner it holds. By default these run
 `forward` / `forward_backward` one micro-batch at a time; `FlatRunner` runs the packed batch as is, tree modes
 (prefix sharing) override the per-micro-batch methods, and `PipelineRunner` (pipeline_runner.py) overrides the
-batch methods to run a pipeline schedule over all micro-batches together.
+batch methods to run a pipeline schedule over all micro-batches together. Which sequences form a micro-batch is
+planned before the runner sees them, by `archon.engine.micro_batches.MicroBatchBudget`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from archon.engine.batch import PackedBatch
 from archon.engine.logprobs import next_token_labels, shift_to_tokens
+from archon.models.common.head import LogprobRequest
+from archon.models.common.packing import pack_inputs
 
 
 class Runner:
@@ -45,13 +48,6 @@ class Runner:
                              ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         """`forward_backward` of every micro-batch of a step, in order (a pipeline runs them together)."""
         return [self.forward_backward(mb, loss_fn, s, aux_scale=a) for mb, s, a in zip(mbs, scales, aux_scales)]
-
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        """Sequence indices of each micro-batch (an empty list is a padding micro-batch)."""
-        from archon_rl import plan_micro_batches
-
-        return plan_micro_batches(batch.lengths.tolist(), max_tokens, num_micro_batches=num_micro_batches)
 
     def pop_stats(self) -> dict[str, float]:
         """Counters accumulated by `forward_backward` since the last call (same on every DP rank)."""
@@ -96,8 +92,6 @@ class FlatRunner(Runner):
         return {k: v[:T] for k, v in out.items()}
 
     def _forward_padded(self, ids: torch.Tensor, cu: torch.Tensor, want_entropy: bool) -> dict[str, torch.Tensor]:
-        from archon.models.common.packing import pack_inputs
-
         if self.cuda_graphs:  # earlier replays' outputs are consumed: their memory may be reused
             torch.compiler.cudagraph_mark_step_begin()
         packed = pack_inputs(ids, None, cu)  # host cu_seqlens: the meta is built there and copied
@@ -111,8 +105,8 @@ class FlatRunner(Runner):
             if self.head == "value":
                 values = self.model(ids, packed=packed)
                 return {"values": values.float().reshape(-1)}
-            lp, ent = self.model(ids, packed=packed, labels=next_token_labels(ids), want_entropy=want_entropy,
-                                 logprob_chunk_size=self.chunk, logprob_keep_last=True)
+            lp, ent = self.model(ids, packed=packed, logprobs=LogprobRequest(
+                next_token_labels(ids), want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=True))
         out = {"logprobs": shift_to_tokens(lp, cu)}
         if want_entropy:
             out["entropy"] = shift_to_tokens(ent, cu)

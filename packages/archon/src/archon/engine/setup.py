@@ -4,11 +4,9 @@
 config once and runs every rule of `archon.config.validate` against them. The engine, the model builder and the
 layout / runner / head objects are built from the result; none of them parses or re-reads the config.
 
-`actor.mb_max_tokens` has one meaning: the tokens of one micro-batch on one rank. Each runner turns it into
-its own planning budget in one place, its `plan_micro_batches` (`archon.engine.runner.Runner`): the flat and
-pipeline runners plan on it directly (the pipeline pads each micro-batch up to its 64-token bucket), the
-context-parallel runner plans cp x that many tokens of whole sequences (each cp rank then holds the budget),
-the tree runners count tree tokens (each shared prefix once).
+`actor.mb_max_tokens` has one meaning: the tokens of one micro-batch on one rank. `EngineSetup.micro_batches`
+converts it for this engine's runner (x cp, tree tokens, a multiple of pp) in one place,
+`archon.engine.micro_batches.MicroBatchBudget`, whose `plan` is the only micro-batch planner the engine calls.
 """
 
 from __future__ import annotations
@@ -19,6 +17,9 @@ from typing import Any
 
 import torch
 from archon.config.schema import ActorConfig
+from archon.engine.micro_batches import MicroBatchBudget
+from archon.lora_integration import validate_lora
+from archon_parallel.dims import ParallelDims
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -31,8 +32,8 @@ class EngineSetup:
     """The role's config, checked against everything below."""
     allocation_mode: str
     """The allocation string as given (`archon:d2t2`, `sglang:d4+archon:d2`, ...)."""
-    dims: Any
-    """`archon_parallel.ParallelDims` of the trainer part of the allocation."""
+    dims: ParallelDims
+    """The parallel degrees of the trainer part of the allocation."""
     device: torch.device
     """This rank's device."""
     dtype: torch.dtype
@@ -50,8 +51,32 @@ class EngineSetup:
 
     @property
     def mb_max_tokens(self) -> int:
-        """Tokens of one micro-batch on one rank (see the module doc for each runner's conversion)."""
+        """Tokens of one micro-batch on one rank (`micro_batches` converts it for the runner)."""
         return self.cfg.mb_max_tokens
+
+    @property
+    def micro_batches(self) -> MicroBatchBudget:
+        """`mb_max_tokens` in this engine's runner's units, and the planner that splits a batch by it."""
+        return MicroBatchBudget.from_config(self.cfg, self.dims)
+
+    @property
+    def ac_mode(self) -> str:
+        """Activation checkpointing as `archon_parallel.checkpointing` takes it: `actor.archon.ac_mode`, "full"
+        for `gradient_checkpointing` without one, "selective:N" for `ac_selective_every` N > 1."""
+        a = self.cfg.archon
+        if self.cfg.gradient_checkpointing and a.ac_mode == "none":
+            return "full"
+        if a.ac_mode == "selective" and a.ac_selective_every > 1:
+            return f"selective:{a.ac_selective_every}"
+        return a.ac_mode
+
+    @property
+    def attn_impl(self) -> str:
+        """`actor.archon.attn_impl` resolved: auto = varlen on CUDA, sdpa elsewhere."""
+        name = self.cfg.archon.attn_impl
+        if name == "auto":
+            return "varlen" if self.device.type == "cuda" else "sdpa"
+        return name
 
 
 def launch_world_size() -> int:
@@ -76,7 +101,6 @@ def resolve_setup(cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total
     """Resolve and check `cfg` for an engine on `world_size` ranks (default: this launch's); creates no process
     group and no model. Raises ValueError naming the rule or key at fault."""
     from archon.config.validate import validate_engine
-    from archon_parallel.dims import ParallelDims
 
     if head not in ("lm", "value"):
         raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
@@ -91,5 +115,7 @@ def resolve_setup(cfg: ActorConfig, *, allocation_mode: str = "archon:d1", total
 
         hf_config = load_hf_config(cfg.path)
     validate_engine(cfg, dims, dev, hf_config=hf_config)
+    if cfg.lora.enabled:
+        validate_lora(cfg.lora, dims)
     return EngineSetup(cfg=cfg, allocation_mode=allocation_mode, dims=dims, device=dev, dtype=dtype, head=head,
                        total_steps=total_steps, hf_config=hf_config)

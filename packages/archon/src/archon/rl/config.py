@@ -54,8 +54,9 @@ class SamplingSection:
                                  "per-call cache")
     kv_cache_gb: float | None = doc(None, "engine=rollout: KV cache budget in GiB (null: 1 GiB on CPU, "
                                           "kv_cache_fraction of free GPU memory on CUDA)")
-    kv_cache_fraction: float = doc(0.3, "engine=rollout, kv_cache_gb null: share of free GPU memory for the cache "
-                                        "(the trainer shares the GPU)")
+    kv_cache_fraction: float = doc(0.5, "engine=rollout, kv_cache_gb null: share of the free GPU memory (the "
+                                        "trainer's freed but cached blocks included) for the cache; the trainer's "
+                                        "weights, grads and optimizer state stay resident beside it")
     compile_decode: bool | None = doc(None, "engine=rollout: compile each decode bucket's step (torch.compile, static "
                                             "shapes) before capturing it (null: off; slower on an H100)")
     cascade: bool = doc(False, "engine=rollout: the samples of one prompt read its KV from one shared copy "
@@ -148,7 +149,7 @@ class RLConfig:
 
     allocation_mode: str = doc("archon:d1", "trainer layout (archon:...), optionally after rollout servers: "
                                "sglang:d2+archon:d2t2 (see rollout.*); without servers the embedded sampler "
-                               "samples on every rank (archon:dN with dp_layout=zero1)")
+                               "samples on every rank (archon:dN with the ZeRO-1 dp_layout: full replicas)")
     total_train_steps: int = doc(50, "RL steps (one rollout batch + policy update each)")
     device: str = doc("auto", "auto | cpu | cuda")
     max_skipped_steps: int = doc(10, "stop with an error after this many updates in a row skipped for a "

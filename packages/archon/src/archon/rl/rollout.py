@@ -139,12 +139,13 @@ def fused_step_supported(model) -> bool:
 def _fused_forward(model, kernels: DecodeKernels, weights: LowPrecisionWeights | None, ids_T: torch.Tensor,
                    pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None) -> torch.Tensor:
     lin = weights.linear if weights is not None else (lambda m, x: m(x))
+    cdt = weights.dtype if weights is not None else None  # norms write the matmul input dtype directly
     blocks = list(model.layers.values())
     h_TD = model.tok_embeddings(ids_T)
     T = h_TD.shape[0]
     cos_TD, sin_TD = rope_cos_sin(model.rope_inv_freq, pos_T, model.rope_attn_factor, h_TD.dtype)
     norm = blocks[0].attention_norm
-    x_TD = kernels.rms_norm(h_TD, norm.weight, norm.eps)
+    x_TD = kernels.rms_norm(h_TD, norm.weight, norm.eps, cdt)
     for i, block in enumerate(blocks):
         a = block.attention
         q_THD = lin(a.wq, x_TD).view(T, -1, a.head_dim)
@@ -155,15 +156,16 @@ def _fused_forward(model, kernels: DecodeKernels, weights: LowPrecisionWeights |
                                             kn.weight if kn is not None else None, qn.eps if qn is not None else 0.0,
                                             cos_TD, sin_TD, v_TGD.dtype)
         o_THD = kv_hook(a, q_THD, k_TGD, v_TGD)
+        moe = getattr(block, "moe_enabled", False)  # an MoE layer gets its input as the eager forward does
         h_TD, x_TD = kernels.add_rms_norm(h_TD, lin(a.wo, o_THD.reshape(T, -1)), block.ffn_norm.weight,
-                                          block.ffn_norm.eps)
-        if getattr(block, "moe_enabled", False):
+                                          block.ffn_norm.eps, None if moe else cdt)
+        if moe:
             m_TD = block.moe(x_TD)
         else:
             ff = block.feed_forward
             m_TD = lin(ff.w2, kernels.silu_mul(lin(ff.w1, x_TD), lin(ff.w3, x_TD)))
         norm = blocks[i + 1].attention_norm if i + 1 < len(blocks) else model.norm
-        h_TD, x_TD = kernels.add_rms_norm(h_TD, m_TD, norm.weight, norm.eps)
+        h_TD, x_TD = kernels.add_rms_norm(h_TD, m_TD, norm.weight, norm.eps, cdt)
     if rows_N is not None:
         x_TD = x_TD[rows_N]
     return (weights.logits(x_TD) if weights is not None else model.output(x_TD)).float()

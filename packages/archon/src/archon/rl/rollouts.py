@@ -1,7 +1,7 @@
 """Where a step's rollouts come from: a strategy object chosen once from the resolved config.
 
 - `ColocatedRollouts`: the embedded sampler, every rank samples its share of the step's prompt groups with
-  the trainer's own weights (needs full replicas: `archon:dN` with dp_layout=zero1);
+  the trainer's own weights (needs full replicas: `archon:dN` with the ZeRO-1 layout, `Zero1Layout`);
 - `archon.rl.remote.RemoteRollouts`: rollout servers (`sglang:dN+archon:...`) fed by an asynchronous loop,
   with any training layout.
 

@@ -6,7 +6,7 @@ rewards -> old logprobs / reference logprobs / values -> advantages -> PPO updat
 callbacks. Every source of randomness is a function of (seed, step), so a run is reproducible and resumable.
 
 The rollout source is chosen once from the allocation (`archon.rl.rollouts`): without an inference part the
-embedded sampler samples on every rank (``archon:dN`` with ``dp_layout: zero1``, full replicas; each response
+embedded sampler samples on every rank (``archon:dN`` with the ZeRO-1 ``dp_layout``, full replicas; each response
 samples from its own seed (seed, step, global index), so with ``n_minibatches: 1`` the run equals one
 process's); with ``sglang:dN+archon:...`` rollout servers generate and the trainer may use any layout.
 """

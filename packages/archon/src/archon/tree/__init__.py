@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from archon.engine.setup import EngineSetup
 from archon.tree.balance import balance_for_tree, tree_balance, tree_cost_model
 from archon.tree.common import TreeRows, TreeRunner, tree_rows
 from archon.tree.dta_runner import DtaTreeRunner
@@ -22,15 +23,11 @@ __all__ = [
 ]
 
 
-def make_tree_runner(mode: str, cfg, model, **kw) -> TreeRunner:
-    """The runner of a tree training mode ("sparse" or "dta") for an engine config."""
-    chunk = cfg.archon.logprob_chunk_size
-    if mode == "sparse":
-        return SparseTreeRunner(model, logprob_chunk_size=chunk, **kw)
-    if mode == "dta":
-        import torch
-
-        dtype = torch.float32 if cfg.dtype in ("float32", "fp32") else torch.bfloat16
-        return DtaTreeRunner(model, block_size=cfg.archon.tree_dta_block_size, cache_dtype=dtype,
-                             logprob_chunk_size=chunk, **kw)
-    raise ValueError(f"tree_training_mode {mode!r} is not one of ('disabled', 'sparse', 'dta')")
+def make_tree_runner(setup: EngineSetup, model, **kw) -> TreeRunner:
+    """The runner of `setup`'s tree training mode ("sparse" or "dta"); `kw` as for every `Runner`."""
+    a = setup.cfg.archon
+    if a.tree_training_mode == "sparse":
+        return SparseTreeRunner(model, **kw)
+    if a.tree_training_mode == "dta":
+        return DtaTreeRunner(model, block_size=a.tree_dta_block_size, cache_dtype=setup.dtype, **kw)
+    raise ValueError(f"tree_training_mode {a.tree_training_mode!r} is not one of ('disabled', 'sparse', 'dta')")

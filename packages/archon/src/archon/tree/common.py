@@ -1,5 +1,5 @@
-"""What both tree runners share: the micro-batch's trie, its output rows in the flat layout, tree-aware
-micro-batch planning and the tree metrics.
+"""What both tree runners share: the micro-batch's trie, its output rows in the flat layout and the tree
+metrics. (Tree-aware micro-batch planning, DFS order under a tree-token budget, is `archon.engine.micro_batches`.)
 
 Legend: T: flat tokens of a micro-batch (token-aligned, like PackedBatch), N: tree tokens, R: output
 rows (LM head: unique (parent, child) next-token pairs; value head: tree tokens), S: sequences.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from archon_attn.tree import PackedTree, TreeCostModel, build_tree, pack_tree_microbatches, tree_label_index
+from archon_attn.tree import PackedTree, TreeCostModel, build_tree, tree_label_index
 from archon_attn.tree.cost import SegmentStats
 
 from archon.engine.batch import PackedBatch
@@ -58,8 +58,9 @@ def tree_rows(tree: PackedTree, head: str) -> TreeRows:
 
 
 class TreeRunner(Runner):
-    """Base of the tree runners: plans micro-batches in DFS order under a tree-token budget, so sequences
-    that share a prefix land in the same micro-batch, and counts flat vs tree tokens for the metrics."""
+    """Base of the tree runners: builds each micro-batch's trie (micro-batches are planned in DFS order under a
+    tree-token budget, so sequences that share a prefix land in the same one) and counts flat vs tree tokens
+    for the metrics."""
 
     def __init__(self, model: torch.nn.Module, *, dp_group=None, cost_model: TreeCostModel | None = None,
                  **kw) -> None:
@@ -74,14 +75,6 @@ class TreeRunner(Runner):
 
     def build_tree(self, mb: PackedBatch) -> PackedTree:
         return build_tree(micro_batch_sequences(mb), device=self.device)
-
-    def plan_micro_batches(self, batch: PackedBatch, max_tokens: int, num_micro_batches: int | None = None
-                           ) -> list[list[int]]:
-        """Fewest DFS-order runs of sequences whose trees hold at most `max_tokens` tree tokens each."""
-        plan = [m.seq_ids for m in pack_tree_microbatches(micro_batch_sequences(batch), max_tokens)]
-        if num_micro_batches is not None:
-            plan += [[] for _ in range(num_micro_batches - len(plan))]
-        return plan
 
     def count(self, tree: PackedTree, scale: float) -> None:
         if scale == 0.0:  # a padding micro-batch of a rank with fewer micro-batches than its peers

@@ -42,6 +42,7 @@ from archon_attn.tree import PackedTree
 from archon_attn.tree.dta import DtaSchedule, dta_schedule, prefix_attention
 
 from archon.engine.batch import PackedBatch
+from archon.models.common.head import LogprobRequest
 from archon.tree.common import TreeRows, TreeRunner, tree_rows
 from archon.tree.fsdp_hold import hold_unsharded
 
@@ -222,9 +223,8 @@ class DtaTreeRunner(TreeRunner):
                     idx = lab = torch.zeros(1, dtype=torch.int64, device=self.device)
                 else:
                     idx, lab = plan.rows.tree_index_R[rows_u] - s, plan.rows.label_R[rows_u]
-                lp, ent = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook, labels=lab,
-                                     label_rows=idx, want_entropy=want_entropy, logprob_chunk_size=self.chunk,
-                                     logprob_keep_last=keep_last)
+                lp, ent = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook, logprobs=LogprobRequest(
+                    lab, rows=idx, want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=keep_last))
                 outs = {"logprobs": lp, "entropy": ent} if want_entropy else {"logprobs": lp}
         hook.recording = False
         return outs, hook

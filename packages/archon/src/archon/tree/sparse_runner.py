@@ -17,6 +17,7 @@ import torch
 from archon_attn.tree import TreeAttnMeta, tree_attention
 
 from archon.engine.batch import PackedBatch
+from archon.models.common.head import LogprobRequest
 from archon.tree.common import TreeRunner, tree_rows
 
 
@@ -48,8 +49,9 @@ class SparseTreeRunner(TreeRunner):
                 v_N = self.model(tree.tokens_N, position_ids=tree.depth_N, cu_seqlens=cu, kv_hook=hook)
                 return {"values": rows.to_flat(v_N.float().reshape(-1))}
             lp_R, ent_R = self.model(tree.tokens_N, position_ids=tree.depth_N, cu_seqlens=cu, kv_hook=hook,
-                                     labels=rows.label_R, label_rows=rows.tree_index_R, want_entropy=want_entropy,
-                                     logprob_chunk_size=self.chunk, logprob_keep_last=True)
+                                     logprobs=LogprobRequest(rows.label_R, rows=rows.tree_index_R,
+                                                             want_entropy=want_entropy, chunk_size=self.chunk,
+                                                             keep_last_logits=True))
         out = {"logprobs": rows.to_flat(lp_R)}
         if want_entropy:
             out["entropy"] = rows.to_flat(ent_R)

@@ -16,7 +16,7 @@ from torch import nn
 
 from archon.models.common.args import ModelArgs
 from archon.models.common.attention import Attention
-from archon.models.common.head import LMHead, ValueHead
+from archon.models.common.head import LMHead, LogprobRequest, ValueHead
 from archon.models.common.layers import FeedForward, RMSNorm
 from archon.models.common.packing import PackedInput, pack_inputs
 from archon.models.common.rope import rope_cos_sin, rope_inv_freq
@@ -133,30 +133,30 @@ class Decoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None,
-                return_hidden: bool = False, labels: torch.Tensor | None = None, want_entropy: bool = False,
-                logprob_chunk_size: int = 4096, logprob_keep_last: bool = False, kv_hook=None,
-                label_rows: torch.Tensor | None = None) -> Any:
-        """Logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for packed input.
+                cu_seqlens: torch.Tensor | None = None, *, packed: PackedInput | None = None, kv_hook=None,
+                logprobs: LogprobRequest | None = None, return_hidden: bool = False) -> Any:
+        """`hidden_states`, then `apply_head`: logits [B, S, V] for a padded [B, S] input or [T, V] / [1, T, V] for
+        packed input, values for a value head, or the LM head's (logprobs, entropy) for a `LogprobRequest`.
 
-        `return_hidden=True` returns the final-normed hidden states instead of logits (the engine
-        applies the head in chunks so full-vocab logits are never materialised for the whole batch).
-        For a value head the output is [.., 1]-squeezed values. With `labels` (packed [T]) an LM head
-        returns (logprobs [T], entropy [T]) of those labels, computed chunk-wise inside the head; with
-        `label_rows` [P] too, label p is scored at token `label_rows[p]` (tree training: one token may
-        predict several children) and the results are [P]. `logprob_keep_last` keeps the last chunk's logits
-        for backward instead of recomputing them: for callers whose backward follows this forward directly.
+        `return_hidden=True` (or a pipeline stage before the last, which holds no norm) stops after the hidden
+        states. `kv_hook` (a KV cache's or tree runner's per-layer attention callback) runs the blocks eagerly.
+        One entry point, so FSDP2's root hooks unshard the embedding, norm and head around both parts.
         """
         if packed is None:
             packed = pack_inputs(input_ids, position_ids, cu_seqlens)
         h_TD = self.hidden_states(packed, kv_hook)
         if self.norm is None or return_hidden:  # a pipeline stage before the last: its activations
             return packed.unflatten(h_TD) if self.norm is not None else h_TD
-        if labels is not None and self.output is not None:
-            if label_rows is not None:
-                h_TD = h_TD[label_rows]
-            return self.output(h_TD, labels.reshape(-1), chunk_size=logprob_chunk_size,
-                               want_entropy=want_entropy, keep_last_logits=logprob_keep_last)
+        return self.apply_head(h_TD, packed, logprobs)
+
+    def apply_head(self, h_TD: torch.Tensor, packed: PackedInput, logprobs: LogprobRequest | None = None) -> Any:
+        """The head on final hidden states [T, D]: with `logprobs` the LM head's (logprobs, entropy) of its labels
+        ([T], or [P] at `logprobs.rows`); otherwise logits / values in `packed`'s input layout."""
+        if logprobs is not None and self.output is not None:
+            if logprobs.rows is not None:
+                h_TD = h_TD[logprobs.rows]
+            return self.output(h_TD, logprobs.labels.reshape(-1), chunk_size=logprobs.chunk_size,
+                               want_entropy=logprobs.want_entropy, keep_last_logits=logprobs.keep_last_logits)
         head = self.output if self.output is not None else self.score
         return packed.unflatten(head(h_TD) if head is not None else h_TD)
 

@@ -12,12 +12,28 @@ T: packed tokens, D: model dim, V: vocab.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from archon.models.common.logprobs import head_logprobs
+
+
+@dataclass(frozen=True)
+class LogprobRequest:
+    """Ask the LM head for per-token (logprobs, entropy) of `labels` instead of logits (`Decoder.forward`)."""
+
+    labels: torch.Tensor
+    """[T] the token each position is scored for (or [P] with `rows`)."""
+    rows: torch.Tensor | None = None
+    """[P] the position each label is scored at (tree training: one token may predict several children)."""
+    want_entropy: bool = False
+    chunk_size: int = 4096
+    """Tokens per chunk: full-vocab logits never exist for more tokens at once."""
+    keep_last_logits: bool = False
+    """Keep the last chunk's logits for backward: for callers whose backward follows the forward directly."""
 
 
 class LMHead(nn.Linear):
