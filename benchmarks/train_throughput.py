@@ -136,7 +136,7 @@ def run_archon(name: str, shape: str, compile_on: bool, steps: int, warm: int, a
                step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med), flops_per_token=fpt,
                tflops=round(fpt * tokens / med / 1e12, 4),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else 0.0,
-               world=world)
+               world=world, step_times_s=[round(x, 5) for x in times])
     eng = None  # free GPU memory before the next run
     if device == "cuda":
         torch.cuda.empty_cache()

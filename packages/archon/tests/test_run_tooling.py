@@ -155,3 +155,29 @@ def test_from_pretrained_config_json_random_inits_like_the_cli(tmp_path):
     other = archon.from_pretrained(str(tmp_path), seed=8, dtype=torch.bfloat16)  # the directory works too
     assert other.tok_embeddings.weight.dtype == torch.bfloat16
     assert not torch.equal(other.tok_embeddings.weight.float(), model.tok_embeddings.weight)
+
+
+def test_step_clock_includes_the_data_read(tmp_path, monkeypatch):
+    """tokens/s and MFU time a whole step: a data read of 0.3 s (slow tokenization, a slow disk) is in it."""
+    import time
+
+    import archon.train
+
+    real, delay = archon.train._data, 0.3
+
+    def slow_data(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            time.sleep(delay)
+            yield batch
+
+    monkeypatch.setattr(archon.train, "_data", slow_data)
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "examples/sft_tiny.yaml"), f"--actor.path={ROOT / 'examples/tiny_qwen3/config.json'}",
+                 "--total_train_steps=3", "--device=cpu", f"--log.dir={run}", "--log.progress_bar=false",
+                 "--data.batch_size=2"]) == 0
+    rows = _rows(run)
+    for r in rows[1:]:  # the first batch is read (and checked) before the first step's clock starts
+        step_s = r["tokens"] / r["tokens_per_s"]
+        assert step_s >= delay, (step_s, r["step_time"])
+        assert step_s - r["step_time"] >= delay * 0.9  # train_batch's own time does not hold the read
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"], rel=1e-5)

@@ -99,13 +99,15 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     step_metrics = StepMetrics(engine)
     history = []
     for step in range(start, cfg.total_train_steps):
+        # The step's clock (tokens/s, MFU) runs from this boundary, where the previous step's kernels have all
+        # ended, through the data (read, tokenized, packed on the host) and train_batch to its last kernel.
+        t0 = time.perf_counter()
         batch = next(data)
         if vocab is not None:
             check_token_ids(batch.input_ids, vocab, f"data.path {cfg.data.path!r}")
-        t0 = time.perf_counter()
         with guard.step(step + 1):
             stats = engine.train_batch(batch, sft_loss, target_tokens)
-            if engine.device.type == "cuda":  # the step's kernels, not just their launch (tokens/s, MFU)
+            if engine.device.type == "cuda":  # the step's kernels, not just their launch
                 torch.cuda.synchronize(engine.device)
         dt = time.perf_counter() - t0
         stats.update(tokens_per_s=stats["tokens"] / max(dt, 1e-9),  # the global batch's tokens (all DP ranks)
