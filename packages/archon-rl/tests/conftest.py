@@ -1,13 +1,8 @@
 """Shared random packed-batch factory for archon-rl tests."""
 
-import os
-
 import pytest
 import torch
 from archon_rl import RolloutBatch
-
-if not torch.cuda.is_available():  # the rollout engine's Triton decode kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _make(seed: int = 0, lens: list[int] | None = None, dtype: torch.dtype = torch.float64,

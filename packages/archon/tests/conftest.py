@@ -1,10 +1,5 @@
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the rollout engine's Triton decode kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
