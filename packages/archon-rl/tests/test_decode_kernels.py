@@ -2,6 +2,7 @@
 against naive per-element math in float64: RMSNorm with and without the residual add, per-head q/k norm + RoPE,
 SwiGLU's gate, and the K/V store + attention over each row's slot (odd sizes: masks on every dim)."""
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -9,18 +10,12 @@ import sys
 
 import pytest
 import torch
-from archon_rl import TorchDecodeKernels, select_decode_kernels
+from archon_rl import TorchDecodeKernels, select_decode_kernels, triton_runs_here
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-TRITON_HERE = HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)
+TRITON_HERE = triton_runs_here()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -2,6 +2,7 @@
 depend on batching (batch size, bucket, slot order, arrival order, cache budget), logprobs equal forward_batch,
 shared prompt prefixes prefill once; on CUDA, captured graphs equal eager steps and see in-place weight updates."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,16 +15,10 @@ from archon.engine.batch import PackedBatch
 from archon.engine.engine import ArchonEngine
 from archon.rl import EmbeddedSampler, RolloutSampler, build_rollout_engine
 from archon.testing import hf_greedy, hf_model, tiny_hf_config
-from archon_rl import GenRequest, SamplingConfig, sequence_seeds
+from archon_rl import GenRequest, SamplingConfig, sequence_seeds, triton_runs_here
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-TRITON_HERE = HAS_TRITON and (torch.cuda.is_available() or INTERPRETED)
+TRITON_HERE = triton_runs_here()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def needs_triton(kernels: str) -> None:

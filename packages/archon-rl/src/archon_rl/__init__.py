@@ -24,7 +24,13 @@ from archon_rl.config import (
     PPOLossConfig,
     ValueLossConfig,
 )
-from archon_rl.decode_kernels import DECODE_KERNELS, DecodeKernels, TorchDecodeKernels, select_decode_kernels
+from archon_rl.decode_kernels import (
+    DECODE_KERNELS,
+    DecodeKernels,
+    TorchDecodeKernels,
+    select_decode_kernels,
+    triton_runs_here,
+)
 from archon_rl.decode_state import StepFn
 from archon_rl.kl import kl_estimate, kl_penalized_rewards
 from archon_rl.kv_cache import CacheLayout, SlotKVCache, slot_count
@@ -83,7 +89,7 @@ __all__ = [
     "GenRequest",
     "GenResult",
     "GenerationBackend",
-    "DECODE_KERNELS", "DecodeKernels", "TorchDecodeKernels", "select_decode_kernels",
+    "DECODE_KERNELS", "DecodeKernels", "TorchDecodeKernels", "select_decode_kernels", "triton_runs_here",
     "CacheLayout", "RolloutEngine", "SlotKVCache", "StepFn", "batch_buckets", "sample_rows", "slot_count",
     "ADVANTAGE_ESTIMATORS", "BALANCE_METHODS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "SAMPLE_FIELDS",
     "TOKEN_FIELDS",

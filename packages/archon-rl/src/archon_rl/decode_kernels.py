@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from archon_rl.prefix_cache import CascadeShape, PrefixStore, masked_attention, merge_attention
 
-__all__ = ["DECODE_KERNELS", "DecodeKernels", "TorchDecodeKernels", "select_decode_kernels"]
+__all__ = ["DECODE_KERNELS", "DecodeKernels", "TorchDecodeKernels", "select_decode_kernels", "triton_runs_here"]
 
 DECODE_KERNELS = ("auto", "triton", "torch", "none")
 
@@ -113,6 +113,18 @@ def _store(k_BGD: torch.Tensor, v_BGD: torch.Tensor, k_NGSD: torch.Tensor, v_NGS
 
 class TorchDecodeKernels(DecodeKernels):
     """The eager reference (CPU, tests, or CUDA without Triton)."""
+
+
+def triton_runs_here() -> bool:
+    """Whether Triton kernels run in this process: Triton imports, and CUDA is there or ``TRITON_INTERPRET`` is
+    set (the interpreter, on CPU tensors)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def select_decode_kernels(name: str, device: torch.device) -> DecodeKernels | None:

@@ -99,6 +99,29 @@ def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, F, stride_a, stride_b, stride_o, A_DT:
 
 
 @triton.jit
+def _attend_span(q, k_ptr, v_ptr, stride_s, lo, hi, d, dm, m_i, l_i, acc, BLOCK_S: tl.constexpr, C_DT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Online softmax of the query rows ``q`` over the K/V rows ``[lo, hi)`` at ``k_ptr`` / ``v_ptr``: the
+    running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` updated block by block."""
+    s_off = tl.arange(0, BLOCK_S)
+    for start in range(lo, hi, BLOCK_S):
+        s = start + s_off
+        sm = s < hi
+        km = sm[:, None] & dm[None, :]
+        k = tl.load(k_ptr + s[:, None] * stride_s + d[None, :], mask=km, other=0.0)
+        v = tl.load(v_ptr + s[:, None] * stride_s + d[None, :], mask=km, other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC)
+        sc = tl.where(sm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(C_DT), v, input_precision=PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, scale, D,
                          stride_qb, stride_qh, stride_knb, stride_kng, stride_vnb, stride_vng,
                          stride_cn, stride_cg, stride_cs, stride_ob, stride_oh,
@@ -137,21 +160,8 @@ def _attend_store_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, 
         l_i = a1 + a2
         acc = acc * a1[:, None] + p_o * a2[:, None]
         m_i = m_new
-    s_off = tl.arange(0, BLOCK_S)
-    for start in range(lo, pos, BLOCK_S):
-        s = start + s_off
-        sm = s < pos
-        km = sm[:, None] & dm[None, :]
-        k = tl.load(kc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=km, other=0.0)
-        v = tl.load(vc_ptr + base + s[:, None] * stride_cs + d[None, :], mask=km, other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC)
-        sc = tl.where(sm[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(C_DT), v, input_precision=PREC)
-        m_i = m_new
+    m_i, l_i, acc = _attend_span(q, kc_ptr + base, vc_ptr + base, stride_cs, lo, pos, d, dm, m_i, l_i, acc,
+                                 BLOCK_S, C_DT, PREC)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :], out.to(O_DT), mask=qm)
 
@@ -179,21 +189,8 @@ def _prefix_attn_kernel(q_ptr, kp_ptr, vp_ptr, members_ptr, elen_ptr, o_ptr, lse
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     base = m * stride_pm + g * stride_pg
-    s_off = tl.arange(0, BLOCK_S)
-    for start in range(0, n, BLOCK_S):
-        s = start + s_off
-        sm = s < n
-        km = sm[:, None] & dm[None, :]
-        k = tl.load(kp_ptr + base + s[:, None] * stride_ps + d[None, :], mask=km, other=0.0)
-        v = tl.load(vp_ptr + base + s[:, None] * stride_ps + d[None, :], mask=km, other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC)
-        sc = tl.where(sm[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(C_DT), v, input_precision=PREC)
-        m_i = m_new
+    m_i, l_i, acc = _attend_span(q, kp_ptr + base, vp_ptr + base, stride_ps, 0, n, d, dm, m_i, l_i, acc, BLOCK_S,
+                                 C_DT, PREC)
     tl.store(o_ptr + b[:, None] * stride_ob + (g * R + r)[:, None] * stride_oh + d[None, :], acc / l_i[:, None],
              mask=qm)
     tl.store(lse_ptr + b * stride_lb + g * R + r, m_i + tl.log(l_i), mask=rowm)
