@@ -21,6 +21,7 @@ def test_rollout_engine_run_equals_embedded(tmp_path):
     eng = rol.source.sampler.engine
     assert isinstance(rol.source.sampler, RolloutSampler) and eng.stats["decode_steps"] > 0
     assert eng.release_memory and eng.cache is None  # sampling.release_memory: training got the memory back
+    assert [h["gen_slots"] for h in hist_r] == [eng.last_slots] * len(hist_r) and eng.last_slots > 0
     for key in ("reward", "response_len", "stop_frac"):
         assert [h[key] for h in hist_r] == [h[key] for h in hist_e], key
     for (n, p), q in zip(rol.engine.model.named_parameters(), emb.engine.model.parameters()):

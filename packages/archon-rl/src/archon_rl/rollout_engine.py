@@ -106,6 +106,7 @@ class RolloutEngine:
         self.release_memory = release_memory
         self.rng = torch.Generator().manual_seed(seed)
         self.cache: SlotKVCache | None = None
+        self.last_slots = 0  # slots of the latest allocation (kept after `release`): rows beyond it wait
         self.state: DecodeState | None = None
         self.runner: DecodeRunner | None = None
         self.stats = dict(prefill_tokens=0, prompt_tokens=0, decode_steps=0, decode_row_steps=0, new_tokens=0,
@@ -134,6 +135,7 @@ class RolloutEngine:
                 n = max(1, budget * 4 // 5)
                 entries = max(1, min(n // 4, budget - n))
         self.cache = SlotKVCache(self.layout, n, slot_len, self.device, self.decode_attention, self.kernels)
+        self.last_slots = n
         if entries > 0:  # (a budget of one sequence leaves cascade off)
             lay = self.layout
             self.cache.prefix = PrefixStore(lay.num_layers, entries, lay.num_kv_heads, slot_len, lay.head_dim,

@@ -91,6 +91,9 @@ class ColocatedRollouts:
                  "response_len": len_sum / n,
                  "stop_frac": stops / n, "gen_time": gen_time, "gen_tokens_per_s": len_sum / max(gen_time, 1e-9),
                  "wait_time": 0.0}
+        engine = getattr(self.sampler, "engine", None)
+        if engine is not None:  # this rank's KV slots: fewer than its rows means they decoded in waves
+            stats["gen_slots"] = float(engine.last_slots)
         return RolloutBatch.from_sequences(samples), stats
 
     def after_update(self, step: int) -> dict[str, float]:
