@@ -205,6 +205,11 @@ def build_rollout_engine(model, *, device: torch.device | str | None = None,
         finally:
             model.train(was_training)
 
+    if engine_options.get("decode_attention", "matmul") != "matmul":  # an unfused attention was asked for
+        if kernels not in ("auto", "none"):
+            raise ValueError(f"rollout engine: kernels={kernels!r} fuse decode attention; decode_attention="
+                             f"{engine_options['decode_attention']!r} needs kernels='none'")
+        kernels = "none"
     if engine_options.get("compile_decode"):
         if kernels not in ("auto", "none"):
             raise ValueError(f"rollout engine: kernels={kernels!r} and compile_decode are alternatives (inductor "
