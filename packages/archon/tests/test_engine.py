@@ -116,6 +116,16 @@ def test_lr_schedules(kind):
         assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_train_batch_before_initialize_says_so(tmp_path):
+    cfg = tiny_hf_config("qwen3", vocab_size=50)
+    hf_model(cfg).save_pretrained(tmp_path / "m")
+    actor = ActorConfig(path=str(tmp_path / "m"), dtype="float32")
+    actor.archon.enable_compile = False
+    engine = ArchonEngine(actor, device="cpu")
+    with pytest.raises(RuntimeError, match=r"before initialize\(\)"):
+        engine.train_batch(_batch(), sft_loss, target_tokens)
+
+
 def test_bad_batches():
     with pytest.raises(ValueError, match="empty batch"):
         PackedBatch.from_sequences([])

@@ -65,3 +65,7 @@ def test_bad_inputs():
         model(ids, cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="non-decreasing"):
         model(ids, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    from archon.models.common.packing import pack_inputs
+
+    with pytest.raises(ValueError, match="hidden states .* need cu_seqlens"):  # a pipeline stage's input
+        pack_inputs(torch.randn(10, 64))

@@ -339,7 +339,7 @@ CP_IMPLS = ("ulysses", "ring")
 
 
 def get_cp_attention(cp_impl: str, inner: AttentionBackend, cp_group: dist.ProcessGroup | None = None
-                     ) -> AttentionBackend:
+                     ) -> UlyssesAttention | RingAttention:
     """CP attention for config `cp_impl`: "ulysses" wraps `inner`; "ring" computes blocks itself (ignores
     `inner`). Shard the batch with `shard_packed_batch(..., layout=backend.layout)`."""
     if cp_impl == "ulysses":

@@ -5,7 +5,9 @@ metrics logger calls `log(step, row)` on every sink and `close()` at the end."""
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
+
+WandbMode = Literal["online", "offline", "disabled"]
 
 
 class MetricsSink(Protocol):
@@ -42,7 +44,7 @@ class WandbSink:
     """One W&B run per training run, files under `run_dir/wandb`; `mode: offline` needs no network
     (`wandb sync run_dir/wandb/offline-run-*` uploads it later)."""
 
-    def __init__(self, run_dir: str, project: str, mode: str, name: str, config: dict | None = None) -> None:
+    def __init__(self, run_dir: str, project: str, mode: WandbMode, name: str, config: dict | None = None) -> None:
         try:
             import wandb
         except ImportError:
@@ -64,5 +66,6 @@ def make_sinks(log_cfg, config: dict | None = None) -> list[MetricsSink]:
         sinks.append(TensorBoardSink(log_cfg.dir))
     wb = log_cfg.wandb
     if wb.project:
-        sinks.append(WandbSink(log_cfg.dir, wb.project, wb.mode, wb.name, config))
+        # wb.mode is one of WandbMode: WandbConfig checks it when the config loads
+        sinks.append(WandbSink(log_cfg.dir, wb.project, cast(WandbMode, wb.mode), wb.name, config))
     return sinks

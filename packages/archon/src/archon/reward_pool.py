@@ -50,6 +50,8 @@ def load_reward_fn(spec: str) -> RewardFn:
     if os.path.isfile(path):
         name = "archon_reward_" + os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"reward.fn {spec!r}: {path} cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         module_spec.loader.exec_module(module)
@@ -171,7 +173,7 @@ class RewardPool:
                     w.conn.send((i, *calls[i]))
                     w.task = (i, time.monotonic() + self.timeout_s if self.timeout_s else math.inf)
             busy = [w for w in self._workers if w.task]
-            deadline = min(w.task[1] for w in busy)
+            deadline = min(w.task[1] for w in busy if w.task is not None)
             ready = wait([w.conn for w in busy], timeout=None if deadline == math.inf
                          else max(0.0, deadline - time.monotonic()))
             now = time.monotonic()

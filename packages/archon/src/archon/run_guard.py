@@ -87,15 +87,20 @@ class Heartbeat:
 
     def _beat(self) -> None:
         key = f"archon/heartbeat/{self.rank}"
+        store = self.store
+        assert store is not None  # start() runs the thread only with a store
         while not self._stop.is_set():
             try:
-                self.store.add(key, 1)
+                store.add(key, 1)
             except Exception:  # noqa: BLE001 - the store's host is gone; the failing collective reports it
                 return
             self._stop.wait(self.interval)
 
     def counts(self) -> list[int]:
-        return [int(self.store.add(f"archon/heartbeat/{r}", 0)) for r in range(self.world)]
+        store = self.store
+        if store is None:
+            raise RuntimeError("no key-value store: there is no default process group")
+        return [int(store.add(f"archon/heartbeat/{r}", 0)) for r in range(self.world)]
 
     def silent_ranks(self) -> list[int] | None:
         """Ranks whose heartbeat does not move over three intervals; None when the store cannot be read."""

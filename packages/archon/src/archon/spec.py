@@ -22,9 +22,9 @@ from archon.models.qwen3_moe import qwen3_moe_args
 class ModelSpec:
     name: str
     args_from_hf: Callable[[Any], ModelArgs]
+    parallel_plan: Callable[[ModelArgs], Any]  # TP/SP/EP/CP sharding of the model's modules (every layout uses it)
     model_cls: type = Decoder
     state_dict_adapter: type = QwenStateDictAdapter
-    parallel_plan: Callable[[ModelArgs], Any] | None = None
     hf_causal_lm: str = ""  # transformers class name, for docs and export checks
     hf_value_model: str = ""
 

@@ -7,7 +7,7 @@ def tiny_hf_config(model_type: str = "qwen3", **kw):
     """A tiny random HF config of the given family."""
     from transformers import AutoConfig
 
-    base = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    base: dict[str, object] = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 rms_norm_eps=1e-6, tie_word_embeddings=False)
     if model_type in ("qwen3", "qwen3_moe"):

@@ -11,6 +11,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r}: expected a mapping, got {type(value).__name__}")
         return dict(value)
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -122,7 +123,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type, yaml_path: str | None, overrides: list[str] = ()) -> Any:
+def load_config(cls: type, yaml_path: str | None, overrides: Sequence[str] = ()) -> Any:
     data: dict[str, Any] = {}
     if yaml_path:
         if os.path.isdir(yaml_path):
@@ -144,7 +145,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         tp = hints[f.name]
-        if is_dataclass(tp):
+        if isinstance(tp, type) and is_dataclass(tp):
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
         default = f.default if f.default is not MISSING else (

@@ -65,7 +65,7 @@ class ArchonEngine:
         self.version = 0
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self._offloaded = False
         self._trainable: list[torch.Tensor] | None = None
         self._aux_free_moe: bool | None = None
@@ -160,8 +160,11 @@ class ArchonEngine:
         so the step equals one big batch however the batch was split or sharded.
         """
         t0 = time.perf_counter()
+        opt, sched = self.optimizer, self.scheduler
+        if opt is None or sched is None:
+            raise RuntimeError("ArchonEngine.train_batch before initialize(): call engine.initialize() first")
         finish_stats = self._accumulate(batch, loss_fn, loss_weight_fn)  # stats are read after the update is queued
-        if _skips_on_device(self.optimizer):
+        if _skips_on_device(opt):
             # Clipping and the non-finite skip happen inside the fused AdamW kernel: it divides every grad by
             # grad_scale (norm / max_norm when over the limit: no separate pass over the grads) and skips its
             # update (undoing the step count) where found_inf is 1. The norm is read after the step is queued,
@@ -170,10 +173,10 @@ class ArchonEngine:
             max_norm = self.cfg.optimizer.gradient_clipping
             finite_t = torch.isfinite(norm)
             scale = torch.clamp(norm / max_norm, min=1.0) if max_norm > 0 else torch.ones_like(norm)
-            self.optimizer.grad_scale = torch.where(finite_t, scale, torch.ones_like(scale)).float()
-            self.optimizer.found_inf = (~finite_t).float()
-            self.optimizer.step()
-            self.optimizer.grad_scale = self.optimizer.found_inf = None
+            opt.grad_scale = torch.where(finite_t, scale, torch.ones_like(scale)).float()
+            opt.found_inf = (~finite_t).float()
+            opt.step()
+            opt.grad_scale = opt.found_inf = None
             grad_norm = float(norm)
             finite = math.isfinite(grad_norm)
         else:
@@ -181,10 +184,10 @@ class ArchonEngine:
             grad_norm = float(norm)
             finite = math.isfinite(grad_norm)
             if finite:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]
+        sched.step()
         if finite:
             self.version += 1
             self._after_optimizer_step()
@@ -215,7 +218,8 @@ class ArchonEngine:
         if total_w <= 0:
             raise ValueError("loss_weight_fn gave a total weight of 0 over the batch: no token to train on")
         scale_world = self.layout.loss_scale_world()
-        loss_sum, stats_acc = 0.0, {}
+        loss_sum = 0.0
+        stats_acc: dict[str, Any] = {}
         scales = [scale_world / total_w if mb is not None else 0.0 for mb in mbs]
         held = self.layout.hold_grads(self.model)
         results = self.runner.forward_backward_all([mb if mb is not None else _dummy_batch(batch) for mb in mbs],

@@ -84,7 +84,9 @@ def _from_every_stage(local: dict[str, torch.Tensor], group, device: torch.devic
         src_global = dist.get_global_rank(group, src)
         meta = [[(k, v.shape, v.dtype) for k, v in local.items()] if src == me else None]
         dist.broadcast_object_list(meta, src=src_global, group=group, device=obj_device)
-        for name, shape, dt in meta[0]:
+        entries = meta[0]
+        assert entries is not None  # filled by the broadcast from `src`
+        for name, shape, dt in entries:
             if name in out:
                 raise RuntimeError(f"pipeline stages {src} and an earlier one both hold {name!r}")
             t = local[name].to(device).contiguous() if src == me else torch.empty(shape, dtype=dt, device=device)

@@ -167,12 +167,19 @@ class PipelineRunner(Runner):
                 self._cur[k] = int(kwargs["pp_mb"].reshape(-1)[0])
         return hook
 
+    @property
+    def _current(self) -> _Step:
+        """The step being run (hooks and losses are called only inside forward_backward_all / forward_all)."""
+        st = self._step
+        assert st is not None, "pipeline hook outside a step"
+        return st
+
     def _pre_hook(self, k: int):
         def hook(module, args, kwargs):
             if "pp_mb" not in kwargs:
                 return None
             i = self._cur[k]
-            st = self._step
+            st = self._current
             packed = st.packed[i]
             x = args[0]
             if x.is_floating_point():  # hidden states from the previous stage: this micro-batch's rows only
@@ -191,14 +198,14 @@ class PipelineRunner(Runner):
             i, self._cur[k] = self._cur[k], None
             if i is None:
                 return None
-            L = self._step.ids_ML.shape[1]
+            L = self._current.ids_ML.shape[1]
             if last:
                 out = tuple(_pad_rows(o.float(), L) for o in output) if isinstance(output, tuple) else (
                     _pad_rows(output.float().reshape(-1), L))
             else:
                 out = _pad_rows(output.to(self.info.act_dtype), L // self.info.tp)
             aux = module.moe_aux_loss() if torch.is_grad_enabled() else None
-            st = self._step
+            st = self._current
             if aux is not None and st.aux_scales and st.aux_scales[i] != 0.0:
                 if isinstance(out, tuple):
                     out = (_AddAuxGrad.apply(out[0], aux, st.aux_scales[i]), *out[1:])
@@ -208,7 +215,7 @@ class PipelineRunner(Runner):
         return hook
 
     def _token_outputs(self, out: Any, i: int) -> dict[str, torch.Tensor]:
-        st = self._step
+        st = self._current
         T, cu = st.mbs[i].num_tokens, st.packed[i].cu_seqlens
         Tp = st.packed[i].tokens.shape[0]
         if self.head == "value":
@@ -222,7 +229,7 @@ class PipelineRunner(Runner):
     # -- train ----------------------------------------------------------------------------------------
     def _loss(self, out: Any, target: torch.Tensor) -> torch.Tensor:
         i = int(target.reshape(-1)[0])
-        st = self._step
+        st = self._current
         res = st.loss_fn(self._token_outputs(out, i), st.mbs[i])
         loss, stats = res if isinstance(res, tuple) else (res, {})
         st.results[i] = (float(loss.detach()), {k: float(v) for k, v in stats.items()})
@@ -271,8 +278,8 @@ class PipelineRunner(Runner):
         extra = {"target": torch.arange(M), "losses": []} if owns_last else {}
         with self.autocast():
             schedule.step(*args, pp_mb=torch.arange(M), **extra)
-        results = [st.results.get(i) for i in range(M)] if owns_last else None
-        results = self._from_last_stage(results)
+        mine = [st.results.get(i) for i in range(M)] if owns_last else None
+        results = self._from_last_stage(mine)
         self._step = None
         return [(torch.tensor(loss), stats) for loss, stats in results]
 
@@ -336,7 +343,9 @@ class PipelineRunner(Runner):
         src = dist.get_global_rank(self.info.group, self.layout.owner[self.layout.num_stages - 1])
         dist.broadcast_object_list(holder, src=src, group=self.info.group,
                                    device=self.device if self.device.type == "cuda" else None)
-        return holder[0]
+        got = holder[0]
+        assert got is not None  # the last stage's list, broadcast to every pp rank
+        return got
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from archon.lora_integration import head_untied, lora_config_of
 from archon.spec import get_model_spec
 from archon_ckpt import atomic_write_text
 from archon_lora import merged_state_dict
-from archon_rl.weight_group import init_weight_group
+from archon_rl.weight_group import WeightGroup, init_weight_group
 from torch.distributed.tensor import DTensor
 
 __all__ = ["iter_full_hf_tensors", "hf_buckets", "DiskWeightSync", "BroadcastWeightSync", "dtype_name"]
@@ -53,7 +53,8 @@ def _stage_tensors(model, dtype: torch.dtype | None, device: torch.device) -> It
     adapter = get_model_spec(model.args.model_type).state_dict_adapter(model.args)
     if lora_config_of(model) is not None:
         tied = model.args.tie_embeddings and not head_untied(model)
-        native = ((n, t) for n, t in merged_state_dict(model).items() if not (tied and n == "output.weight"))
+        native: Iterator[tuple[str, torch.Tensor]] = (
+            (n, t) for n, t in merged_state_dict(model).items() if not (tied and n == "output.weight"))
     else:
         native = iter(_native_tensors(model).items())
     for name, t in native:
@@ -85,7 +86,7 @@ def iter_full_hf_tensors(model, *, dtype: torch.dtype | None = None,
             if meta[0] is None:
                 break
             name, shape, dt = meta[0]
-            t = item[1].contiguous() if src == me else torch.empty(shape, dtype=dt, device=device)
+            t = item[1].contiguous() if item is not None else torch.empty(shape, dtype=dt, device=device)
             dist.broadcast(t, src=src_global, group=group)
             yield name, t
 
@@ -161,7 +162,7 @@ class BroadcastWeightSync:
         self.ranks_per_server = ranks_per_server
         self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
         self.pause_mode, self.timeout = pause_mode, timeout
-        self.group = None
+        self.group: WeightGroup | None = None
 
     def connect(self) -> None:
         """Form the group (collective on every trainer rank; only rank 0 joins it)."""
@@ -199,8 +200,10 @@ class BroadcastWeightSync:
         done = self.client.update_weights_from_distributed(
             [n for n, _ in bucket], [dtype_name(t.dtype) for _, t in bucket], [list(t.shape) for _, t in bucket],
             group_name=self.group_name)
+        group = self.group
+        assert group is not None  # rank 0 after connect()
         for _, t in bucket:
-            self.group.broadcast(t.contiguous(), src=0)
+            group.broadcast(t.contiguous(), src=0)
         done.result(timeout=self.timeout)
 
     def close(self) -> None:

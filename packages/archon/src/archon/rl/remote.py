@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from archon.rl.producer import RolloutProducer
 from archon.rl.rollout_config import RolloutPlan
 from archon.rl.rollouts import score_samples
 from archon.rl.servers import Placement, ServerDiedError, ServerGroup, free_port, healthy, server_specs
+
+if TYPE_CHECKING:
+    from archon_rl.client import RolloutClient
 
 log = logging.getLogger("archon")
 
@@ -47,8 +51,8 @@ class RemoteRollouts:
         self.weight_dir = self.ro.weight_dir or os.path.join(cfg.log.dir, "rollout")
         self.sync: DiskWeightSync | BroadcastWeightSync | None = None
         self.group: ServerGroup | None = None
-        self.client = None
-        self._old_clients: list = []
+        self.client: RolloutClient | None = None
+        self._old_clients: list[RolloutClient | None] = []
         self.producer: RolloutProducer | None = None
         self.addresses: list[str] = []
         self.lost: set[int] = set()
@@ -79,6 +83,7 @@ class RemoteRollouts:
                                             device=engine.device if nccl else "cpu", timeout=ro.request_timeout_s)
             self.sync.connect()
         if self.rank0:
+            assert self.producer is not None  # made by _start_servers
             self.producer.start()
 
     def _start_servers(self, path: str, version: int) -> None:
@@ -92,16 +97,16 @@ class RemoteRollouts:
             self.addresses = self.group.addresses
         else:
             self.addresses = list(self.plan.addresses)
-        self.client = RolloutClient(self.addresses, timeout=self.ro.request_timeout_s)
+        client = self.client = RolloutClient(self.addresses, timeout=self.ro.request_timeout_s)
         if self.plan.launch == "none":
             try:
-                self.client.wait_healthy(self.ro.startup_timeout_s)
+                client.wait_healthy(self.ro.startup_timeout_s)
             except RolloutServerError as e:
                 raise ServerDiedError(f"rollout servers of rollout.addresses did not answer /health_generate within "
                                       f"rollout.startup_timeout_s={self.ro.startup_timeout_s:g}s ({e}); start them "
                                       "or fix rollout.addresses") from None
         if self.plan.launch != "archon":  # `archon serve` read the version from READY; others load v<start> now
-            self.client.update_weights_from_disk(path, weight_version=version)
+            client.update_weights_from_disk(path, weight_version=version)
         log.info("rollout: %d server(s) ready in %.1fs (%s), weight sync by %s, max_staleness %d",
                  len(self.addresses), time.perf_counter() - t0, ", ".join(self.addresses), self.ro.weight_sync,
                  self.max_staleness)
@@ -144,7 +149,9 @@ class RemoteRollouts:
         payload = [self._take(step) if self.rank0 else None]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(payload, src=0, device=torch.device("cpu"))
-        samples, stats = payload[0]
+        got = payload[0]
+        assert got is not None  # rank 0 took it; the broadcast filled the other ranks'
+        samples, stats = got
         t = self.trainer
         g = t.cfg.rl.group_size
         per_rank = t.num_prompts // t.dp_world
@@ -153,6 +160,7 @@ class RemoteRollouts:
 
     def _take(self, step: int) -> tuple[list[dict], dict[str, float]]:
         t0 = time.perf_counter()
+        assert self.producer is not None and self.client is not None, "rank 0 after start()"
         self.check_servers()
         ready = self.producer.get(step, check=self.check_servers)
         wait = time.perf_counter() - t0
@@ -180,11 +188,13 @@ class RemoteRollouts:
         """The servers get version ``step + 1`` (collective over trainer ranks)."""
         version = step + 1
         t0 = time.perf_counter()
+        assert self.sync is not None, "after start()"
         if step + 1 < self.trainer.cfg.total_train_steps:  # the last step's weights serve no rollout
             if self.rank0:
                 self.check_servers()
             self.sync.push(self.trainer.engine.model, version)
             if self.rank0:
+                assert self.producer is not None
                 self.producer.set_server_version(version)
         return {"sync_time": time.perf_counter() - t0, "server_version": float(version)}
 
@@ -201,6 +211,7 @@ class RemoteRollouts:
                                   [self.addresses[i] for i in new]) if new else None
         if not new:
             return
+        assert err is not None and self.sync is not None
         if not self.ro.allow_server_loss or len(self.lost) + len(new) >= len(self.addresses):
             hint = "" if self.ro.allow_server_loss else " (set rollout.allow_server_loss=true to go on without it)"
             raise ServerDiedError(f"{err}{hint}", err.names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,20 @@ __all__ = ["decoder_step_fn", "decoder_cache_layout", "build_rollout_engine", "f
            "RolloutSampler"]
 
 
+class DecoderStepFn(Protocol):
+    """What `decoder_step_fn` returns: an ``archon_rl.StepFn`` with the attributes the rollout engine reads."""
+
+    traceable: Callable  # the forward a compiled decode step traces (compiled blocks inlined)
+    fused: bool  # the fused kernels drive the blocks
+    prepare: Callable[[], None] | None  # called at the start of each generate (refreshes `weights`)
+    weights: LowPrecisionWeights | None
+
+    def __call__(self, ids_T: torch.Tensor, pos_T: torch.Tensor, kv_hook, rows_N: torch.Tensor | None
+                 ) -> torch.Tensor: ...
+
+
 def decoder_step_fn(model, kernels: DecodeKernels | None = None, compute_dtype: torch.dtype | None = None
-                    ) -> Callable:
+                    ) -> DecoderStepFn:
     """``archon_rl.StepFn`` for an archon Decoder with an LM head: logits only at the wanted tokens.
 
     With ``kernels`` (and a model `fused_step_supported` accepts) the step drives the same modules block by block
@@ -61,11 +74,12 @@ def decoder_step_fn(model, kernels: DecodeKernels | None = None, compute_dtype: 
         with torch.compiler.set_stance("force_eager"):  # compiled training blocks: decode shapes vary
             return forward(ids_T, pos_T, kv_hook, rows_N)
 
-    step.traceable = forward  # what the engine's compiled decode step traces (it inlines compiled blocks)
-    step.fused = fused
-    step.prepare = weights.refresh if weights is not None else None
-    step.weights = weights
-    return step
+    fn = cast(DecoderStepFn, step)
+    fn.traceable = forward  # what the engine's compiled decode step traces (it inlines compiled blocks)
+    fn.fused = fused
+    fn.prepare = weights.refresh if weights is not None else None
+    fn.weights = weights
+    return fn
 
 
 class LowPrecisionWeights:
@@ -189,7 +203,8 @@ def build_rollout_engine(model, *, device: torch.device | str | None = None,
     ``engine_options`` go to `RolloutEngine` (kv_cache_gb, max_seq_len, cuda_graphs, ...)."""
     if getattr(model, "output", None) is None:
         raise ValueError("the rollout engine needs a model with an LM head (head='lm')")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device if device is not None else next(model.parameters()).device)
+    assert isinstance(device, torch.device)
     autocast = autocast or nullcontext
     if dtype is None:
         with autocast():

@@ -139,7 +139,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 _LIVE: set[ServerGroup] = set()
 _LOCK = threading.Lock()
-_PREV_HANDLERS: dict[int, object] = {}
+_PREV_HANDLERS: dict[int, int | None] = {}  # SIG_DFL or None (not set from Python)
 
 
 def _stop_all() -> None:

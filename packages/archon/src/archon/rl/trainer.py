@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class RLTrainer:
             self.critic = PPOCritic(self._critic_engine(), r.value_loss(), n_minibatches=r.n_minibatches,
                                     seed=cfg.sampling.seed)
         self.ref = None
-        if r.kl_coef > 0:
+        if self.setup.ref is not None:  # kl_coef > 0
             self.ref = ArchonEngine(self.setup.ref).initialize()
         self.weight_callbacks = list(weight_callbacks)
         self.num_prompts = r.batch_size // r.group_size  # resolve_rl_setup checked it splits over dp_world
@@ -91,7 +92,7 @@ class RLTrainer:
             self.text = TextPrompts(cfg.data, cfg.actor.path, self.engine.model.args.vocab_size, self.num_prompts)
         stop_pad = (self.text.stop_ids, self.text.pad_id) if self.text is not None else ()
         self.sampling = cfg.sampling.build(*stop_pad)  # stop / pad ids from the tokenizer for text data
-        if self.plan is None:
+        if self.plan is None or self.placement is None:
             self.source: RolloutSource = ColocatedRollouts(self)
         else:
             from archon.rl.remote import RemoteRollouts
@@ -118,6 +119,7 @@ class RLTrainer:
     def _critic_engine(self) -> ArchonEngine:
         """critic.path set: a value-head checkpoint (or config.json). Empty: the actor's backbone + a new head."""
         cfg = self.cfg
+        assert self.setup.critic is not None  # resolved for estimator gae, the only caller
         engine = ArchonEngine(self.setup.critic).initialize()
         if self.setup.critic_from_actor and _has_weights(cfg.actor.path) and not cfg.actor.init_from_scratch:
             load_backbone_from_lm(engine.model, cfg.actor.path)
@@ -141,10 +143,13 @@ class RLTrainer:
               ) -> tuple[list[float], int]:
         """Rewards and the number of failed calls (reward.input tokens: the ids; text: the prompt text and the
         decoded response), through the reward pool (workers, timeout, reward.on_error)."""
+        calls: list[tuple[tuple[Any, Any], dict]]
         if self.cfg.reward.input == "tokens":
             calls = [((p, r), f) for p, r, f in zip(prompt_ids, responses, fields)]
         else:
-            calls = [((f["prompt_text"], self.text.decode(r)), {k: v for k, v in f.items() if k != "prompt_text"})
+            text = self.text
+            assert text is not None  # reward.input=text is validated to need text data
+            calls = [((f["prompt_text"], text.decode(r)), {k: v for k, v in f.items() if k != "prompt_text"})
                      for r, f in zip(responses, fields)]
         return self.rewards(calls)
 

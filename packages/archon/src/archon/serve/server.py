@@ -77,9 +77,8 @@ class RolloutServer:
         self.batch_sizes: Counter[int] = Counter()
         self.generated_tokens = 0
         self._exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="archon-serve-model")
-        self._lock: asyncio.Lock | None = None
-        self._wake: asyncio.Event | None = None
-        self._running: asyncio.Event | None = None
+        # made again in _start, on the app's event loop (each primitive binds to the loop that first waits on it)
+        self._lock, self._wake, self._running = asyncio.Lock(), asyncio.Event(), asyncio.Event()
         self._batcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------------------- app
@@ -176,9 +175,11 @@ class RolloutServer:
                 if not self._running.is_set() or not self.queue:
                     continue
                 batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch:]
-                version = self.served.weight_version
+                served = self.served
+                assert served is not None  # requests are queued only once the model has loaded (`_ready`)
+                version = served.weight_version
                 try:
-                    results = await loop.run_in_executor(self._exec, self.served.backend.generate,
+                    results = await loop.run_in_executor(self._exec, served.backend.generate,
                                                          [p.request for p in batch])
                 except Exception as e:
                     log.exception("generate failed")

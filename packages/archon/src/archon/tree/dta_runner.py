@@ -222,7 +222,9 @@ class DtaTreeRunner(TreeRunner):
                 if rows_u.numel() == 0:  # the head still runs (one dummy row) so every FSDP unit takes part
                     idx = lab = torch.zeros(1, dtype=torch.int64, device=self.device)
                 else:
-                    idx, lab = plan.rows.tree_index_R[rows_u] - s, plan.rows.label_R[rows_u]
+                    labels = plan.rows.label_R
+                    assert labels is not None  # an LM head's rows carry their labels
+                    idx, lab = plan.rows.tree_index_R[rows_u] - s, labels[rows_u]
                 lp, ent = self.model(tok_Q, position_ids=pos_Q, cu_seqlens=cu, kv_hook=hook, logprobs=LogprobRequest(
                     lab, rows=idx, want_entropy=want_entropy, chunk_size=self.chunk, keep_last_logits=keep_last))
                 outs = {"logprobs": lp, "entropy": ent} if want_entropy else {"logprobs": lp}

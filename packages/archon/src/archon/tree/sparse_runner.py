@@ -11,7 +11,7 @@ Legend: N: tree tokens, T: flat tokens, R: output rows, H: heads, G: kv heads, D
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from archon_attn.tree import TreeAttnMeta, tree_attention
@@ -24,7 +24,7 @@ from archon.tree.common import TreeRunner, tree_rows
 class _TreeAttnHook:
     """`kv_hook` that replaces every layer's attention with ancestor-only tree attention."""
 
-    def __init__(self, meta: TreeAttnMeta, impl: str) -> None:
+    def __init__(self, meta: TreeAttnMeta, impl: Literal["flex", "dense"]) -> None:
         self.meta, self.impl = meta, impl
 
     def __call__(self, attn, q_NHD: torch.Tensor, k_NGD: torch.Tensor, v_NGD: torch.Tensor) -> torch.Tensor:
@@ -35,9 +35,9 @@ class SparseTreeRunner(TreeRunner):
     """The trie through the whole model in one pass (FlexAttention block-sparse mask on CUDA; a dense
     [N, N] ancestor mask with SDPA elsewhere, which has a backward)."""
 
-    def __init__(self, model: torch.nn.Module, *, attn_impl: str | None = None, **kw) -> None:
+    def __init__(self, model: torch.nn.Module, *, attn_impl: Literal["flex", "dense"] | None = None, **kw) -> None:
         super().__init__(model, **kw)
-        self.attn_impl = attn_impl or ("flex" if self.device.type == "cuda" else "dense")
+        self.attn_impl: Literal["flex", "dense"] = attn_impl or ("flex" if self.device.type == "cuda" else "dense")
 
     def forward(self, mb: PackedBatch, want_entropy: bool) -> dict[str, torch.Tensor]:
         tree = self._last_tree = self.build_tree(mb)

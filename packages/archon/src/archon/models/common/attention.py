@@ -3,12 +3,17 @@ Dh: head dim. Under tensor parallelism H and G are the local head counts; reshap
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from archon.models.common.args import ModelArgs
 from archon.models.common.layers import RMSNorm
 from archon.models.common.rope import apply_rope
+
+if TYPE_CHECKING:
+    from archon_attn import AttentionBackend
 
 
 class Attention(nn.Module):
@@ -22,7 +27,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.scale = args.head_dim**-0.5
-        self.backend = None  # AttentionBackend, set by the owning Decoder
+        self.backend: AttentionBackend | None = None  # set by the owning Decoder
 
     def forward(self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta, kv_hook=None
                 ) -> torch.Tensor:
@@ -30,7 +35,7 @@ class Attention(nn.Module):
         q_THD = self.wq(x_TD).view(T, -1, self.head_dim)
         k_TGD = self.wk(x_TD).view(T, -1, self.head_dim)
         v_TGD = self.wv(x_TD).view(T, -1, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
         cos_TD, sin_TD = rope
         # RoPE tables are fp32 under autocast; keep q/k in the projection dtype (bf16) so the attention
@@ -43,6 +48,7 @@ class Attention(nn.Module):
             else:
                 o_THD = _run_kv_hook(kv_hook, self, q_THD, k_TGD, v_TGD)
         else:
+            assert self.backend is not None, "Decoder.set_attention_backend sets it"
             o_THD = self.backend(q_THD, k_TGD, v_TGD, meta, scale=self.scale)
         return self.wo(o_THD.reshape(T, -1))
 

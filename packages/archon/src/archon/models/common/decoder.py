@@ -58,6 +58,8 @@ class Decoder(nn.Module):
     own and keep checkpoint names stable; `tok_embeddings`, `norm` and the head may be None on such stages.
     """
 
+    rope_inv_freq: torch.Tensor  # a non-persistent buffer (registered in __init__)
+
     def __init__(self, args: ModelArgs, head: str = "lm") -> None:
         super().__init__()
         if head not in ("lm", "value"):

@@ -6,8 +6,12 @@ T: packed tokens, B: batch, S: sequence, N: documents.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from archon_attn import AttnMeta
 
 
 @dataclass
@@ -15,7 +19,7 @@ class PackedInput:
     tokens: torch.Tensor  # [T] token ids (or [T, D] hidden states on a pipeline stage)
     position_ids: torch.Tensor  # [T]
     cu_seqlens: torch.Tensor  # int32 [N+1]
-    meta: object  # archon_attn.AttnMeta
+    meta: AttnMeta
     out_shape: tuple[int, ...]  # leading shape of the caller's input ([B, S], [1, T] or [T])
 
     def unflatten(self, x_T: torch.Tensor) -> torch.Tensor:
@@ -36,6 +40,8 @@ def pack_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None = Non
     if input_ids.numel() == 0:
         raise ValueError("empty batch: input_ids has no tokens")
     if input_ids.is_floating_point():  # hidden states on a pipeline stage: [T, D]
+        if cu_seqlens is None:
+            raise ValueError("hidden states [T, D] as input need cu_seqlens (the documents' boundaries)")
         out_shape: tuple[int, ...] = (input_ids.shape[0],)
         tokens = input_ids
     elif cu_seqlens is None:
