@@ -115,16 +115,20 @@ class TorchDecodeKernels(DecodeKernels):
     """The eager reference (CPU, tests, or CUDA without Triton)."""
 
 
-def triton_runs_here() -> bool:
-    """Whether Triton kernels run in this process: Triton imports, and CUDA is there or ``TRITON_INTERPRET`` is
-    set (the interpreter, on CPU tensors)."""
+def _triton_interpreted() -> bool:
+    """``TRITON_INTERPRET`` is set: Triton kernels run in its interpreter, on CPU tensors."""
     import os
 
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_here() -> bool:
+    """Whether Triton kernels run in this process: Triton imports, and CUDA is there or the interpreter is on."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.cuda.is_available() or _triton_interpreted()
 
 
 def select_decode_kernels(name: str, device: torch.device) -> DecodeKernels | None:
@@ -145,6 +149,6 @@ def select_decode_kernels(name: str, device: torch.device) -> DecodeKernels | No
         if name == "triton":
             raise ValueError(f"rollout engine kernels 'triton' need the triton package ({ex})") from ex
         return None
-    if name == "triton" and device.type != "cuda" and not TritonDecodeKernels.interpreted():
+    if name == "triton" and device.type != "cuda" and not _triton_interpreted():
         raise ValueError("rollout engine kernels 'triton' run on CUDA (or on CPU under TRITON_INTERPRET=1)")
     return TritonDecodeKernels()

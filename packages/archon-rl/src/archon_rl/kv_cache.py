@@ -73,7 +73,8 @@ class CacheLayout:
 def slot_count(layout: CacheLayout, slot_len: int, device: torch.device, *, kv_cache_gb: float | None,
                kv_cache_fraction: float, max_slots: int) -> int:
     """Slots of ``slot_len`` positions that fit the budget: ``kv_cache_gb`` GiB, or else ``kv_cache_fraction`` of
-    the device's free memory (including what this process's allocator has reserved but not allocated) (CUDA only; on CPU ``kv_cache_gb`` defaults to 1 GiB). At most ``max_slots``."""
+    the device's free memory, counting what this process's allocator reserved but does not use (CUDA only; on
+    CPU ``kv_cache_gb`` defaults to 1 GiB). At most ``max_slots``."""
     if kv_cache_gb is not None:
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {kv_cache_gb}")

@@ -11,8 +11,6 @@ Grids: norms, q/k norm + RoPE one program per token; attention one program per
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -210,10 +208,6 @@ class TritonDecodeKernels(DecodeKernels):
     """One Triton kernel per fused op."""
 
     name = "triton"
-
-    @staticmethod
-    def interpreted() -> bool:
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
     def rms_norm(self, x_TD: torch.Tensor, w_D: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
                  ) -> torch.Tensor:

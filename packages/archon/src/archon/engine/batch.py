@@ -74,6 +74,10 @@ class PackedBatch:
         mask[cu[:-1].long()] = 0.0  # the first token has no prediction
         return cls(ids, cu, mask, seq_extras=dict(seq_extras))
 
+    def sequences(self) -> list[torch.Tensor]:
+        """Each sequence's token ids, on the host (views of one copy)."""
+        return list(torch.split(self.input_ids.cpu(), self.lengths.tolist()))
+
     def select(self, seq_idx: Sequence[int] | torch.Tensor) -> PackedBatch:
         """The sub-batch of sequences `seq_idx`, in that order."""
         idx = torch.as_tensor(seq_idx, dtype=torch.long)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from archon.engine.batch import PackedBatch
 from archon_attn.tree import pack_tree_microbatches
 from archon_rl import plan_micro_batches
@@ -56,8 +55,7 @@ class MicroBatchBudget:
         """Sequence indices of each micro-batch of `batch`; with `num_micro_batches` (the most any data-parallel
         rank planned) padded with empty lists (padding micro-batches) to that count."""
         if self.tree_tokens:
-            seqs = list(torch.split(batch.input_ids.cpu(), batch.lengths.tolist()))
-            plan = [m.seq_ids for m in pack_tree_microbatches(seqs, self.max_tokens)]
+            plan = [m.seq_ids for m in pack_tree_microbatches(batch.sequences(), self.max_tokens)]
             if num_micro_batches is not None:
                 plan += [[] for _ in range(num_micro_batches - len(plan))]
             return plan

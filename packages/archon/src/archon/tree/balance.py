@@ -13,7 +13,6 @@ from __future__ import annotations
 from archon_attn.tree import TreeBalance, TreeCostModel, balance_tree_segments
 
 from archon.engine.batch import PackedBatch
-from archon.tree.common import micro_batch_sequences
 
 
 def tree_cost_model(model) -> TreeCostModel:
@@ -24,7 +23,7 @@ def tree_cost_model(model) -> TreeCostModel:
 
 def tree_balance(batch: PackedBatch, dp_world: int, cost_model: TreeCostModel | None = None) -> TreeBalance:
     """The split of `batch` over `dp_world` ranks (sequence indices, stats and predicted cost per rank)."""
-    return balance_tree_segments(micro_batch_sequences(batch), dp_world, cost_model)
+    return balance_tree_segments(batch.sequences(), dp_world, cost_model)
 
 
 def balance_for_tree(batch: PackedBatch, dp_rank: int, dp_world: int, cost_model: TreeCostModel | None = None

@@ -39,10 +39,6 @@ class TreeRows:
         return torch.where(valid_T, x_R[self.flat_row_T.clamp(min=0)], 0.0)
 
 
-def micro_batch_sequences(mb: PackedBatch) -> list[torch.Tensor]:
-    return list(torch.split(mb.input_ids.cpu(), mb.lengths.tolist()))
-
-
 def tree_rows(tree: PackedTree, head: str) -> TreeRows:
     """Rows of an LM head (one per unique next-token pair) or a value head (one per tree token)."""
     if head == "value":
@@ -74,7 +70,7 @@ class TreeRunner(Runner):
         self._counts = [0.0, 0.0, 0.0]  # flat tokens, tree tokens, predicted cost
 
     def build_tree(self, mb: PackedBatch) -> PackedTree:
-        return build_tree(micro_batch_sequences(mb), device=self.device)
+        return build_tree(mb.sequences(), device=self.device)
 
     def count(self, tree: PackedTree, scale: float) -> None:
         if scale == 0.0:  # a padding micro-batch of a rank with fewer micro-batches than its peers
